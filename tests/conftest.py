@@ -1,0 +1,20 @@
+import os
+
+import pytest
+import torch
+
+# Deterministic, small, CPU-friendly defaults for every test.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+def fp32_rounding(x: torch.Tensor) -> float:
+    """The float32 rounding step at the magnitude of x (flash-attention's ``(x + 0.3 - 0.3) - x`` idea)."""
+    x = x.detach().float()
+    return ((x + 0.3 - 0.3) - x).abs().max().item() + torch.finfo(torch.float32).eps * x.abs().max().item()
