@@ -289,6 +289,8 @@ class DynamicNTK(RopeMethod):
                 "dynamic: 'original_max_position_embeddings' is unknown; pass it in the spec or patch a model"
             )
         _check_head_dim(head_dim)
+        if head_dim <= 2:
+            raise ValueError(f"dynamic: head_dim must be > 2 for d/(d-2), got {head_dim}")
         length = max(int(seq_len if seq_len is not None else original), original)
         return self._base() * (self.factor * length / original - (self.factor - 1)) ** (head_dim / (head_dim - 2))
 

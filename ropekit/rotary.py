@@ -13,7 +13,7 @@ import torch
 from ropekit import methods as _methods
 from ropekit.reference import LAYOUTS, apply_rope_reference
 
-__all__ = ["apply_rope", "rope_tables", "BACKENDS"]
+__all__ = ["apply_rope", "apply_rope_", "rope_tables", "BACKENDS"]
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -120,11 +120,14 @@ def apply_rope_tables(
     """apply_rope with the frequencies already computed (the patched model calls this per layer)."""
     use_triton = backend == "triton" or (backend == "auto" and q.is_cuda and _triton_available())
     if use_triton:
-        from ropekit.kernels.op import rope_op
-
-        return rope_op(
-            q, k, positions, inv_freq, xpos_rate,
-            layout=layout, attention_factor=attention_factor, xpos_center=xpos_center,
+        if not _triton_available():
+            raise ValueError("backend='triton' needs the triton package; install it or use backend='torch'")
+        if q.dtype != k.dtype:
+            raise ValueError(f"the Triton backend needs q and k of one dtype; got {q.dtype} and {k.dtype}")
+        return torch.ops.ropekit.rope(
+            q, k, positions, inv_freq.to(torch.float64),
+            None if xpos_rate is None else xpos_rate.to(torch.float64),
+            float(attention_factor), int(xpos_center), layout == "interleaved", False, True,
         )  # fmt: skip
     return apply_rope_reference(
         q,
@@ -136,3 +139,97 @@ def apply_rope_tables(
         xpos_rate=xpos_rate,
         xpos_center=xpos_center,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom op: Triton on CUDA (or under TRITON_INTERPRET=1), the reference otherwise.
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("ropekit::rope", mutates_args=())
+def _rope_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    xpos_rate: torch.Tensor | None,
+    attention_factor: float,
+    xpos_center: int,
+    interleaved: bool,
+    conjugate: bool,
+    use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, Hq, T, D), k (B, Hk, T, D), positions (T,) or (B, T), inv_freq/xpos_rate (R/2,) float64."""
+    if use_triton:
+        from ropekit.kernels.rope import rope_launch
+
+        return rope_launch(
+            q, k, positions, inv_freq, xpos_rate,
+            interleaved=interleaved, attention_factor=attention_factor, xpos_center=xpos_center, conjugate=conjugate,
+        )  # fmt: skip
+    qo, ko = apply_rope_reference(
+        q, k, positions, inv_freq,
+        layout="interleaved" if interleaved else "half", attention_factor=attention_factor,
+        xpos_rate=xpos_rate, xpos_center=xpos_center, conjugate=conjugate,
+    )  # fmt: skip
+    return qo.contiguous(), ko.contiguous()
+
+
+@_rope_op.register_fake
+def _(q, k, positions, inv_freq, xpos_rate, attention_factor, xpos_center, interleaved, conjugate, use_triton):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+def _setup_context(ctx, inputs, output):
+    _, _, positions, inv_freq, xpos_rate, attention_factor, xpos_center, interleaved, conjugate, use_triton = inputs
+    ctx.save_for_backward(positions, inv_freq, xpos_rate)
+    ctx.args = (attention_factor, xpos_center, interleaved, conjugate, use_triton)
+
+
+def _backward(ctx, grad_q, grad_k):
+    # d(s * R(theta) x) / dx applied to g is s * R(-theta) g: the same op, conjugated.
+    positions, inv_freq, xpos_rate = ctx.saved_tensors
+    attention_factor, xpos_center, interleaved, conjugate, use_triton = ctx.args
+    grad_q = torch.zeros_like(grad_q) if grad_q is None else grad_q  # an output may not be used
+    grad_k = torch.zeros_like(grad_k) if grad_k is None else grad_k
+    dq, dk = torch.ops.ropekit.rope(
+        grad_q, grad_k, positions, inv_freq, xpos_rate,
+        attention_factor, xpos_center, interleaved, not conjugate, use_triton,
+    )  # fmt: skip
+    return dq, dk, None, None, None, None, None, None, None, None
+
+
+_rope_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def apply_rope_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    method: _methods.RopeMethod | str = "rope",
+    *,
+    layout: str = "half",
+    rotary_dim: int | None = None,
+    backend: str = "auto",
+    seq_len: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-place ``apply_rope`` (no autograd; inference and KV-cache writes): q and k are overwritten."""
+    method = _methods.parse(method)
+    rotary_dim = q.shape[-1] if rotary_dim is None else int(rotary_dim)
+    check_inputs(q, k, positions, layout, rotary_dim)
+    inv_freq, xpos_rate = rope_tables(method, rotary_dim, positions, seq_len)
+    use_triton = backend == "triton" or (backend == "auto" and q.is_cuda and _triton_available())
+    with torch.no_grad():
+        if use_triton:
+            from ropekit.kernels.rope import rope_launch
+
+            rope_launch(
+                q, k, positions, inv_freq, xpos_rate, interleaved=layout == "interleaved",
+                attention_factor=method.attention_factor, xpos_center=method.xpos_center, inplace=True,
+            )  # fmt: skip
+        else:
+            qo, ko = apply_rope_reference(
+                q, k, positions, inv_freq, layout=layout, attention_factor=method.attention_factor,
+                xpos_rate=xpos_rate, xpos_center=method.xpos_center,
+            )  # fmt: skip
+            q.copy_(qo)
+            k.copy_(ko)
+    return q, k

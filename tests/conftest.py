@@ -3,6 +3,11 @@ import os
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. It must be set before
+# any @triton.jit function is defined, so here, before ropekit.kernels is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Deterministic, small, CPU-friendly defaults for every test.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -193,6 +193,12 @@ def test_unknown_key_lists_the_accepted_keys():
         parse("pi:scale=8")
 
 
+def test_ntk_family_needs_more_than_one_pair():
+    for spec in ("ntk:factor=2,base=1e4", "dynamic:factor=2,base=1e4,original_max_position_embeddings=64"):
+        with pytest.raises(ValueError, match="d/\\(d-2\\)"):
+            parse(spec).inv_freq(2, 128)
+
+
 @pytest.mark.parametrize("head_dim", [7, 0, -2, 127])
 def test_odd_or_bad_head_dim_is_refused(head_dim):
     with pytest.raises(ValueError, match="head_dim"):

@@ -1,0 +1,1 @@
+"""Triton kernels (imported lazily: Triton is only needed for the fast path)."""
