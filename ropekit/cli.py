@@ -81,6 +81,90 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(float(v)) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _load_for_eval(args):
+    from ropekit.models import load_model, load_tokenizer
+
+    model = load_model(args.model, device=args.device)
+    if args.rope:
+        import ropekit
+
+        ropekit.patch(model, args.rope)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    return model, tokenizer
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from ropekit import data
+    from ropekit.eval import run
+    from ropekit.results import append_rows
+
+    if args.rope:
+        from ropekit.methods import parse
+
+        parse(args.rope)  # a malformed spec fails before any model is loaded
+    t0 = time.perf_counter()
+    model, tokenizer = _load_for_eval(args)
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    common = dict(n=args.n, seed=args.seed, experiment=args.experiment, config=config)
+    if args.task == "passkey":
+        rows = run.eval_passkey(model, tokenizer, args.lengths, **common)
+    else:
+        docs = data.load_documents(args.data)
+        _, val = data.split_documents(docs, val_fraction=args.val_fraction, seed=args.split_seed)
+        if args.task == "ppl":
+            rows = run.eval_ppl(model, tokenizer, val, args.lengths, bin_size=args.bin_size, **common)
+        else:
+            rows = run.eval_fsr(model, tokenizer, val, args.lengths, generate=not args.no_generate, **common)
+    for row in rows:
+        if row["metric"] in ("ppl", "fsr_rouge_l", "fsr_token_accuracy", "fsr_target_nll", "passkey_exact_match"):
+            name, length = row["metric"], row["context_length"]
+            print(f"{row['variant']:40s} {name:22s} L={length:<7} {row['value']:.4f} (n={row['n']})")
+    if args.out:
+        append_rows(args.out, rows)
+        print(f"{len(rows)} rows appended to {args.out}")
+    print(f"done in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ropekit.eval.harness import export_tasks
+
+    paths = export_tasks(args.out, data=args.data, tokenizer=args.tokenizer, lengths=args.lengths, n=args.n,
+                         seed=args.seed, val_fraction=args.val_fraction, split_seed=args.split_seed)  # fmt: skip
+    for p in paths:
+        print(p)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ropekit import parallel
+    from ropekit.train import PRESETS, apply_overrides, train
+
+    if args.preset not in PRESETS:
+        raise ValueError(f"unknown preset {args.preset!r}; accepted: {', '.join(PRESETS)}")
+    cfg = apply_overrides(PRESETS[args.preset](), args.set or [])
+    if args.print_config:
+        print(json.dumps(dataclasses.asdict(cfg), indent=1))
+        return 0
+    parallel.init_distributed()
+    result = train(cfg, args.out, resume=args.resume)
+    rank, _ = parallel.rank_and_world()
+    if rank == 0:
+        print(f"steps {result['step']}, last loss {result['losses'][-1]:.4f}, "
+              f"{result.get('tokens_per_s', 0):.0f} tokens/s; final model: {result.get('final')}")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ropekit", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +186,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--prompt", default="The history of the city begins with a small settlement by the river. ")
     p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("eval", help="long-context evaluation: ppl, fsr, passkey; export-lm-eval")
+    esub = p.add_subparsers(dest="task", required=True)
+    for task, help_text in (
+        ("ppl", "perplexity vs context length (+ per-position loss bins)"),
+        ("fsr", "FIRST-SENTENCE-RETRIEVAL: ROUGE-L of the greedy answer, teacher-forced accuracy and NLL"),
+        ("passkey", "5-digit passkey at several depths: exact match and teacher-forced accuracy"),
+    ):
+        e = esub.add_parser(task, help=help_text)
+        e.add_argument("--model", required=True, help="tiny:<family>, smollm2-135m, a .gguf, a folder or hub id")
+        e.add_argument("--rope", default=None, help="method spec to patch in (default: the model as saved)")
+        e.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
+        e.add_argument("--lengths", type=_int_list, default=[1024, 2048, 4096], help="comma-separated lengths")
+        e.add_argument("--n", type=int, default=8, help="windows / samples per length")
+        e.add_argument("--seed", type=int, default=0)
+        e.add_argument("--out", default=None, help="result CSV to append rows to")
+        e.add_argument("--experiment", default="eval", help="experiment name in the rows")
+        e.add_argument("--device", default=None)
+        if task != "passkey":
+            e.add_argument(
+                "--data", default="shakespeare", help="'shakespeare', a folder of .txt/.txt.gz, or hf:<name>"
+            )
+            e.add_argument("--val-fraction", type=float, default=0.15)
+            e.add_argument("--split-seed", type=int, default=0, help="seed of the document-level split")
+        if task == "ppl":
+            e.add_argument("--bin-size", type=int, default=None, help="per-position loss bin size (tokens)")
+        if task == "fsr":
+            e.add_argument("--no-generate", action="store_true", help="teacher-forced scores only (no ROUGE-L)")
+        e.set_defaults(func=_cmd_eval)
+    e = esub.add_parser("export-lm-eval", help="write lm-evaluation-harness task YAMLs + data for ropekit's tasks")
+    e.add_argument("--out", required=True, help="folder for the tasks (pass it to lm_eval --include_path)")
+    e.add_argument("--tokenizer", required=True, help="tokenizer (model spec or folder) that sets prompt lengths")
+    e.add_argument("--data", default="shakespeare")
+    e.add_argument("--lengths", type=_int_list, default=[1024, 2048, 4096])
+    e.add_argument("--n", type=int, default=20)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--val-fraction", type=float, default=0.15)
+    e.add_argument("--split-seed", type=int, default=0)
+    e.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("train", help="(continued) pretraining with one RoPE method; see ropekit/train.py")
+    p.add_argument("--preset", default="tiny-base", help="tiny-base, tiny-extend, small-base, small-extend, paper")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="typed config override (repeatable)")
+    p.add_argument("--out", required=False, default="runs/train", help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=_cmd_train)
     return parser
 
 

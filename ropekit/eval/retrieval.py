@@ -1,0 +1,260 @@
+"""FIRST-SENTENCE-RETRIEVAL (Xiong et al. 2023, Fig. 5b) and passkey retrieval.
+
+FSR: the model reads a long context and is asked for its first sentence; the answer sits at the
+very start and the question at the very end, so it tests attention over exactly the prompt length.
+
+Construction (ropekit's; the paper does not publish its prompt):
+
+- context: validation text starting at a paragraph start (a seeded choice among paragraphs whose
+  first sentence has 4-40 words), cut to as many tokens as make the whole prompt exactly L tokens;
+- target: the first sentence of the context: the text up to and including the first '.', '!' or '?'
+  that is followed by whitespace or a closing quote/bracket, or to the end of the paragraph if that
+  comes first;
+- prompt: ``template`` with ``{context}`` (default
+  ``{context}\\n\\nQuestion: What was the first sentence of the text above?\\nAnswer:``);
+- scores per sample: (a) ROUGE-L F1 x 100 (``rouge-score``) of the greedy generation, stopped at a
+  newline or EOS or after 2 x target tokens + 8; (b) teacher-forced token accuracy and mean NLL of
+  the target (" " + sentence) given the prompt, which separates methods even on models too small to
+  follow the instruction.
+
+Passkey (Mohtashami & Jaggi 2023): a 5-digit key stated at a chosen depth of repeated filler text,
+then asked for; exact match of the generated digits and teacher-forced accuracy of the key tokens.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ropekit.data import Document
+
+__all__ = [
+    "DEFAULT_FSR_TEMPLATE",
+    "first_sentence",
+    "FSRSample",
+    "build_fsr_samples",
+    "score_target",
+    "greedy_generate",
+    "rouge_l",
+    "fsr_evaluate",
+    "PasskeySample",
+    "build_passkey_samples",
+    "passkey_evaluate",
+]
+
+DEFAULT_FSR_TEMPLATE = "{context}\n\nQuestion: What was the first sentence of the text above?\nAnswer:"
+_SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s|$)")
+
+
+def first_sentence(paragraph: str) -> str:
+    """The first sentence of a paragraph (rule in the module docstring)."""
+    paragraph = paragraph.split("\n", 1)[0].strip()
+    m = _SENTENCE_END.search(paragraph)
+    return paragraph[: m.end()].strip() if m else paragraph
+
+
+@dataclass
+class FSRSample:
+    prompt_ids: list[int]  # exactly L tokens
+    target: str  # the first sentence
+    target_ids: list[int]  # tokens of " " + target
+    document: str
+    char_offset: int
+
+
+def _template_parts(template: str) -> tuple[str, str]:
+    if template.count("{context}") != 1:
+        raise ValueError(f"the FSR template must contain '{{context}}' exactly once; got {template!r}")
+    return tuple(template.split("{context}"))  # type: ignore[return-value]
+
+
+def build_fsr_samples(
+    docs: list[Document],
+    tokenizer,
+    length: int,
+    *,
+    n: int = 20,
+    seed: int = 0,
+    template: str = DEFAULT_FSR_TEMPLATE,
+) -> list[FSRSample]:
+    """Up to ``n`` FSR prompts of exactly ``length`` tokens from validation documents."""
+    prefix, suffix = _template_parts(template)
+    pre_ids = tokenizer(prefix, add_special_tokens=False).input_ids if prefix else []
+    suf_ids = tokenizer(suffix, add_special_tokens=False).input_ids
+    budget = length - len(pre_ids) - len(suf_ids)
+    if budget < 16:
+        raise ValueError(f"FSR length {length} leaves {budget} context tokens after the prompt template")
+    rng = random.Random(seed * 7919 + length)
+    candidates = []  # (doc index, char offset of a paragraph start)
+    for di, doc in enumerate(docs):
+        starts = [0] + [m.end() for m in re.finditer("\n", doc.text) if m.end() < len(doc.text)]
+        for s in starts:
+            words = len(first_sentence(doc.text[s : s + 600]).split())
+            if 4 <= words <= 40:
+                candidates.append((di, s))
+    rng.shuffle(candidates)
+    samples: list[FSRSample] = []
+    for di, s in candidates:
+        if len(samples) >= n:
+            break
+        text = docs[di].text[s : s + budget * 12]  # enough characters for `budget` tokens
+        ctx_ids = tokenizer(text, add_special_tokens=False).input_ids
+        if len(ctx_ids) < budget:
+            continue  # too close to the end of its document
+        ctx_ids = ctx_ids[:budget]
+        target = first_sentence(text)
+        if len(tokenizer(target, add_special_tokens=False).input_ids) >= budget:
+            continue
+        samples.append(
+            FSRSample(
+                prompt_ids=pre_ids + ctx_ids + suf_ids,
+                target=target,
+                target_ids=tokenizer(" " + target, add_special_tokens=False).input_ids,
+                document=docs[di].name,
+                char_offset=s,
+            )
+        )
+    if not samples:
+        raise ValueError(f"no validation document is long enough for an FSR prompt of {length} tokens")
+    return samples
+
+
+@torch.no_grad()
+def score_target(model, prompt_ids: list[int], target_ids: list[int]) -> tuple[float, float]:
+    """Teacher-forced (token accuracy, mean NLL) of ``target_ids`` after ``prompt_ids``."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids + target_ids], device=device)
+    decoder = getattr(model, model.base_model_prefix)
+    hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[0]
+    # positions that predict the target tokens: len(prompt)-1 .. len(prompt)+len(target)-2
+    logits = model.get_output_embeddings()(hidden[len(prompt_ids) - 1 : -1]).float()
+    targets = torch.tensor(target_ids, device=device)
+    acc = (logits.argmax(-1) == targets).float().mean().item()
+    nll = F.cross_entropy(logits, targets).item()
+    return acc, nll
+
+
+@torch.no_grad()
+def greedy_generate(model, prompt_ids: list[int], *, max_new_tokens: int, stop_ids: set[int]) -> list[int]:
+    """Greedy decoding with the KV cache; stops after a token in ``stop_ids`` that follows the first
+    other token (a leading newline before the answer does not end it)."""
+    device = next(model.parameters()).device
+    out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
+    cache, generated, started = out.past_key_values, [], False
+    next_id = int(out.logits[0, -1].argmax())
+    for _ in range(max_new_tokens):
+        generated.append(next_id)
+        if next_id in stop_ids and started:
+            break
+        started = started or next_id not in stop_ids
+        out = model(input_ids=torch.tensor([[next_id]], device=device), past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        next_id = int(out.logits[0, -1].argmax())
+    return generated
+
+
+def _newline_ids(tokenizer) -> set[int]:
+    """Token ids whose text contains a newline, plus EOS: where an answer stops."""
+    ids = {i for tok, i in tokenizer.get_vocab().items() if "\n" in tokenizer.convert_tokens_to_string([tok])}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+_SCORER = None
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 x 100 (rouge-score, stemming on)."""
+    global _SCORER
+    if _SCORER is None:
+        try:
+            from rouge_score import rouge_scorer
+        except ImportError as err:
+            raise ImportError("FSR scoring needs 'rouge-score' (pip install 'ropekit[eval]')") from err
+        _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return 100.0 * _SCORER.score(reference, prediction)["rougeL"].fmeasure
+
+
+def fsr_evaluate(model, tokenizer, samples: list[FSRSample], *, generate: bool = True, progress=None) -> dict:
+    """Mean scores over samples: rouge_l (if ``generate``), token_accuracy, target_nll; plus per-sample rows."""
+    stop = _newline_ids(tokenizer)
+    per = []
+    for s in samples:
+        acc, nll = score_target(model, s.prompt_ids, s.target_ids)
+        row = {"token_accuracy": acc, "target_nll": nll}
+        if generate:
+            gen = greedy_generate(model, s.prompt_ids, max_new_tokens=2 * len(s.target_ids) + 8, stop_ids=stop)
+            text = tokenizer.decode(gen, skip_special_tokens=True).strip().split("\n")[0].strip()
+            row.update(rouge_l=rouge_l(text, s.target), generation=text)
+        per.append(row)
+        if progress is not None:
+            progress.update(1)
+    keys = ["token_accuracy", "target_nll"] + (["rouge_l"] if generate else [])
+    return {"n": len(per), **{k: float(np.mean([r[k] for r in per])) for k in keys}, "samples": per}
+
+
+# ---------------------------------------------------------------------------------------------
+# Passkey
+# ---------------------------------------------------------------------------------------------
+_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+_INTRO = "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it. "
+
+
+@dataclass
+class PasskeySample:
+    prompt_ids: list[int]
+    key: str
+    key_ids: list[int]
+    depth: float
+
+
+def build_passkey_samples(
+    tokenizer, length: int, *, depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0), n: int = 5, seed: int = 0
+) -> list[PasskeySample]:
+    """``n`` prompts of exactly ``length`` tokens per depth, with a random 5-digit key at that depth."""
+    rng = random.Random(seed * 31 + length)
+    enc = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    intro, filler = enc(_INTRO), enc(_FILLER)
+    samples = []
+    for depth in depths:
+        if not 0.0 <= depth <= 1.0:
+            raise ValueError(f"passkey depth must be in [0, 1]; got {depth}")
+        for _ in range(n):
+            key = f"{rng.randint(10000, 99999)}"
+            needle = enc(f"The pass key is {key}. Remember it. {key} is the pass key. ")
+            question = enc("What is the pass key? The pass key is")
+            budget = length - len(intro) - len(needle) - len(question)
+            if budget < 0:
+                raise ValueError(f"passkey length {length} is too short for the prompt ({length - budget} tokens)")
+            hay = (filler * (budget // max(1, len(filler)) + 1))[:budget]
+            cut = int(round(depth * budget))
+            samples.append(PasskeySample(intro + hay[:cut] + needle + hay[cut:] + question, key, enc(" " + key), depth))
+    return samples
+
+
+def passkey_evaluate(model, tokenizer, samples: list[PasskeySample], *, progress=None) -> dict:
+    """Exact match of the generated key and teacher-forced accuracy of its tokens, per depth and overall."""
+    per = []
+    for s in samples:
+        acc, _ = score_target(model, s.prompt_ids, s.key_ids)
+        gen = greedy_generate(model, s.prompt_ids, max_new_tokens=len(s.key_ids) + 2, stop_ids=set())
+        digits = re.sub(r"\D", "", tokenizer.decode(gen, skip_special_tokens=True))[:5]
+        per.append({"depth": s.depth, "exact_match": float(digits == s.key), "token_accuracy": acc})
+        if progress is not None:
+            progress.update(1)
+    by_depth = {}
+    for d in sorted({r["depth"] for r in per}):
+        rows = [r for r in per if r["depth"] == d]
+        by_depth[d] = {k: float(np.mean([r[k] for r in rows])) for k in ("exact_match", "token_accuracy")}
+    return {
+        "n": len(per),
+        "exact_match": float(np.mean([r["exact_match"] for r in per])),
+        "token_accuracy": float(np.mean([r["token_accuracy"] for r in per])),
+        "by_depth": by_depth,
+    }

@@ -1,0 +1,141 @@
+"""Evaluations that return result rows (``ropekit.results``): what the CLI and the experiments call.
+
+Every row records the model's trained length (``max_position_embeddings`` before any patch raised
+it is not known here, so the config's current value) and whether the length is past it: lengths
+beyond are allowed, that is the experiment.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ropekit.data import Document, tokenize_documents
+from ropekit.eval.perplexity import perplexity_at_length
+from ropekit.eval.retrieval import (
+    DEFAULT_FSR_TEMPLATE,
+    build_fsr_samples,
+    build_passkey_samples,
+    fsr_evaluate,
+    passkey_evaluate,
+)
+from ropekit.results import make_row, provenance
+
+__all__ = ["eval_ppl", "eval_fsr", "eval_passkey"]
+
+
+def _variant(model) -> str:
+    saved = getattr(model.config, "ropekit", None)
+    if saved and saved.get("method"):
+        return saved["method"]
+    from ropekit.hf import read_method
+
+    return str(read_method(model.config))
+
+
+def _rows(model, experiment, variant, seed, config, metrics: list[tuple[str, int, float, int, dict]]):
+    prov = provenance(next(model.parameters()).device)
+    trained = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    out = []
+    for metric, length, value, n, extra in metrics:
+        cfg = {
+            **config,
+            "trained_length": trained,
+            "beyond_trained_length": bool(trained and length > trained),
+            **extra,
+        }
+        out.append(
+            make_row(
+                experiment=experiment, variant=variant, metric=metric, context_length=length, value=value,
+                n=n, seed=seed, config=cfg, prov=prov,
+            )
+        )  # fmt: skip
+    return out
+
+
+def eval_ppl(
+    model,
+    tokenizer,
+    docs: list[Document],
+    lengths: list[int],
+    *,
+    n: int = 8,
+    seed: int = 0,
+    bin_size: int | None = None,
+    experiment: str = "eval",
+    variant: str | None = None,
+    config: dict[str, Any] | None = None,
+) -> list[dict]:
+    """Rows: ppl, ppl_low, ppl_high, nll per length; position_loss per bin (context_length = bin start)."""
+    cache = tokenize_documents(docs, tokenizer)
+    metrics = []
+    with tqdm(total=len(lengths) * n, desc="ppl", leave=False) as bar:
+        for L in lengths:
+            r = perplexity_at_length(model, cache, L, n=n, seed=seed, bin_size=bin_size, progress=bar)
+            w = {"windows": r.windows}
+            metrics += [
+                ("ppl", L, r.ppl, r.n, w),
+                ("ppl_low", L, r.ppl_low, r.n, {}),
+                ("ppl_high", L, r.ppl_high, r.n, {}),
+            ]
+            metrics.append(("nll", L, r.nll, r.n, {}))
+            metrics += [("position_loss", pos, v, r.n, {"window": L, "bin_size": bin_size}) for pos, v in r.bins]
+    return _rows(model, experiment, variant or _variant(model), seed, config or {}, metrics)
+
+
+def eval_fsr(
+    model,
+    tokenizer,
+    docs: list[Document],
+    lengths: list[int],
+    *,
+    n: int = 20,
+    seed: int = 0,
+    template: str = DEFAULT_FSR_TEMPLATE,
+    generate: bool = True,
+    experiment: str = "eval",
+    variant: str | None = None,
+    config: dict[str, Any] | None = None,
+) -> list[dict]:
+    """Rows per length: fsr_rouge_l (if ``generate``), fsr_token_accuracy, fsr_target_nll."""
+    metrics = []
+    with tqdm(total=len(lengths) * n, desc="fsr", leave=False) as bar:
+        for L in lengths:
+            samples = build_fsr_samples(docs, tokenizer, L, n=n, seed=seed, template=template)
+            r = fsr_evaluate(model, tokenizer, samples, generate=generate, progress=bar)
+            metrics += [
+                ("fsr_token_accuracy", L, r["token_accuracy"], r["n"], {}),
+                ("fsr_target_nll", L, r["target_nll"], r["n"], {}),
+            ]
+            if generate:
+                metrics.append(("fsr_rouge_l", L, r["rouge_l"], r["n"], {}))
+    return _rows(model, experiment, variant or _variant(model), seed, {**(config or {}), "template": template}, metrics)
+
+
+def eval_passkey(
+    model,
+    tokenizer,
+    lengths: list[int],
+    *,
+    n: int = 5,
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    seed: int = 0,
+    experiment: str = "eval",
+    variant: str | None = None,
+    config: dict[str, Any] | None = None,
+) -> list[dict]:
+    """Rows per length: passkey_exact_match, passkey_token_accuracy (overall and per depth)."""
+    metrics = []
+    with tqdm(total=len(lengths) * n * len(depths), desc="passkey", leave=False) as bar:
+        for L in lengths:
+            r = passkey_evaluate(
+                model, tokenizer, build_passkey_samples(tokenizer, L, depths=depths, n=n, seed=seed), progress=bar
+            )
+            metrics += [
+                ("passkey_exact_match", L, r["exact_match"], r["n"], {}),
+                ("passkey_token_accuracy", L, r["token_accuracy"], r["n"], {}),
+            ]
+            for d, v in r["by_depth"].items():
+                metrics.append((f"passkey_exact_match@depth={d:g}", L, v["exact_match"], n, {"depth": d}))
+    return _rows(model, experiment, variant or _variant(model), seed, config or {}, metrics)

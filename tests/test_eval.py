@@ -1,0 +1,206 @@
+"""Evaluation: perplexity, FIRST-SENTENCE-RETRIEVAL, passkey, lm-eval export, the eval CLI."""
+
+import math
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ropekit import data
+from ropekit.cli import main
+from ropekit.eval import perplexity, retrieval
+from ropekit.models import load_model
+from ropekit.results import read_rows
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    docs = data.load_documents("shakespeare")
+    train, val = data.split_documents(docs, val_fraction=0.15, seed=0)
+    tok = data.load_or_train_tokenizer(train[:6], vocab_size=512)
+    return SimpleNamespace(train=train, val=val[:3], tok=tok)
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory, corpus):
+    folder = tmp_path_factory.mktemp("tiny")
+    model = load_model("tiny:llama", max_position_embeddings=512)
+    model.save_pretrained(folder)
+    corpus.tok.save_pretrained(folder)
+    return folder
+
+
+def test_uniform_model_has_perplexity_equal_to_the_vocabulary(corpus):
+    model = load_model("tiny:llama")
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every logit 0: the uniform distribution over 512 tokens
+    cache = data.tokenize_documents(corpus.val, corpus.tok)
+    r = perplexity.perplexity_at_length(model, cache, 256, n=3, bin_size=64)
+    assert r.ppl == pytest.approx(512, rel=1e-5) and r.n == 3
+    assert r.ppl_low == pytest.approx(512, rel=1e-5) and r.ppl_high == pytest.approx(512, rel=1e-5)
+    assert [b[0] for b in r.bins] == [1, 65, 129, 193] and all(v == pytest.approx(math.log(512)) for _, v in r.bins)
+
+
+def test_chunked_nll_equals_the_full_logits_loss():
+    model = load_model("tiny:llama")
+    ids = torch.randint(0, 512, (1, 100))
+    with torch.no_grad():
+        full = torch.nn.functional.cross_entropy(model(ids).logits[0, :-1], ids[0, 1:], reduction="none")
+    torch.testing.assert_close(perplexity.token_nll(model, ids, chunk=7), full, rtol=1e-5, atol=1e-5)
+
+
+def test_sliding_window_scores_every_token_once_with_its_window():
+    model = load_model("tiny:llama")
+    ids = torch.randint(0, 512, (90,))
+    whole = perplexity.token_nll(model, ids)
+    torch.testing.assert_close(perplexity.sliding_window_nll(model, ids, window=200, stride=50), whole)
+    slid = perplexity.sliding_window_nll(model, ids, window=40, stride=10)
+    assert slid.shape == (89,)
+    torch.testing.assert_close(slid[:39], whole[:39])  # the first window sees the same context
+    last = perplexity.token_nll(model, ids[50:90])  # the last window starts at 90 - 40
+    torch.testing.assert_close(slid[-10:], last[-10:])
+
+
+def test_bootstrap_interval_contains_the_mean():
+    values = [1.0, 2.0, 3.5, 0.5, 2.2, 1.9]
+    low, high = perplexity.bootstrap_ci(values, seed=1)
+    assert low <= sum(values) / len(values) <= high and low < high
+
+
+def test_length_beyond_every_document_is_refused(corpus):
+    cache = data.tokenize_documents(corpus.val, corpus.tok)
+    with pytest.raises(ValueError, match="longer than every validation document"):
+        perplexity.select_windows(cache, 10**8, 4, 0)
+
+
+def test_rouge_l_of_a_copy_is_100_and_of_unrelated_text_about_0():
+    s = "It was the best of times, it was the worst of times."
+    assert retrieval.rouge_l(s, s) == pytest.approx(100.0)
+    assert retrieval.rouge_l("Purple elephants dance quietly.", s) < 5
+
+
+def test_first_sentence_rule():
+    assert retrieval.first_sentence('He said "Stop!" Then he left.') == 'He said "Stop!"'
+    assert retrieval.first_sentence("Mr. Smith went to Washington. He stayed.") == "Mr."
+    assert retrieval.first_sentence("No terminator here\nnext paragraph.") == "No terminator here"
+    assert retrieval.first_sentence("Is it 3.5 or 4? Neither.") == "Is it 3.5 or 4?"
+
+
+class CopyModel(torch.nn.Module):
+    """Predicts the token ``shift`` positions back of the next one: a perfect copier of the context."""
+
+    base_model_prefix = "model"
+
+    def __init__(self, shift, vocab=512):
+        super().__init__()
+        self.shift, self.vocab = shift, vocab
+        self.head = torch.nn.Identity()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.model = self._decoder
+
+    def _decoder(self, input_ids, use_cache=False):
+        T = input_ids.shape[1]
+        src = (torch.arange(T) + 1 - self.shift).clamp(min=0)
+        hidden = torch.nn.functional.one_hot(input_ids[0, src], self.vocab).float() * 30
+        return SimpleNamespace(last_hidden_state=hidden[None])
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def test_teacher_forced_accuracy_is_one_for_a_copying_model():
+    context = torch.randint(0, 512, (50,)).tolist()
+    question = [7, 8, 9]
+    prompt = context + question
+    target = context[:12]
+    acc, nll = retrieval.score_target(CopyModel(shift=len(prompt)), prompt, target)
+    assert acc == 1.0 and nll < 1e-6
+    acc_off, _ = retrieval.score_target(CopyModel(shift=len(prompt) - 1), prompt, target)
+    assert acc_off < 0.5
+
+
+@pytest.mark.parametrize("length", [128, 300, 1024])
+def test_fsr_prompts_have_exactly_l_tokens_and_the_target_is_the_first_sentence(corpus, length):
+    samples = retrieval.build_fsr_samples(corpus.val, corpus.tok, length, n=5, seed=1)
+    pre = corpus.tok("Question", add_special_tokens=False).input_ids  # sanity: tokenizer works
+    assert pre
+    for s in samples:
+        assert len(s.prompt_ids) == length
+        text = corpus.tok.decode(s.prompt_ids)
+        context = text.split("\n\nQuestion: What was the first sentence")[0]
+        assert context.startswith(s.target) and 4 <= len(s.target.split()) <= 40
+        assert text.endswith("\nAnswer:")
+        para = next(d for d in corpus.val if d.name == s.document).text[s.char_offset :]
+        assert s.target == retrieval.first_sentence(para)
+
+
+def test_fsr_template_must_hold_the_context_once(corpus):
+    with pytest.raises(ValueError, match="exactly once"):
+        retrieval.build_fsr_samples(corpus.val, corpus.tok, 256, template="no context here")
+
+
+def test_passkey_depth_places_the_key(corpus):
+    tok = corpus.tok
+    for depth in (0.0, 0.5, 1.0):
+        (s,) = retrieval.build_passkey_samples(tok, 400, depths=(depth,), n=1, seed=2)
+        assert len(s.prompt_ids) == 400
+        text = tok.decode(s.prompt_ids)
+        needle = f"The pass key is {s.key}. Remember it. {s.key} is the pass key. "
+        start = text.index("Find it and memorize it. ") + len("Find it and memorize it. ")
+        at, end = text.index(needle), text.index("What is the pass key?")
+        where = (at - start) / (end - start - len(needle))  # share of the filler that comes before the key
+        assert abs(where - depth) < 0.02, (depth, where)
+        assert text.endswith("What is the pass key? The pass key is")
+
+
+def test_eval_cli_end_to_end_on_a_tiny_model(tmp_path, saved_model, capsys):
+    out = tmp_path / "rows.csv"
+    common = ["--model", str(saved_model), "--n", "2", "--out", str(out)]
+    assert main(["eval", "ppl", *common, "--lengths", "128,512,1024", "--bin-size", "64", "--rope", "pi:factor=2"]) == 0
+    assert main(["eval", "fsr", *common, "--lengths", "128,256"]) == 0
+    assert main(["eval", "passkey", *common, "--lengths", "200"]) == 0
+    rows = read_rows(out)
+    metrics = {(r["metric"], r["context_length"]) for r in rows}
+    for m in [("ppl", "128"), ("ppl", "1024"), ("fsr_rouge_l", "256"), ("fsr_token_accuracy", "128"),
+              ("fsr_target_nll", "256"), ("passkey_exact_match", "200"), ("position_loss", "65")]:  # fmt: skip
+        assert m in metrics, m
+    ppl = next(r for r in rows if r["metric"] == "ppl" and r["context_length"] == "1024")
+    assert ppl["variant"] == "pi:base=10000,factor=2" and ppl["git_sha"] and ppl["device"].startswith("cpu")
+    assert '"beyond_trained_length": false' in ppl["config"]  # PI x2 raised 512 -> 1024
+    beyond = next(r for r in rows if r["metric"] == "fsr_rouge_l" and r["context_length"] == "256")
+    assert '"trained_length": 512' in beyond["config"]
+    assert float(ppl["value"]) > 1
+
+
+@pytest.mark.parametrize(
+    "argv,word",
+    [
+        (["eval", "ppl", "--model", "tiny:llama", "--rope", "pi:fctor=2"], "unknown key"),
+        (["eval", "ppl", "--model", "MODEL", "--data", "/no/such/dir"], "unknown text source"),
+        (["eval", "ppl", "--model", "MODEL", "--lengths", "100000000"], "longer than every validation document"),
+    ],
+)
+def test_eval_cli_bad_inputs_give_clear_errors(argv, word, saved_model, capsys):
+    argv = [str(saved_model) if a == "MODEL" else a for a in argv]
+    assert main(argv) == 2
+    assert word in capsys.readouterr().err
+
+
+def test_lm_eval_export_runs_under_lm_eval(tmp_path, corpus, saved_model):
+    pytest.importorskip("lm_eval")
+    import ropekit
+    from ropekit.eval.harness import evaluate_in_process, export_tasks
+
+    paths = export_tasks(tmp_path, data="shakespeare", tokenizer=str(saved_model), lengths=[128], n=2)
+    assert (tmp_path / "ropekit_fsr_128.yaml").is_file() and (tmp_path / "ropekit_utils.py").is_file()
+    model = load_model(str(saved_model))
+    ropekit.patch(model, "abf:base=500000")
+    results = evaluate_in_process(
+        model, corpus.tok, ["ropekit_fsr_128", "ropekit_passkey_128", "ropekit_ppl_128"], tmp_path, max_length=256
+    )
+    r = results["results"]
+    assert 0 <= r["ropekit_fsr_128"]["rouge_l,none"] <= 100
+    assert r["ropekit_passkey_128"]["exact_match,none"] in (0.0, 1.0)
+    assert r["ropekit_ppl_128"]["word_perplexity,none"] > 1
+    assert len(paths) >= 9 and re.search(r"context_length: 128", (tmp_path / "ropekit_ppl_128.yaml").read_text())

@@ -1,0 +1,151 @@
+"""Training: loss goes down, exact resume, refused resumes, FSDP2 on two gloo processes, config overrides."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ropekit import train as train_mod
+from ropekit.models import load_model
+from ropekit.train import PRESETS, TrainConfig, apply_overrides, get_lr, train
+
+MICRO = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+
+
+def micro_config(**kw) -> TrainConfig:
+    base = dict(model_overrides=MICRO, vocab_size=512, seq_len=64, steps=6, tokens_per_step=256, micro_batch=2,
+                lr=3e-3, warmup_steps=2, eval_every=3, save_every=3, eval_batches=2)  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_loss_goes_down_on_a_tiny_model(tmp_path):
+    r = train(micro_config(steps=40, lr=1e-2, warmup_steps=4, eval_every=20, save_every=40), tmp_path)
+    first, last = sum(r["losses"][:3]) / 3, sum(r["losses"][-3:]) / 3
+    assert last < first - 0.5, (first, last)
+    assert r["val"][-1][1] < r["val"][0][1] + 0.1
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 40 and {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(rows[0])
+    model = load_model(r["final"])  # the final model reloads with its method re-applied
+    assert model.config.ropekit["method"] == "rope:base=10000"
+
+
+def test_resume_after_a_crash_gives_the_uninterrupted_losses(tmp_path, monkeypatch):
+    cfg = micro_config(steps=7, save_every=3)
+    whole = train(cfg, tmp_path / "a")["losses"]
+
+    real_get_lr = train_mod.get_lr
+
+    def crash_at_step_5(step, c):
+        if step == 5:
+            raise RuntimeError("injected crash")
+        return real_get_lr(step, c)
+
+    monkeypatch.setattr(train_mod, "get_lr", crash_at_step_5)
+    with pytest.raises(RuntimeError, match="injected"):
+        train(cfg, tmp_path / "b")
+    monkeypatch.setattr(train_mod, "get_lr", real_get_lr)
+    resumed = train(cfg, tmp_path / "b", resume=True)  # from the step-3 checkpoint
+    state = json.loads((tmp_path / "b" / "checkpoint-0000007" / "trainer_state.json").read_text())
+    assert state["losses"] == resumed["losses"]
+    assert resumed["losses"] == pytest.approx(whole, rel=0, abs=1e-6)
+
+
+def test_a_finished_run_is_not_overwritten_without_resume(tmp_path):
+    cfg = micro_config(steps=3)
+    train(cfg, tmp_path)
+    with pytest.raises(ValueError, match="--resume"):
+        train(cfg, tmp_path)
+
+
+def test_resume_with_a_different_config_is_refused_naming_the_difference(tmp_path):
+    train(micro_config(steps=3), tmp_path, stop_after=3)
+    with pytest.raises(ValueError, match="lr: checkpoint 0.003 vs now 0.001"):
+        train(micro_config(steps=6, lr=1e-3), tmp_path, resume=True)
+
+
+def test_a_corrupt_checkpoint_is_refused(tmp_path):
+    train(micro_config(steps=3), tmp_path)
+    ckpt = tmp_path / (tmp_path / "latest").read_text()
+    with open(ckpt / "optimizer.pt", "r+b") as fh:
+        fh.seek(100)
+        fh.write(b"\x00garbage\x00")
+    with pytest.raises(ValueError, match="corrupt: optimizer.pt"):
+        train(micro_config(steps=6), tmp_path, resume=True)
+
+
+def test_continued_training_at_8x_length_with_a_method(tmp_path):
+    base = train(micro_config(steps=3), tmp_path / "base")
+    cfg = micro_config(init_from=base["final"], method="xpos:base=500000", seq_len=512, tokens_per_step=512,
+                       micro_batch=1, steps=2, save_every=2, eval_every=2)  # fmt: skip
+    r = train(cfg, tmp_path / "ext")
+    model = load_model(r["final"])
+    assert model.config.ropekit["method"] == "xpos:base=500000,scale_base=512,center=256"
+    assert model.config.max_position_embeddings == 512
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown config key 'lrate'"):
+        apply_overrides(micro_config(), ["lrate=1"])
+    with pytest.raises(ValueError, match="expected int"):
+        apply_overrides(micro_config(), ["steps=ten"])
+    with pytest.raises(ValueError, match="unknown text source"):
+        train(micro_config(data=str(tmp_path / "nothing")), tmp_path / "o1")
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "a.txt").write_text("A few words.\n")
+    (tmp_path / "tiny" / "b.txt").write_text("Some more words here.\n")
+    with pytest.raises(ValueError, match="longer than the whole corpus"):
+        train(micro_config(data=str(tmp_path / "tiny"), vocab_size=300, seq_len=4096, tokens_per_step=4096,
+                           micro_batch=1), tmp_path / "o2")  # fmt: skip
+    with pytest.raises(ValueError, match="not a multiple"):
+        micro_config(tokens_per_step=100).accumulation()
+
+
+def test_overrides_are_typed():
+    cfg = apply_overrides(PRESETS["tiny-base"](), ["steps=7", "lr=1e-4", "reset_positions=true", "tokenizer=none",
+                                                   'model_overrides={"hidden_size": 64}'])  # fmt: skip
+    assert cfg.steps == 7 and cfg.lr == 1e-4 and cfg.reset_positions is True and cfg.tokenizer is None
+    assert cfg.model_overrides == {"hidden_size": 64}
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    cfg = micro_config(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert get_lr(0, cfg) == pytest.approx(0.1) and get_lr(9, cfg) == pytest.approx(1.0)
+    assert get_lr(99, cfg) == pytest.approx(0.1, abs=1e-3) and get_lr(55, cfg) < get_lr(20, cfg)
+
+
+def test_paper_preset_has_the_papers_hyper_parameters():
+    cfg = PRESETS["paper"]()
+    assert (cfg.lr, cfg.warmup_steps, cfg.seq_len, cfg.tokens_per_step) == (2e-5, 2000, 32768, 4_194_304)
+    assert cfg.steps * cfg.tokens_per_step == pytest.approx(80e9, rel=0.05)  # the ablation's 80B tokens
+
+
+def test_fsdp2_on_two_gloo_processes_matches_one_process(tmp_path):
+    args = ["--preset", "tiny-base", "--set", "steps=3", "--set", "seq_len=64", "--set", "vocab_size=512",
+            "--set", "tokens_per_step=256", "--set", f"model_overrides={json.dumps(MICRO)}", "--set", "save_every=3",
+            "--set", "eval_every=3", "--set", "warmup_steps=1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "ropekit.cli", "train"]
+    subprocess.run([*run, *args, "--set", "fsdp=true", "--set", "micro_batch=1", "--out", str(tmp_path / "fsdp")],
+                   check=True, env=env, capture_output=True)  # fmt: skip
+    single = [
+        sys.executable,
+        "-m",
+        "ropekit.cli",
+        "train",
+        *args,
+        "--set",
+        "micro_batch=2",
+        "--out",
+        str(tmp_path / "one"),
+    ]
+    subprocess.run(single, check=True, env=env, capture_output=True)
+
+    def losses(folder: Path):
+        return [json.loads(x)["loss"] for x in (folder / "metrics.jsonl").read_text().splitlines()]
+
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), rel=0, abs=1e-5)
+    assert (tmp_path / "fsdp" / "final" / "model.safetensors").is_file()
