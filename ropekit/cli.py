@@ -165,6 +165,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ropekit.ablation import PRESETS, plan, run
+
+    if args.preset not in PRESETS:
+        raise ValueError(f"unknown preset {args.preset!r}; accepted: {', '.join(PRESETS)}")
+    cfg = PRESETS[args.preset]()
+    print(plan(cfg, world_size=args.world_size))
+    if args.dry_run:
+        return 0
+    if cfg.name in ("small", "paper") and not args.force:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"preset {cfg.name!r} needs CUDA GPUs; use --dry-run to see its plan, or --force")
+    out = args.out or f"runs/{cfg.name}"
+    result = run(cfg, out)
+    print(f"results: {result['results']}\ntable: {result['table']}\nfigures: {', '.join(result['figures'])}")
+    return 0
+
+
+def _cmd_figures(args: argparse.Namespace) -> int:
+    from ropekit.figures import draw_all
+
+    for path in draw_all(args.out, args.results or []):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ropekit", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -233,6 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("demo", help="the paper's positional-encoding ablation (tiny preset: 2 CPU cores, ~10 min)")
+    p.add_argument("--preset", default="tiny", help="micro, tiny (default), small (1 GPU), paper (Llama 2 7B node)")
+    p.add_argument("--out", default=None, help="output folder (default runs/<preset>); run again to resume")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument("--world-size", type=int, default=1, help="ranks, for the plan's accumulation")
+    p.add_argument("--force", action="store_true", help="run a GPU preset without a GPU")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("figures", help="draw the paper's analytic figures and figures from result CSVs")
+    p.add_argument("--out", default="figures")
+    p.add_argument("--results", action="append", help="result CSV to draw (repeatable)")
+    p.set_defaults(func=_cmd_figures)
     return parser
 
 

@@ -160,7 +160,8 @@ def greedy_generate(model, prompt_ids: list[int], *, max_new_tokens: int, stop_i
 
 def _newline_ids(tokenizer) -> set[int]:
     """Token ids whose text contains a newline, plus EOS: where an answer stops."""
-    ids = {i for tok, i in tokenizer.get_vocab().items() if "\n" in tokenizer.convert_tokens_to_string([tok])}
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    ids = {i for i, text in enumerate(texts) if "\n" in text}
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids

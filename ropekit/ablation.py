@@ -1,0 +1,219 @@
+"""The paper's positional-encoding ablation (Xiong et al. 2023, Section 4.1), at any scale.
+
+corpus -> clean -> document split -> BPE tokenizer on train -> pretrain a Llama at length L with plain
+RoPE -> for each variant (rope, pi, abf, xpos-abf): patch the base checkpoint with ropekit and continue
+pretraining at 8L on the same token budget -> PPL vs length and FSR vs length on validation documents
+-> result CSV -> Table 5-form markdown and Fig. 5b-form figures.
+
+Presets are functions returning an ``AblationConfig``: ``micro`` (tests, seconds), ``tiny``
+(``ropekit demo``: two CPU cores, about ten minutes), ``small`` (one GPU), ``paper`` (Llama 2 7B on a
+node; ``--dry-run`` prints its plan anywhere). Running again resumes: finished stages are skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ropekit.train import TrainConfig
+
+__all__ = ["AblationConfig", "PRESETS", "run", "plan"]
+
+PAPER_VARIANTS = ("rope", "pi:factor=8", "abf:base=500000", "xpos:base=500000")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AblationConfig:
+    name: str
+    base: TrainConfig  # pretraining at the short length, plain RoPE
+    extend: TrainConfig  # continued pretraining at 8x the length (method and init_from are filled per variant)
+    variants: tuple[str, ...] = PAPER_VARIANTS
+    ppl_lengths: tuple[int, ...] = ()
+    fsr_lengths: tuple[int, ...] = ()
+    n_ppl: int = 4
+    n_fsr: int = 8
+    bin_size: int = 64
+    fsr_generate: bool = True
+    model_params: str = ""  # for the plan printout
+    notes: dict = field(default_factory=dict)
+
+
+_TINY_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+
+
+def _tiny() -> AblationConfig:
+    """Two CPU cores, ~10 minutes: a 4-layer, 128-wide Llama (~1.3M parameters with a 2,048-token BPE),
+    pretrained at 256 tokens, continued at 2,048 (8x, the paper's 4k -> 32k ratio)."""
+    base = TrainConfig(model="tiny:llama", model_overrides=_TINY_MODEL, data="shakespeare", vocab_size=2048,
+                       seq_len=256, steps=150, tokens_per_step=8192, micro_batch=8, lr=3e-3, warmup_steps=15,
+                       eval_every=50, save_every=50)  # fmt: skip
+    extend = dataclasses.replace(base, seq_len=2048, steps=24, tokens_per_step=8192, micro_batch=2, lr=1e-3,
+                                 warmup_steps=3, eval_every=12, save_every=12)  # fmt: skip
+    return AblationConfig(name="tiny", base=base, extend=extend, ppl_lengths=(256, 512, 1024, 2048, 4096),
+                          fsr_lengths=(256, 512, 1024, 2048), n_ppl=4, n_fsr=8, bin_size=128,
+                          model_params="~1.3M")  # fmt: skip
+
+
+def _micro() -> AblationConfig:
+    """Seconds: the plumbing of ``tiny`` with a 2-layer, 32-wide model, 32 -> 256 tokens."""
+    model = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, max_position_embeddings=32)  # fmt: skip
+    base = TrainConfig(model="tiny:llama", model_overrides=model, data="shakespeare", vocab_size=512, seq_len=32,
+                       steps=4, tokens_per_step=256, micro_batch=8, lr=3e-3, warmup_steps=1, eval_every=4,
+                       save_every=4, eval_batches=1)  # fmt: skip
+    extend = dataclasses.replace(base, seq_len=256, steps=2, tokens_per_step=256, micro_batch=1, eval_every=2,
+                                 save_every=2)  # fmt: skip
+    return AblationConfig(name="micro", base=base, extend=extend, ppl_lengths=(32, 256, 512), fsr_lengths=(64, 256),
+                          n_ppl=2, n_fsr=2, bin_size=32, model_params="~40k")  # fmt: skip
+
+
+def _small() -> AblationConfig:
+    """One GPU: a ~110M Llama (12 x 768, GQA 12/4, 32k BPE) pretrained at 2k, continued at 16k on novels."""
+    model = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=4, max_position_embeddings=2048)  # fmt: skip
+    base = TrainConfig(model="tiny:llama", model_overrides=model, data="../shared/corpora/clic", vocab_size=32000,
+                       seq_len=2048, steps=1500, tokens_per_step=131_072, micro_batch=16, lr=1e-3, warmup_steps=100,
+                       eval_every=250, save_every=250, val_fraction=0.1)  # fmt: skip
+    extend = dataclasses.replace(base, seq_len=16384, steps=150, tokens_per_step=131_072, micro_batch=2, lr=3e-4,
+                                 warmup_steps=15, eval_every=50, save_every=50,
+                                 activation_checkpointing=True)  # fmt: skip
+    return AblationConfig(name="small", base=base, extend=extend, ppl_lengths=(2048, 4096, 8192, 16384, 32768),
+                          fsr_lengths=(256, 1024, 2048, 4096, 8192, 16384), n_ppl=8, n_fsr=20, bin_size=512,
+                          model_params="~110M")  # fmt: skip
+
+
+def _paper() -> AblationConfig:
+    """Llama 2 7B, 4k -> 32k, 80B tokens per variant at the paper's hyper-parameters; torchrun + FSDP2."""
+    from ropekit.train import PRESETS as TRAIN
+
+    extend = TRAIN["paper"]()
+    return AblationConfig(name="paper", base=dataclasses.replace(extend, steps=0), extend=extend,
+                          ppl_lengths=(4096, 8192, 16384, 32768),
+                          fsr_lengths=(256, 1024, 2048, 4096, 8192, 10240, 12288, 14336, 16384, 20480, 24576, 28672,
+                                       30720), n_ppl=50, n_fsr=50, bin_size=500, model_params="6.74B",
+                          notes={"base": "the released Llama 2 7B checkpoint (no pretraining stage)"})  # fmt: skip
+
+
+PRESETS = {"micro": _micro, "tiny": _tiny, "small": _small, "paper": _paper}
+
+
+def _slug(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", spec)
+
+
+def plan(cfg: AblationConfig, world_size: int = 1) -> str:
+    """What the run will do: steps, tokens, sequence lengths and (for 7B) the memory per GPU."""
+    b, e = cfg.base, cfg.extend
+    lines = [f"ablation '{cfg.name}': model {cfg.model_params} parameters"]
+    if b.steps:
+        lines.append(f"  base: {b.steps} steps x {b.tokens_per_step:,} tokens = {b.steps * b.tokens_per_step:,} tokens "
+                     f"at {b.seq_len} (plain RoPE)")  # fmt: skip
+    else:
+        lines.append(f"  base: {cfg.notes.get('base', e.init_from)}")
+    lines.append(f"  extend x{len(cfg.variants)} ({', '.join(cfg.variants)}): {e.steps} steps x {e.tokens_per_step:,} "
+                 f"tokens = {e.steps * e.tokens_per_step:,} tokens each at {e.seq_len}; lr {e.lr}, warm-up "
+                 f"{e.warmup_steps}, accumulation {e.accumulation(world_size)} x micro-batch {e.micro_batch} "
+                 f"on {world_size} rank(s)")  # fmt: skip
+    lines.append(
+        f"  eval: PPL at {list(cfg.ppl_lengths)} (n={cfg.n_ppl}); FSR at {list(cfg.fsr_lengths)} (n={cfg.n_fsr})"
+    )
+    if cfg.name == "paper":
+        lines.append("  memory per GPU (8 x 80 GB, FSDP2 + activation checkpointing, bf16): "
+                     "~13.5 GB weights+grads+AdamW "
+                     "shards, ~8.6 GB checkpointed activations, ~9 GB recompute, ~8.4 GB fp32 logits+grad: ~40 GB "
+                     "(derivation in ropekit/parallel.py)")  # fmt: skip
+        lines.append("  launch: torchrun --nproc-per-node 8 experiments/pe_ablation.py --preset paper")
+    return "\n".join(lines)
+
+
+def run(cfg: AblationConfig, out: str | Path, *, log=print) -> dict:
+    """Run (or resume) the ablation into ``out``; returns wall times and output paths."""
+    from ropekit import data, figures
+    from ropekit.eval import run as ev
+    from ropekit.models import load_model
+    from ropekit.results import append_rows, atomic_write_text, read_rows
+    from ropekit.train import train
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "ablation_config.json", json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
+    times: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    def stage(name):
+        class _Timer:
+            def __enter__(self):
+                self.t = time.perf_counter()
+                log(f"[{name}] ...")
+
+            def __exit__(self, *exc):
+                times[name] = time.perf_counter() - self.t
+                if exc[0] is None:
+                    log(f"[{name}] {times[name]:.1f}s")
+
+        return _Timer()
+
+    with stage("data"):
+        docs = data.load_documents(cfg.base.data)
+        train_docs, val_docs = data.split_documents(docs, val_fraction=cfg.base.val_fraction, seed=cfg.base.split_seed)
+        log(f"  {len(train_docs)} train / {len(val_docs)} validation documents")
+
+    base_final = out / "base" / "final"
+    with stage("pretrain base"):
+        if base_final.is_dir():
+            log("  done earlier: skipped")
+        else:
+            r = train(cfg.base, out / "base", resume=(out / "base" / "latest").is_file())
+            log(f"  final loss {r['losses'][-1]:.3f}, {r.get('tokens_per_s', 0):.0f} tokens/s")
+
+    results = out / "results.csv"
+    done = {(r["variant"], r["metric"]) for r in read_rows(results)}
+    for spec in cfg.variants:
+        folder = out / _slug(spec)
+        with stage(f"extend {spec}"):
+            if (folder / "final").is_dir():
+                log("  done earlier: skipped")
+            else:
+                ecfg = dataclasses.replace(cfg.extend, init_from=str(base_final), method=spec)
+                r = train(ecfg, folder, resume=(folder / "latest").is_file())
+                log(f"  final loss {r['losses'][-1]:.3f}, {r.get('tokens_per_s', 0):.0f} tokens/s")
+        with stage(f"eval {spec}"):
+            model = load_model(str(folder / "final"))
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(folder / "final"))
+            variant = model.config.ropekit["method"]
+            config = {"ablation": cfg.name, "variant_spec": spec}
+            rows = []
+            if (variant, "ppl") not in done:
+                rows += ev.eval_ppl(model, tok, val_docs, list(cfg.ppl_lengths), n=cfg.n_ppl, bin_size=cfg.bin_size,
+                                    experiment=f"pe_ablation_{cfg.name}", variant=variant, config=config)  # fmt: skip
+            if (variant, "fsr_target_nll") not in done:
+                rows += ev.eval_fsr(model, tok, val_docs, list(cfg.fsr_lengths), n=cfg.n_fsr,
+                                    generate=cfg.fsr_generate, experiment=f"pe_ablation_{cfg.name}", variant=variant,
+                                    config=config)  # fmt: skip
+            if rows:
+                append_rows(results, rows)
+            else:
+                log("  done earlier: skipped")
+
+    with stage("table and figures"):
+        target = cfg.extend.seq_len
+        table = figures.table5(results, target)
+        atomic_write_text(out / "table5.md", table)
+        written = figures.draw_results(results, out / "figures", prefix=f"pe_ablation_{cfg.name}")
+        log(table)
+    times["total"] = time.perf_counter() - t_all
+    log("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
+    atomic_write_text(out / "wall_times.json", json.dumps(times, indent=1))
+    return {
+        "times": times,
+        "results": str(results),
+        "table": str(out / "table5.md"),
+        "figures": [str(p) for p in written],
+    }

@@ -1,0 +1,105 @@
+"""Analytic curves against closed forms; figures render from CSVs; the ablation's plumbing on the micro preset."""
+
+import math
+
+import numpy as np
+import pytest
+
+from ropekit import analysis, figures
+from ropekit.ablation import PRESETS, plan, run
+from ropekit.results import make_row, read_rows
+
+
+@pytest.mark.parametrize("name,spec", list(analysis.PAPER_VARIANTS.items()))
+def test_attention_decay_intercept_is_d_over_sqrt_d(name, spec):
+    assert analysis.attention_decay(spec, np.array([0]))[0] == pytest.approx(128 / math.sqrt(128))  # 11.31
+
+
+def test_attention_decay_matches_the_papers_reading():
+    far = np.arange(20_000, 30_001, 50)
+    rope = np.abs(analysis.attention_decay("rope:base=10000", far)).mean()
+    abf = analysis.attention_decay("abf:base=500000", np.array([10_000]))[0]
+    xpos = analysis.attention_decay("xpos:base=500000,scale_base=512", far)
+    assert rope < 1.5  # RoPE oscillates around 0 at long range
+    assert 2 <= abf <= 4  # ABF stays around 2-4 (paper: decays much more slowly)
+    assert np.abs(np.diff(xpos)).mean() < np.abs(np.diff(analysis.attention_decay("abf:base=500000", far))).mean()
+
+
+def test_granularity_matches_the_papers_numbers():
+    # paper: b = 10,000, beta = 50, alpha = 1/4 -> C_ABF ~ 0.076, C_PI ~ 0.027 (per pair; finite sums 0.079, 0.029)
+    assert analysis.granularity_limit("ABF", 50) == pytest.approx(0.076, abs=0.001)
+    assert analysis.granularity_limit("PI", 0.25) == pytest.approx(0.027, abs=0.001)
+    assert analysis.granularity_sum("ABF", 50) / 64 == pytest.approx(0.079, abs=0.001)
+    assert analysis.granularity_sum("PI", 0.25) / 64 == pytest.approx(0.029, abs=0.001)
+    # closed form of the finite sum for small angles: sum_j sin(w_j) with w_j = alpha b^(-2j/d)
+    j = np.arange(64)
+    assert analysis.granularity_sum("PI", 0.01) == pytest.approx((0.01 * 1e4 ** (-j / 64)).sum(), rel=1e-4)
+
+
+def test_base_lower_bound_brackets_the_condition():
+    b = analysis.base_lower_bound(2048, 64)
+    assert analysis.bound_holds(b, 2048, 64) and not analysis.bound_holds(b * 0.99, 2048, 64)
+    assert analysis.base_lower_bound(8192, 64) > b  # longer contexts need larger bases
+
+
+def test_helix_shapes():
+    t = np.arange(11)
+    rope, pi, abf = (analysis.helix(k, t) for k in ("RoPE", "RoPE+PI", "RoPE+ABF"))
+    step = lambda h: np.linalg.norm(np.diff(h[:, :2], axis=0), axis=1).mean()  # noqa: E731
+    assert step(pi) < step(rope) / 3 and step(abf) == pytest.approx(step(rope))
+
+
+def test_analytic_figures_render_with_their_csvs(tmp_path):
+    written = figures.draw_analytic(tmp_path, bound_lengths=(1024, 2048))  # short lengths keep the test fast
+    names = {p.name for p in written}
+    for stem in ("fig4_attention_decay", "fig8_helix", "theorem1_granularity", "base_lower_bound"):
+        assert f"{stem}.png" in names and f"{stem}.csv" in names
+        assert (tmp_path / f"{stem}.png").stat().st_size > 10_000
+
+
+def test_result_figures_and_table_render_from_a_csv(tmp_path):
+    from ropekit.results import append_rows
+
+    prov = {"git_sha": "x", "device": "cpu", "versions": "{}", "timestamp": "t"}
+    rows = []
+    for variant, shift in (("rope:base=10000", 0.5), ("abf:base=500000", 0.0)):
+        for L in (256, 512, 1024):
+            for metric, value in (("ppl", 10 + shift + L / 1000), ("ppl_low", 9.5), ("ppl_high", 11),
+                                  ("fsr_target_nll", 3 - shift), ("fsr_rouge_l", 50 * shift)):  # fmt: skip
+                rows.append(make_row(experiment="t", variant=variant, metric=metric, context_length=L, value=value,
+                                     n=2, seed=0, prov=prov))  # fmt: skip
+        rows.append(make_row(experiment="t", variant=variant, metric="position_loss", context_length=1, value=4.0,
+                             n=2, seed=0, prov=prov))  # fmt: skip
+    append_rows(tmp_path / "r.csv", rows)
+    written = figures.draw_results(tmp_path / "r.csv", tmp_path / "figs")
+    assert {p.name for p in written} >= {"t_fsr.png", "t_ppl.png", "t_position_loss.png", "t_ppl.csv"}
+    assert len(read_rows(tmp_path / "figs" / "t_ppl.csv")) == 2 * 3 * 3  # the rows the PPL figure was drawn from
+    table = figures.table5(tmp_path / "r.csv", 1024)
+    assert "| RoPE ABF (abf:base=500000) | **11.024** |" in table and "RoPE (rope:base=10000) | 11.524" in table
+    with pytest.raises(ValueError, match="no ppl rows at length 4096"):
+        figures.table5(tmp_path / "r.csv", 4096)
+
+
+def test_demo_plumbing_on_the_micro_preset_and_resume(tmp_path):
+    logs = []
+    result = run(PRESETS["micro"](), tmp_path, log=logs.append)
+    rows = read_rows(result["results"])
+    variants = {r["variant"] for r in rows}
+    assert variants == {"rope:base=10000", "pi:base=10000,factor=8", "abf:base=500000",
+                        "xpos:base=500000,scale_base=512,center=128"}  # fmt: skip
+    metrics = {(r["variant"], r["metric"], r["context_length"]) for r in rows}
+    assert ("abf:base=500000", "ppl", "512") in metrics and ("pi:base=10000,factor=8", "fsr_rouge_l", "256") in metrics
+    assert "| PE | PPL at 256 |" in (tmp_path / "table5.md").read_text()
+    assert any(p.endswith("pe_ablation_micro_fsr.png") for p in result["figures"])
+    assert set(result["times"]) >= {"data", "pretrain base", "extend rope", "eval rope", "total"}
+    # a second run resumes: nothing is trained or evaluated again
+    logs.clear()
+    run(PRESETS["micro"](), tmp_path, log=logs.append)
+    assert sum("done earlier" in line for line in logs) == 1 + 2 * 4
+    assert len(read_rows(result["results"])) == len(rows)
+
+
+def test_paper_preset_dry_run_plan():
+    text = plan(PRESETS["paper"](), world_size=8)
+    assert "20000 steps x 4,194,304 tokens" in text and "32768" in text and "~40 GB" in text
+    assert "accumulation 16 x micro-batch 1 on 8 rank(s)" in text
