@@ -73,14 +73,16 @@ def _micro() -> AblationConfig:
 
 
 def _small() -> AblationConfig:
-    """One GPU: a ~110M Llama (12 x 768, GQA 12/4, 32k BPE) pretrained at 2k, continued at 16k on novels."""
+    """One GPU inside one 30-minute device session: a ~110M Llama (12 x 768, GQA 12/4, 32k BPE) pretrained
+    at 2k, continued at 16k on a folder of novels. Step counts are sized for an H100 at an estimated
+    ~150k tokens/s at 2k and ~100k at 16k (measure with a short run first; override with --set)."""
     model = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                  num_key_value_heads=4, max_position_embeddings=2048)  # fmt: skip
     base = TrainConfig(model="tiny:llama", model_overrides=model, data="../shared/corpora/clic", vocab_size=32000,
-                       seq_len=2048, steps=1500, tokens_per_step=131_072, micro_batch=16, lr=1e-3, warmup_steps=100,
+                       seq_len=2048, steps=500, tokens_per_step=131_072, micro_batch=16, lr=1e-3, warmup_steps=50,
                        eval_every=250, save_every=250, val_fraction=0.1)  # fmt: skip
-    extend = dataclasses.replace(base, seq_len=16384, steps=150, tokens_per_step=131_072, micro_batch=2, lr=3e-4,
-                                 warmup_steps=15, eval_every=50, save_every=50,
+    extend = dataclasses.replace(base, seq_len=16384, steps=100, tokens_per_step=131_072, micro_batch=2, lr=3e-4,
+                                 warmup_steps=10, eval_every=50, save_every=50,
                                  activation_checkpointing=True)  # fmt: skip
     return AblationConfig(name="small", base=base, extend=extend, ppl_lengths=(2048, 4096, 8192, 16384, 32768),
                           fsr_lengths=(256, 1024, 2048, 4096, 8192, 16384), n_ppl=8, n_fsr=20, bin_size=512,
@@ -100,6 +102,12 @@ def _paper() -> AblationConfig:
 
 
 PRESETS = {"micro": _micro, "tiny": _tiny, "small": _small, "paper": _paper}
+
+
+def with_data(cfg: AblationConfig, data: str) -> AblationConfig:
+    """The same ablation on another text source (both stages)."""
+    return dataclasses.replace(cfg, base=dataclasses.replace(cfg.base, data=data),
+                               extend=dataclasses.replace(cfg.extend, data=data))  # fmt: skip
 
 
 def _slug(spec: str) -> str:
@@ -165,7 +173,10 @@ def run(cfg: AblationConfig, out: str | Path, *, log=print) -> dict:
 
     base_final = out / "base" / "final"
     with stage("pretrain base"):
-        if base_final.is_dir():
+        if cfg.base.steps == 0:  # the paper preset starts from a released checkpoint
+            base_final = Path(cfg.extend.init_from) if Path(cfg.extend.init_from).exists() else cfg.extend.init_from
+            log(f"  starting from {base_final}")
+        elif base_final.is_dir():
             log("  done earlier: skipped")
         else:
             r = train(cfg.base, out / "base", resume=(out / "base" / "latest").is_file())
@@ -178,7 +189,7 @@ def run(cfg: AblationConfig, out: str | Path, *, log=print) -> dict:
         with stage(f"extend {spec}"):
             if (folder / "final").is_dir():
                 log("  done earlier: skipped")
-            else:
+            else:  # the same base checkpoint and token budget for every variant; only the method differs
                 ecfg = dataclasses.replace(cfg.extend, init_from=str(base_final), method=spec)
                 r = train(ecfg, folder, resume=(folder / "latest").is_file())
                 log(f"  final loss {r['losses'][-1]:.3f}, {r.get('tokens_per_s', 0):.0f} tokens/s")

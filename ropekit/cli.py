@@ -166,11 +166,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from ropekit.ablation import PRESETS, plan, run
+    from ropekit.ablation import PRESETS, plan, run, with_data
 
     if args.preset not in PRESETS:
         raise ValueError(f"unknown preset {args.preset!r}; accepted: {', '.join(PRESETS)}")
     cfg = PRESETS[args.preset]()
+    if args.data:
+        cfg = with_data(cfg, args.data)
     print(plan(cfg, world_size=args.world_size))
     if args.dry_run:
         return 0
@@ -180,6 +182,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             raise ValueError(f"preset {cfg.name!r} needs CUDA GPUs; use --dry-run to see its plan, or --force")
     out = args.out or f"runs/{cfg.name}"
+    from ropekit import parallel
+
+    parallel.init_distributed()  # under torchrun (the paper preset): FSDP2 training on every rank
     result = run(cfg, out)
     print(f"results: {result['results']}\ntable: {result['table']}\nfigures: {', '.join(result['figures'])}")
     return 0
@@ -190,6 +195,23 @@ def _cmd_figures(args: argparse.Namespace) -> int:
 
     for path in draw_all(args.out, args.results or []):
         print(path)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from ropekit import bench
+
+    shapes = bench.SMOKE_SHAPES if args.smoke else bench.TRAINING_SHAPES
+    rows = bench.run_benchmark(shapes, flash_attn_rotary=args.flash_attn_rotary)
+    if args.out:
+        bench.write_rows(args.out, rows)
+        print(f"{len(rows)} rows appended to {args.out}")
+        if args.plot:
+            bench.plot(args.out, args.plot)
+    if args.e2e:
+        for seq_len in (8192, 32768):
+            for patched in (False, True):
+                print(bench.e2e_training_step(seq_len, patched=patched))
     return 0
 
 
@@ -268,12 +290,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     p.add_argument("--world-size", type=int, default=1, help="ranks, for the plan's accumulation")
     p.add_argument("--force", action="store_true", help="run a GPU preset without a GPU")
+    p.add_argument("--data", default=None, help="text source for both stages (default: the preset's)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("figures", help="draw the paper's analytic figures and figures from result CSVs")
     p.add_argument("--out", default="figures")
     p.add_argument("--results", action="append", help="result CSV to draw (repeatable)")
     p.set_defaults(func=_cmd_figures)
+
+    p = sub.add_parser("bench", help="rotary kernel benchmark against peers (see ropekit/bench.py)")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes (runs anywhere, torch providers only on CPU)")
+    p.add_argument("--out", default=None, help="CSV to append rows to")
+    p.add_argument("--plot", default=None, help="PNG of GB/s against sequence length (needs --out)")
+    p.add_argument("--flash-attn-rotary", default=None, help="path to flash_attn/ops/triton/rotary.py")
+    p.add_argument("--e2e", action="store_true", help="also time a ~100M Llama training step with/without the patch")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 
