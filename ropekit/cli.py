@@ -121,12 +121,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:
         docs = data.load_documents(args.data)
         _, val = data.split_documents(docs, val_fraction=args.val_fraction, seed=args.split_seed)
-        if args.task == "ppl":
+        if args.task == "ppl" and args.stride:
+            span = args.span or 4 * max(args.lengths)
+            rows = run.eval_ppl_sliding(model, tokenizer, val, args.lengths, stride=args.stride, span=span, **common)
+        elif args.task == "ppl":
             rows = run.eval_ppl(model, tokenizer, val, args.lengths, bin_size=args.bin_size, **common)
         else:
             rows = run.eval_fsr(model, tokenizer, val, args.lengths, generate=not args.no_generate, **common)
     for row in rows:
-        if row["metric"] in ("ppl", "fsr_rouge_l", "fsr_token_accuracy", "fsr_target_nll", "passkey_exact_match"):
+        shown = ("ppl", "ppl_sliding", "fsr_rouge_l", "fsr_token_accuracy", "fsr_target_nll", "passkey_exact_match")
+        if row["metric"] in shown:
             name, length = row["metric"], row["context_length"]
             print(f"{row['variant']:40s} {name:22s} L={length:<7} {row['value']:.4f} (n={row['n']})")
     if args.out:
@@ -262,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--split-seed", type=int, default=0, help="seed of the document-level split")
         if task == "ppl":
             e.add_argument("--bin-size", type=int, default=None, help="per-position loss bin size (tokens)")
+            e.add_argument("--stride", type=int, default=None,
+                           help="sliding-window mode: each length is a window moved by this stride")  # fmt: skip
+            e.add_argument("--span", type=int, default=None, help="tokens scored per document in sliding mode")
         if task == "fsr":
             e.add_argument("--no-generate", action="store_true", help="teacher-forced scores only (no ROUGE-L)")
         e.set_defaults(func=_cmd_eval)

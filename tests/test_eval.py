@@ -160,10 +160,12 @@ def test_eval_cli_end_to_end_on_a_tiny_model(tmp_path, saved_model, capsys):
     assert main(["eval", "ppl", *common, "--lengths", "128,512,1024", "--bin-size", "64", "--rope", "pi:factor=2"]) == 0
     assert main(["eval", "fsr", *common, "--lengths", "128,256"]) == 0
     assert main(["eval", "passkey", *common, "--lengths", "200"]) == 0
+    assert main(["eval", "ppl", *common, "--lengths", "128", "--stride", "32", "--span", "300"]) == 0
     rows = read_rows(out)
     metrics = {(r["metric"], r["context_length"]) for r in rows}
     for m in [("ppl", "128"), ("ppl", "1024"), ("fsr_rouge_l", "256"), ("fsr_token_accuracy", "128"),
-              ("fsr_target_nll", "256"), ("passkey_exact_match", "200"), ("position_loss", "65")]:  # fmt: skip
+              ("fsr_target_nll", "256"), ("passkey_exact_match", "200"), ("position_loss", "65"),
+              ("ppl_sliding", "128")]:  # fmt: skip
         assert m in metrics, m
     ppl = next(r for r in rows if r["metric"] == "ppl" and r["context_length"] == "1024")
     assert ppl["variant"] == "pi:base=10000,factor=2" and ppl["git_sha"] and ppl["device"].startswith("cpu")

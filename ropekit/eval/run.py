@@ -12,7 +12,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ropekit.data import Document, tokenize_documents
-from ropekit.eval.perplexity import perplexity_at_length
+from ropekit.eval.perplexity import perplexity_at_length, select_windows, sliding_window_nll
 from ropekit.eval.retrieval import (
     DEFAULT_FSR_TEMPLATE,
     build_fsr_samples,
@@ -22,7 +22,7 @@ from ropekit.eval.retrieval import (
 )
 from ropekit.results import make_row, provenance
 
-__all__ = ["eval_ppl", "eval_fsr", "eval_passkey"]
+__all__ = ["eval_ppl", "eval_ppl_sliding", "eval_fsr", "eval_passkey"]
 
 
 def _variant(model) -> str:
@@ -81,6 +81,39 @@ def eval_ppl(
             ]
             metrics.append(("nll", L, r.nll, r.n, {}))
             metrics += [("position_loss", pos, v, r.n, {"window": L, "bin_size": bin_size}) for pos, v in r.bins]
+    return _rows(model, experiment, variant or _variant(model), seed, config or {}, metrics)
+
+
+def eval_ppl_sliding(
+    model,
+    tokenizer,
+    docs: list[Document],
+    windows: list[int],
+    *,
+    stride: int,
+    span: int,
+    n: int = 4,
+    seed: int = 0,
+    experiment: str = "eval",
+    variant: str | None = None,
+    config: dict[str, Any] | None = None,
+) -> list[dict]:
+    """Rows ``ppl_sliding`` per window size: ``span`` tokens from each of ``n`` documents scored with a
+    sliding window of that size and ``stride`` (each token once, with >= window - stride tokens of context)."""
+    import math
+
+    import torch
+
+    cache = tokenize_documents(docs, tokenizer)
+    device = next(model.parameters()).device
+    metrics = []
+    for W in windows:
+        nll = []
+        for doc, start in select_windows(cache, span, n, seed):
+            ids = torch.from_numpy(cache.doc(doc)[start : start + span].astype("int64")).to(device)
+            nll.append(sliding_window_nll(model, ids, window=W, stride=min(stride, W)))
+        mean = torch.cat(nll).mean().item()
+        metrics.append(("ppl_sliding", W, math.exp(mean), len(nll), {"stride": stride, "span": span}))
     return _rows(model, experiment, variant or _variant(model), seed, config or {}, metrics)
 
 
