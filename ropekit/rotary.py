@@ -118,8 +118,13 @@ def apply_rope_tables(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """apply_rope with the frequencies already computed (the patched model calls this per layer)."""
-    use_triton = backend == "triton" or (backend == "auto" and q.is_cuda and _triton_available())
+    kernel_dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    use_triton = backend == "triton" or (
+        backend == "auto" and q.is_cuda and q.dtype in kernel_dtypes and q.dtype == k.dtype and _triton_available()
+    )
     if use_triton:
+        if q.dtype not in kernel_dtypes:
+            raise ValueError(f"the Triton backend takes float32, float16 or bfloat16; got {q.dtype}")
         if not _triton_available():
             raise ValueError("backend='triton' needs the triton package; install it or use backend='torch'")
         if q.dtype != k.dtype:

@@ -142,6 +142,12 @@ def test_partial_rotary_tail_untouched_for_non_power_of_two_dims():
     assert torch.equal(oq[..., 48:], q[..., 48:]) and torch.equal(ok[..., 48:], k[..., 48:])
 
 
+def test_float64_is_refused_by_the_kernel_with_a_clear_error():
+    q = torch.randn(1, 1, 2, 8, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        apply_rope(q, q, torch.arange(2, device=DEVICE), "rope:base=10000", backend="triton")
+
+
 def test_gqa_with_one_key_head():
     # a peer once left k untouched when num_kv_heads == 1
     q, k = torch.randn(1, 8, 3, 16, device=DEVICE), torch.randn(1, 1, 3, 16, device=DEVICE)
