@@ -3,7 +3,7 @@
 # background under setsid, logging to $OUT; poll with `tail $OUT/small.log` in later calls.
 #   device run:  bash experiments/device/run_small.sh        (carry: [".carry", ".whl"])
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/* 2>&1 | tail -2
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 ROPEKIT_CACHE=/tmp/ropekit-cache
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"
 # 1) the kernel's GPU tests first (minutes), 2) the ablation in the background
