@@ -198,6 +198,15 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
+def _attention_implementation(device: torch.device) -> str:
+    """flash-attention 2 when it is installed and the run is on CUDA, else PyTorch SDPA (no L x L matrix)."""
+    import importlib.util
+
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
 def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
@@ -330,12 +339,14 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, stop_after
     val_cache = data_mod.tokenize_documents(val_docs, tokenizer)
 
     # -- model: load or build, then patch with the method (the experiment's variable) ----------------
+    attn = _attention_implementation(device)
     if ckpt is not None:
-        model = load_model(str(ckpt), reapply=True)
+        model = load_model(str(ckpt), reapply=True, attn_implementation=attn)
     elif cfg.init_from:
-        model = load_model(cfg.init_from, reapply=False)
+        model = load_model(cfg.init_from, reapply=False, attn_implementation=attn)
     else:
-        model = load_model(cfg.model, seed=cfg.seed, vocab_size=len(tokenizer), **cfg.model_overrides)
+        model = load_model(cfg.model, seed=cfg.seed, vocab_size=len(tokenizer), attn_implementation=attn,
+                           **cfg.model_overrides)  # fmt: skip
     if ckpt is None:
         ropekit.patch(model, cfg.method, max_position_embeddings=cfg.max_position_embeddings or cfg.seq_len)
     model.config.use_cache = False
