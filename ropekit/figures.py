@@ -172,6 +172,8 @@ def draw_results(results: str | Path, out: str | Path, *, prefix: str | None = N
     written = []
 
     def figure(name, panels):
+        if not any(_series(rows, metric) for metric, *_ in panels):
+            return  # nothing of this kind in the CSV
         fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
         used = []
         for ax, (metric, ylabel, title, log_y) in zip(axes[0], panels, strict=True):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import functools
 import json
 import os
 import platform
@@ -36,7 +37,9 @@ COLUMNS = [
 ]
 
 
+@functools.lru_cache(maxsize=1)
 def _git_sha() -> str:
+    """The checkout's commit, read once per process (a run that outlives a commit keeps its own sha)."""
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True)
