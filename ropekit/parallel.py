@@ -40,6 +40,7 @@ __all__ = [
     "mean_across_ranks",
     "barrier",
     "full_state",
+    "full_model_state",
     "load_optimizer_state",
 ]
 
@@ -107,6 +108,13 @@ def full_state(model, optimizer) -> tuple[dict, dict]:
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def full_model_state(model) -> dict:
+    """Full (unsharded, CPU) model state dict; a collective under FSDP (call on every rank)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_optimizer_state(model, optimizer, state: dict) -> None:

@@ -26,6 +26,24 @@ def _triton_available() -> bool:
     return True
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _use_triton(backend: str, q: torch.Tensor, k: torch.Tensor) -> bool:
+    """ "auto": the kernel for CUDA tensors it takes, else the reference; "triton": the kernel or a ValueError."""
+    if backend == "auto":
+        return q.is_cuda and q.dtype in _KERNEL_DTYPES and q.dtype == k.dtype and _triton_available()
+    if backend != "triton":
+        return False
+    if q.dtype not in _KERNEL_DTYPES:
+        raise ValueError(f"the Triton backend takes float32, float16 or bfloat16; got {q.dtype}")
+    if q.dtype != k.dtype:
+        raise ValueError(f"the Triton backend needs q and k of one dtype; got {q.dtype} and {k.dtype}")
+    if not _triton_available():
+        raise ValueError("backend='triton' needs the triton package; install it or use backend='torch'")
+    return True
+
+
 def check_inputs(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, layout: str, rotary_dim: int) -> None:
     """Shape/dtype contract of apply_rope; raises ValueError naming the bad input."""
     if q.dim() != 4 or k.dim() != 4:
@@ -118,17 +136,7 @@ def apply_rope_tables(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """apply_rope with the frequencies already computed (the patched model calls this per layer)."""
-    kernel_dtypes = (torch.float32, torch.float16, torch.bfloat16)
-    use_triton = backend == "triton" or (
-        backend == "auto" and q.is_cuda and q.dtype in kernel_dtypes and q.dtype == k.dtype and _triton_available()
-    )
-    if use_triton:
-        if q.dtype not in kernel_dtypes:
-            raise ValueError(f"the Triton backend takes float32, float16 or bfloat16; got {q.dtype}")
-        if not _triton_available():
-            raise ValueError("backend='triton' needs the triton package; install it or use backend='torch'")
-        if q.dtype != k.dtype:
-            raise ValueError(f"the Triton backend needs q and k of one dtype; got {q.dtype} and {k.dtype}")
+    if _use_triton(backend, q, k):
         return torch.ops.ropekit.rope(
             q, k, positions, inv_freq.to(torch.float64),
             None if xpos_rate is None else xpos_rate.to(torch.float64),
@@ -221,9 +229,8 @@ def apply_rope_(
     rotary_dim = q.shape[-1] if rotary_dim is None else int(rotary_dim)
     check_inputs(q, k, positions, layout, rotary_dim)
     inv_freq, xpos_rate = rope_tables(method, rotary_dim, positions, seq_len)
-    use_triton = backend == "triton" or (backend == "auto" and q.is_cuda and _triton_available())
     with torch.no_grad():
-        if use_triton:
+        if _use_triton(backend, q, k):
             from ropekit.kernels.rope import rope_launch
 
             rope_launch(

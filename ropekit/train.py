@@ -446,7 +446,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, stop_after
     result = {"losses": state["losses"], "val": state["val"], "step": state["step"], "out": str(out)}
     if state["step"] >= cfg.steps:
         final = out / "final"
-        final_state, _ = parallel.full_state(model, optimizer)
+        final_state = parallel.full_model_state(model)
         if rank == 0:
             tmp = out / ".tmp-final"
             shutil.rmtree(tmp, ignore_errors=True)
