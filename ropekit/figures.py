@@ -152,12 +152,22 @@ def _label(variant: str) -> str:
     return f"{paper} ({variant})" if paper else variant
 
 
-def _series(rows, metric):
+def _series(rows, metric, x: str = "context_length"):
+    """{variant: sorted [(x, value)]} of one metric; x is the column on the horizontal axis."""
     out = defaultdict(list)
     for r in rows:
-        if r["metric"] == metric and r["context_length"]:
-            out[r["variant"]].append((int(r["context_length"]), float(r["value"])))
+        if r["metric"] == metric and r[x]:
+            out[r["variant"]].append((int(r[x]), float(r["value"])))
     return {v: sorted(pts) for v, pts in out.items()}
+
+
+def _longest_window(rows, metric: str) -> list[dict]:
+    """The rows of ``metric`` at its longest window (context_length): one curve per variant, never a mix."""
+    sub = [r for r in rows if r["metric"] == metric and r["context_length"]]
+    if not sub:
+        return []
+    longest = max(int(r["context_length"]) for r in sub)
+    return [r for r in sub if int(r["context_length"]) == longest]
 
 
 def draw_results(results: str | Path, out: str | Path, *, prefix: str | None = None) -> list[Path]:
@@ -171,14 +181,14 @@ def draw_results(results: str | Path, out: str | Path, *, prefix: str | None = N
     prefix = prefix or rows[0]["experiment"]
     written = []
 
-    def figure(name, panels):
-        if not any(_series(rows, metric) for metric, *_ in panels):
+    def figure(name, panels, rows=rows, x="context_length"):
+        if not any(_series(rows, metric, x) for metric, *_ in panels):
             return  # nothing of this kind in the CSV
         fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
         used = []
         for ax, (metric, ylabel, title, log_y) in zip(axes[0], panels, strict=True):
-            lows, highs = _series(rows, f"{metric}_low"), _series(rows, f"{metric}_high")
-            for variant, pts in _series(rows, metric).items():
+            lows, highs = _series(rows, f"{metric}_low", x), _series(rows, f"{metric}_high", x)
+            for variant, pts in _series(rows, metric, x).items():
                 line = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, label=_label(variant))[0]
                 if variant in lows and variant in highs:  # the bootstrap interval, where the rows have one
                     lo, hi = dict(lows[variant]), dict(highs[variant])
@@ -192,7 +202,7 @@ def draw_results(results: str | Path, out: str | Path, *, prefix: str | None = N
                 ax.set_yscale("log")
             ax.legend(fontsize=6)
         sub = [r for r in rows if r["metric"] in used]
-        if not any(_series(rows, m) for m in used):
+        if not any(_series(rows, m, x) for m in used):
             plt.close(fig)
             return
         device = sorted({r["device"] for r in sub})
@@ -210,7 +220,10 @@ def draw_results(results: str | Path, out: str | Path, *, prefix: str | None = N
     figure("fsr", [("fsr_rouge_l", "ROUGE-L F1 x 100", "FIRST-SENTENCE-RETRIEVAL (Fig. 5b form)", False),
                    ("fsr_target_nll", "NLL of the first sentence", "FSR, teacher-forced", False)])  # fmt: skip
     figure("ppl", [("ppl", "perplexity", "validation perplexity vs length", True)])
-    figure("position_loss", [("position_loss", "mean NLL in bin", "per-position loss at the longest window", False)])
+    window = _longest_window(rows, "position_loss")
+    if window:
+        title = f"per-position loss, window {window[0]['context_length']} tokens"
+        figure("position_loss", [("position_loss", "mean NLL in bin", title, False)], rows=window, x="position")
     return written
 
 

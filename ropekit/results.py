@@ -1,8 +1,13 @@
 """Result rows: one metric value per row (long format), each with its provenance.
 
-Columns: experiment, variant (method spec), metric, context_length, value, n, seed, git_sha, device,
-versions (JSON), timestamp, config (JSON). ``append_rows`` rewrites the file through a temporary
-file and a rename, so a reader never sees half a file.
+Columns: experiment, variant (method spec), metric, context_length (the window or prompt length),
+position (the first position of a per-position bin), depth (a passkey depth), value, n, seed, git_sha,
+device, versions (JSON), timestamp, config (JSON). Every coordinate a figure groups by has its own
+column; nothing a plot needs hides in the config JSON.
+
+``append_rows`` is safe across processes: under a lock beside the file it appends whole lines (a file
+written with an older header is first rewritten, atomically, with the current one), so two runs
+appending to one CSV never lose a row.
 """
 
 from __future__ import annotations
@@ -10,14 +15,16 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import functools
+import io
 import json
 import os
 import platform
 import subprocess
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from ropekit.files import atomic_write_text, locked
 
 __all__ = ["COLUMNS", "provenance", "make_row", "append_rows", "read_rows", "atomic_write_text"]
 
@@ -26,6 +33,8 @@ COLUMNS = [
     "variant",
     "metric",
     "context_length",
+    "position",
+    "depth",
     "value",
     "n",
     "seed",
@@ -100,12 +109,16 @@ def make_row(
     seed: int,
     config: dict[str, Any] | None = None,
     prov: dict[str, str] | None = None,
+    position: int | None = None,
+    depth: float | None = None,
 ) -> dict[str, Any]:
     return {
         "experiment": experiment,
         "variant": variant,
         "metric": metric,
         "context_length": "" if context_length is None else int(context_length),
+        "position": "" if position is None else int(position),
+        "depth": "" if depth is None else float(depth),
         "value": float(value),
         "n": int(n),
         "seed": int(seed),
@@ -114,44 +127,44 @@ def make_row(
     }
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a whole file or nothing: a temporary file in the same folder, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a result file is as readable as any other
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def read_rows(path: str | Path) -> list[dict[str, str]]:
+    """All rows of a result CSV (columns a file written by an older ropekit lacks read as '')."""
     path = Path(path)
     if not path.is_file():
         return []
     with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+        return [{c: "" for c in COLUMNS} | row for row in csv.DictReader(fh)]
+
+
+def _csv_text(rows: Iterable[dict[str, Any]], *, header: bool) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
 
 
 def append_rows(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
-    """Append result rows to a CSV (created with a header when missing), atomically."""
-    import io
-
+    """Append result rows to a CSV (created with a header when missing); safe across processes."""
     rows = list(rows)
     for row in rows:
         missing = set(COLUMNS) - set(row)
         if missing:
             raise ValueError(f"result row lacks columns {sorted(missing)}")
-    existing = read_rows(path)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(existing)
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    path = Path(path)
+    with locked(path):
+        header = ""
+        if path.is_file():
+            with open(path, encoding="utf-8", newline="") as fh:
+                header = fh.readline().rstrip("\r\n")
+        if header != ",".join(COLUMNS):  # a new file, or one with an older header: write it whole
+            atomic_write_text(path, _csv_text([*read_rows(path), *rows], header=True))
+            return
+        with open(path, "rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            newline = "" if fh.read(1) == b"\n" else "\n"  # a hand-edited file may lack its last newline
+        with open(path, "a", encoding="utf-8", newline="") as fh:  # whole lines, under the lock
+            fh.write(newline + _csv_text(rows, header=False))
+            fh.flush()
+            os.fsync(fh.fileno())

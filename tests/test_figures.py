@@ -68,12 +68,17 @@ def test_result_figures_and_table_render_from_a_csv(tmp_path):
                                   ("fsr_target_nll", 3 - shift), ("fsr_rouge_l", 50 * shift)):  # fmt: skip
                 rows.append(make_row(experiment="t", variant=variant, metric=metric, context_length=L, value=value,
                                      n=2, seed=0, prov=prov))  # fmt: skip
-        rows.append(make_row(experiment="t", variant=variant, metric="position_loss", context_length=1, value=4.0,
-                             n=2, seed=0, prov=prov))  # fmt: skip
+        for L in (256, 512, 1024):  # per-position loss at several windows: the figure must not mix them
+            for position in range(1, L, 128):
+                rows.append(make_row(experiment="t", variant=variant, metric="position_loss", context_length=L,
+                                     position=position, value=4.0 + L / 1000, n=2, seed=0, prov=prov))  # fmt: skip
     append_rows(tmp_path / "r.csv", rows)
     written = figures.draw_results(tmp_path / "r.csv", tmp_path / "figs")
     assert {p.name for p in written} >= {"t_fsr.png", "t_ppl.png", "t_position_loss.png", "t_ppl.csv"}
     assert len(read_rows(tmp_path / "figs" / "t_ppl.csv")) == 2 * 3 * 3  # the rows the PPL figure was drawn from
+    drawn = read_rows(tmp_path / "figs" / "t_position_loss.csv")
+    assert {r["context_length"] for r in drawn} == {"1024"}  # one window: one curve per variant
+    assert sorted(int(r["position"]) for r in drawn if r["variant"] == "rope:base=10000") == list(range(1, 1024, 128))
     table = figures.table5(tmp_path / "r.csv", 1024)
     assert "| RoPE ABF (abf:base=500000) | **11.024** |" in table and "RoPE (rope:base=10000) | 11.524" in table
     with pytest.raises(ValueError, match="no ppl rows at length 4096"):

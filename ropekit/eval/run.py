@@ -39,6 +39,8 @@ def _rows(model, experiment, variant, seed, config, metrics: list[tuple[str, int
     trained = int(getattr(model.config, "max_position_embeddings", 0) or 0)
     out = []
     for metric, length, value, n, extra in metrics:
+        extra = dict(extra)
+        position, depth = extra.pop("position", None), extra.pop("depth", None)  # columns of their own
         cfg = {
             **config,
             "trained_length": trained,
@@ -48,7 +50,7 @@ def _rows(model, experiment, variant, seed, config, metrics: list[tuple[str, int
         out.append(
             make_row(
                 experiment=experiment, variant=variant, metric=metric, context_length=length, value=value,
-                n=n, seed=seed, config=cfg, prov=prov,
+                n=n, seed=seed, config=cfg, prov=prov, position=position, depth=depth,
             )
         )  # fmt: skip
     return out
@@ -67,7 +69,8 @@ def eval_ppl(
     variant: str | None = None,
     config: dict[str, Any] | None = None,
 ) -> list[dict]:
-    """Rows: ppl, ppl_low, ppl_high, nll per length; position_loss per bin (context_length = bin start)."""
+    """Rows: ppl, ppl_low, ppl_high, nll per length; position_loss per bin (context_length = the window
+    length L, position = the bin's first predicted position)."""
     cache = tokenize_documents(docs, tokenizer)
     metrics = []
     with tqdm(total=len(lengths) * n, desc="ppl", leave=False) as bar:
@@ -80,7 +83,7 @@ def eval_ppl(
                 ("ppl_high", L, r.ppl_high, r.n, {}),
             ]
             metrics.append(("nll", L, r.nll, r.n, {}))
-            metrics += [("position_loss", pos, v, r.n, {"window": L, "bin_size": bin_size}) for pos, v in r.bins]
+            metrics += [("position_loss", L, v, r.n, {"position": pos, "bin_size": bin_size}) for pos, v in r.bins]
     return _rows(model, experiment, variant or _variant(model), seed, config or {}, metrics)
 
 

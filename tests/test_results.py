@@ -1,0 +1,70 @@
+"""Result rows: appends from several processes lose nothing; old files are read and upgraded; outputs are
+checked for writability before any work."""
+
+import csv
+import multiprocessing as mp
+import sys
+
+import pytest
+
+from ropekit.files import check_writable
+from ropekit.results import COLUMNS, append_rows, make_row, read_rows
+
+PROV = {"git_sha": "x", "device": "cpu", "versions": "{}", "timestamp": "t"}
+
+
+def _appender(path, worker, appends):
+    for i in range(appends):
+        rows = [make_row(experiment="c", variant=f"w{worker}", metric="m", context_length=i, value=j, n=1, seed=0,
+                         prov=PROV) for j in range(4)]  # fmt: skip
+        append_rows(path, rows)
+
+
+def test_concurrent_appends_from_two_processes_keep_every_row(tmp_path):
+    path = tmp_path / "rows.csv"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_appender, args=(path, w, 50)) for w in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    rows = read_rows(path)
+    assert len(rows) == 2 * 50 * 4
+    assert {(r["variant"], r["context_length"], r["value"]) for r in rows} == {
+        (f"w{w}", str(i), str(float(j))) for w in range(2) for i in range(50) for j in range(4)
+    }
+    with open(path) as fh:
+        assert sum(line.startswith("experiment,") for line in fh) == 1  # one header
+
+
+def test_a_file_with_an_older_header_is_upgraded_not_corrupted(tmp_path):
+    path = tmp_path / "old.csv"
+    old_columns = [c for c in COLUMNS if c not in ("position", "depth")]
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=old_columns)
+        w.writeheader()
+        w.writerow({c: "1" for c in old_columns})
+    assert read_rows(path)[0]["position"] == ""  # read: missing columns are empty
+    append_rows(path, [make_row(experiment="e", variant="v", metric="position_loss", context_length=512, position=65,
+                                value=2.0, n=1, seed=0, prov=PROV)])  # fmt: skip
+    rows = read_rows(path)
+    assert len(rows) == 2 and rows[1]["position"] == "65" and rows[1]["context_length"] == "512"
+    assert open(path).readline().strip() == ",".join(COLUMNS)
+
+
+def test_rows_need_every_column(tmp_path):
+    with pytest.raises(ValueError, match="lacks columns"):
+        append_rows(tmp_path / "r.csv", [{"experiment": "e"}])
+
+
+def test_check_writable_refuses_directories_and_read_only_places(tmp_path):
+    with pytest.raises(ValueError, match="is a directory"):
+        check_writable(tmp_path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="exists and is a file"):
+        check_writable(tmp_path / "file", kind="folder")
+    if sys.platform == "linux":  # /proc refuses new files even to root: a read-only place everyone has
+        with pytest.raises(ValueError, match="cannot write output"):
+            check_writable("/proc/ropekit-rows.csv")
+    assert check_writable(tmp_path / "new" / "rows.csv").parent.is_dir()
