@@ -205,6 +205,9 @@ def test_backward_is_the_transposed_rotation():
         (dict(layout="neox"), "layout"),
         (dict(rotary_dim=7), "rotary_dim"),
         (dict(rotary_dim=16), "rotary_dim"),
+        (dict(rotary_dim=4.5), "rotary_dim"),
+        (dict(rotary_dim="4"), "rotary_dim"),
+        (dict(positions=["a", "b", "c", "d"]), "positions"),
         (dict(backend="cuda"), "backend"),
         (dict(method="pi:factor=x"), "not a number"),
     ],
@@ -214,3 +217,39 @@ def test_bad_inputs_are_refused(kwargs, word):
     args.update(kwargs)
     with pytest.raises(ValueError, match=word):
         apply_rope(args.pop("q"), args.pop("k"), args.pop("positions"), args.pop("method"), **args)
+
+
+def test_positions_as_lists_numpy_and_narrow_integers_give_the_int64_result():
+    import numpy as np
+
+    q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 1, 4, 8)
+    want = apply_rope(q, k, torch.tensor([0, 3, 100, 127]), "rope:base=1e4")
+    for positions in ([0, 3, 100, 127], np.array([0, 3, 100, 127]), torch.tensor([0, 3, 100, 127], dtype=torch.int8),
+                      torch.tensor([0, 3, 100, 127], dtype=torch.uint8)):  # fmt: skip
+        got = apply_rope(q, k, positions, "rope:base=1e4")
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), type(positions)
+
+
+def test_in_place_is_one_entry_point_and_refuses_tensors_that_need_gradients():
+    from ropekit.rotary import apply_rope_
+
+    q = torch.randn(1, 2, 4, 8, requires_grad=True)
+    k = torch.randn(1, 1, 4, 8, requires_grad=True)
+    for call in (lambda: apply_rope(q, k, torch.arange(4), "rope:base=1e4", inplace=True),
+                 lambda: apply_rope_(q, k, torch.arange(4), "rope:base=1e4")):  # fmt: skip
+        with pytest.raises(ValueError, match="inplace=True cannot give gradients"):
+            call()
+    with pytest.raises(ValueError, match="backend"):  # apply_rope_ checks its backend like apply_rope
+        apply_rope_(q.detach(), k.detach(), torch.arange(4), "rope:base=1e4", backend="cuda")
+    qd, kd = q.detach().clone(), k.detach().clone()
+    want = apply_rope(qd, kd, torch.arange(4), "rope:base=1e4")
+    with torch.no_grad():
+        got = apply_rope(q, k, torch.arange(4), "rope:base=1e4", inplace=True)
+    assert got[0] is q and torch.equal(q.detach(), want[0]) and torch.equal(k.detach(), want[1])
+
+
+def test_triton_backend_on_cpu_without_the_interpreter_is_a_value_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q = torch.randn(1, 1, 2, 8)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        apply_rope(q, q, torch.arange(2), "rope:base=1e4", backend="triton")
