@@ -12,6 +12,7 @@ node; ``--dry-run`` prints its plan anywhere). Running again resumes: finished s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -19,7 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ropekit.train import TrainConfig
+from ropekit.train import PRESETS as TRAIN
+from ropekit.train import TrainConfig, model_of
 
 __all__ = ["AblationConfig", "PRESETS", "run", "plan"]
 
@@ -39,33 +41,24 @@ class AblationConfig:
     bin_size: int = 64
     fsr_generate: bool = True
     model_params: str = ""  # for the plan printout
+    pretrain_base: bool = True  # False: the base is extend.init_from, a released checkpoint (paper)
+    needs_gpu: bool = False  # refused on a machine without CUDA (unless forced)
     notes: dict = field(default_factory=dict)
 
 
-_TINY_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
-
-
 def _tiny() -> AblationConfig:
-    """Two CPU cores, ~10 minutes: a 4-layer, 128-wide Llama (~1.3M parameters with a 2,048-token BPE),
-    pretrained at 256 tokens, continued at 2,048 (8x, the paper's 4k -> 32k ratio)."""
-    base = TrainConfig(model="tiny:llama", model_overrides=_TINY_MODEL, data="shakespeare", vocab_size=2048,
-                       seq_len=256, steps=150, tokens_per_step=8192, micro_batch=8, lr=3e-3, warmup_steps=15,
-                       eval_every=50, save_every=50)  # fmt: skip
-    extend = dataclasses.replace(base, seq_len=2048, steps=24, tokens_per_step=8192, micro_batch=2, lr=1e-3,
-                                 warmup_steps=3, eval_every=12, save_every=12)  # fmt: skip
-    return AblationConfig(name="tiny", base=base, extend=extend, ppl_lengths=(256, 512, 1024, 2048, 4096),
-                          fsr_lengths=(256, 512, 1024, 2048), n_ppl=4, n_fsr=8, bin_size=128,
-                          model_params="~1.3M")  # fmt: skip
+    """Two CPU cores, ~10 minutes: the ``tiny-base`` and ``tiny-extend`` training presets (a 4-layer,
+    128-wide Llama, ~1.3M parameters with a 2,048-token BPE, 256 -> 2,048 tokens: the paper's 8x)."""
+    return AblationConfig(name="tiny", base=TRAIN["tiny-base"](), extend=TRAIN["tiny-extend"](),
+                          ppl_lengths=(256, 512, 1024, 2048, 4096), fsr_lengths=(256, 512, 1024, 2048), n_ppl=4,
+                          n_fsr=8, bin_size=128, model_params="~1.3M")  # fmt: skip
 
 
 def _micro() -> AblationConfig:
-    """Seconds: the plumbing of ``tiny`` with a 2-layer, 32-wide model, 32 -> 256 tokens."""
-    model = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=1, max_position_embeddings=32)  # fmt: skip
-    base = TrainConfig(model="tiny:llama", model_overrides=model, data="shakespeare", vocab_size=512, seq_len=32,
-                       steps=4, tokens_per_step=256, micro_batch=8, lr=3e-3, warmup_steps=1, eval_every=4,
-                       save_every=4, eval_batches=1)  # fmt: skip
+    """Seconds: the plumbing of ``tiny`` with the micro model (2 layers, 32 wide), 32 -> 256 tokens."""
+    base = dataclasses.replace(TRAIN["tiny-base"](), model_overrides=model_of("micro", 32), vocab_size=512,
+                               seq_len=32, steps=4, tokens_per_step=256, micro_batch=8, warmup_steps=1, eval_every=4,
+                               save_every=4, eval_batches=1)  # fmt: skip
     extend = dataclasses.replace(base, seq_len=256, steps=2, tokens_per_step=256, micro_batch=1, eval_every=2,
                                  save_every=2)  # fmt: skip
     return AblationConfig(name="micro", base=base, extend=extend, ppl_lengths=(32, 256, 512), fsr_lengths=(64, 256),
@@ -73,31 +66,22 @@ def _micro() -> AblationConfig:
 
 
 def _small() -> AblationConfig:
-    """One GPU inside one 30-minute device session: a ~110M Llama (12 x 768, GQA 12/4, 32k BPE) pretrained
-    at 2k, continued at 16k on a folder of novels. Step counts are sized for an H100 at an estimated
-    ~150k tokens/s at 2k and ~100k at 16k (measure with a short run first; override with --set)."""
-    model = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                 num_key_value_heads=4, max_position_embeddings=2048)  # fmt: skip
-    base = TrainConfig(model="tiny:llama", model_overrides=model, data="../shared/corpora/clic", vocab_size=32000,
-                       seq_len=2048, steps=500, tokens_per_step=131_072, micro_batch=16, lr=1e-3, warmup_steps=50,
-                       eval_every=250, save_every=250, val_fraction=0.1)  # fmt: skip
-    extend = dataclasses.replace(base, seq_len=16384, steps=100, tokens_per_step=131_072, micro_batch=2, lr=3e-4,
-                                 warmup_steps=10, eval_every=50, save_every=50,
-                                 activation_checkpointing=True)  # fmt: skip
-    return AblationConfig(name="small", base=base, extend=extend, ppl_lengths=(2048, 4096, 8192, 16384, 32768),
+    """One GPU inside one 30-minute device session: the ``small-base`` and ``small-extend`` training presets
+    (a ~110M Llama, 12 x 768, GQA 12/4, 32k BPE, 2k -> 16k on long documents)."""
+    return AblationConfig(name="small", base=TRAIN["small-base"](), extend=TRAIN["small-extend"](),
+                          ppl_lengths=(2048, 4096, 8192, 16384, 32768),
                           fsr_lengths=(256, 1024, 2048, 4096, 8192, 16384), n_ppl=8, n_fsr=20, bin_size=512,
-                          model_params="~110M")  # fmt: skip
+                          model_params="~110M", needs_gpu=True)  # fmt: skip
 
 
 def _paper() -> AblationConfig:
     """Llama 2 7B, 4k -> 32k, 80B tokens per variant at the paper's hyper-parameters; torchrun + FSDP2."""
-    from ropekit.train import PRESETS as TRAIN
-
     extend = TRAIN["paper"]()
-    return AblationConfig(name="paper", base=dataclasses.replace(extend, steps=0), extend=extend,
+    return AblationConfig(name="paper", base=dataclasses.replace(extend, steps=1), extend=extend,
                           ppl_lengths=(4096, 8192, 16384, 32768),
                           fsr_lengths=(256, 1024, 2048, 4096, 8192, 10240, 12288, 14336, 16384, 20480, 24576, 28672,
                                        30720), n_ppl=50, n_fsr=50, bin_size=500, model_params="6.74B",
+                          pretrain_base=False, needs_gpu=True,
                           notes={"base": "the released Llama 2 7B checkpoint (no pretraining stage)"})  # fmt: skip
 
 
@@ -118,7 +102,7 @@ def plan(cfg: AblationConfig, world_size: int = 1) -> str:
     """What the run will do: steps, tokens, sequence lengths and (for 7B) the memory per GPU."""
     b, e = cfg.base, cfg.extend
     lines = [f"ablation '{cfg.name}': model {cfg.model_params} parameters"]
-    if b.steps:
+    if cfg.pretrain_base:
         lines.append(f"  base: {b.steps} steps x {b.tokens_per_step:,} tokens = {b.steps * b.tokens_per_step:,} tokens "
                      f"at {b.seq_len} (plain RoPE)")  # fmt: skip
     else:
@@ -143,43 +127,46 @@ def run(cfg: AblationConfig, out: str | Path, *, log=print) -> dict:
     """Run (or resume) the ablation into ``out``; returns wall times and output paths."""
     from ropekit import data, figures
     from ropekit.eval import run as ev
+    from ropekit.files import atomic_write_text, check_writable
     from ropekit.models import load_model
-    from ropekit.results import append_rows, atomic_write_text, read_rows
+    from ropekit.results import append_rows, read_rows
     from ropekit.train import train
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_writable(out, kind="folder")
     atomic_write_text(out / "ablation_config.json", json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
     times: dict[str, float] = {}
     t_all = time.perf_counter()
 
+    @contextlib.contextmanager
     def stage(name):
-        class _Timer:
-            def __enter__(self):
-                self.t = time.perf_counter()
-                log(f"[{name}] ...")
+        t = time.perf_counter()
+        log(f"[{name}] ...")
+        yield
+        times[name] = time.perf_counter() - t
+        log(f"[{name}] {times[name]:.1f}s")
 
-            def __exit__(self, *exc):
-                times[name] = time.perf_counter() - self.t
-                if exc[0] is None:
-                    log(f"[{name}] {times[name]:.1f}s")
+    with stage("data"):  # read, split and tokenise once; every stage below shares it
+        tokenizer = None
+        if not cfg.pretrain_base:  # a released base model brings its tokenizer
+            from ropekit.models import load_tokenizer
 
-        return _Timer()
-
-    with stage("data"):
-        docs = data.load_documents(cfg.base.data)
-        train_docs, val_docs = data.split_documents(docs, val_fraction=cfg.base.val_fraction, seed=cfg.base.split_seed)
-        log(f"  {len(train_docs)} train / {len(val_docs)} validation documents")
+            tokenizer = load_tokenizer(cfg.extend.init_from)
+        corpus = data.prepare_corpus(cfg.base.data, val_fraction=cfg.base.val_fraction,
+                                     split_seed=cfg.base.split_seed, tokenizer=tokenizer,
+                                     vocab_size=cfg.base.vocab_size)  # fmt: skip
+        n_train, n_val = (int(c.lengths().sum()) for c in (corpus.train_tokens, corpus.val_tokens))
+        log(f"  {len(corpus.train_docs)} train / {len(corpus.val_docs)} validation documents, "
+            f"{n_train:,} / {n_val:,} tokens")  # fmt: skip
 
     base_final = out / "base" / "final"
     with stage("pretrain base"):
-        if cfg.base.steps == 0:  # the paper preset starts from a released checkpoint
-            base_final = Path(cfg.extend.init_from) if Path(cfg.extend.init_from).exists() else cfg.extend.init_from
+        if not cfg.pretrain_base:
+            base_final = cfg.extend.init_from
             log(f"  starting from {base_final}")
         elif base_final.is_dir():
             log("  done earlier: skipped")
         else:
-            r = train(cfg.base, out / "base", resume=(out / "base" / "latest").is_file())
+            r = train(cfg.base, out / "base", resume=True, corpus=corpus)
             log(f"  final loss {r['losses'][-1]:.3f}, {r.get('tokens_per_s', 0):.0f} tokens/s")
 
     results = out / "results.csv"
@@ -191,23 +178,20 @@ def run(cfg: AblationConfig, out: str | Path, *, log=print) -> dict:
                 log("  done earlier: skipped")
             else:  # the same base checkpoint and token budget for every variant; only the method differs
                 ecfg = dataclasses.replace(cfg.extend, init_from=str(base_final), method=spec)
-                r = train(ecfg, folder, resume=(folder / "latest").is_file())
+                r = train(ecfg, folder, resume=True, corpus=corpus)
                 log(f"  final loss {r['losses'][-1]:.3f}, {r.get('tokens_per_s', 0):.0f} tokens/s")
         with stage(f"eval {spec}"):
             model = load_model(str(folder / "final"))
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(str(folder / "final"))
             variant = model.config.ropekit["method"]
             config = {"ablation": cfg.name, "variant_spec": spec}
+            common = dict(experiment=f"pe_ablation_{cfg.name}", variant=variant, config=config)
             rows = []
             if (variant, "ppl") not in done:
-                rows += ev.eval_ppl(model, tok, val_docs, list(cfg.ppl_lengths), n=cfg.n_ppl, bin_size=cfg.bin_size,
-                                    experiment=f"pe_ablation_{cfg.name}", variant=variant, config=config)  # fmt: skip
+                rows += ev.eval_ppl(model, corpus.tokenizer, corpus.val_docs, list(cfg.ppl_lengths), n=cfg.n_ppl,
+                                    bin_size=cfg.bin_size, tokens=corpus.val_tokens, **common)  # fmt: skip
             if (variant, "fsr_target_nll") not in done:
-                rows += ev.eval_fsr(model, tok, val_docs, list(cfg.fsr_lengths), n=cfg.n_fsr,
-                                    generate=cfg.fsr_generate, experiment=f"pe_ablation_{cfg.name}", variant=variant,
-                                    config=config)  # fmt: skip
+                rows += ev.eval_fsr(model, corpus.tokenizer, corpus.val_docs, list(cfg.fsr_lengths), n=cfg.n_fsr,
+                                    generate=cfg.fsr_generate, **common)  # fmt: skip
             if rows:
                 append_rows(results, rows)
             else:

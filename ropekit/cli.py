@@ -1,8 +1,7 @@
-"""The ``ropekit`` command.
+"""The ``ropekit`` command: one subcommand per job (``ropekit <command> --help`` for each).
 
-ropekit methods                                   list the methods and their keys
-ropekit info SPEC --head-dim 128 [--base 10000]   frequencies, wavelengths and scale of a method
-ropekit check --model SPEC --rope SPEC            load, patch, compare logits, generate
+A user's mistake (a bad value, a missing file, an output that cannot be written) ends with exit
+status 2 and one line naming the value and what is accepted, before any long work starts.
 """
 
 from __future__ import annotations
@@ -81,14 +80,48 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_list(text: str) -> list[int]:
+def _at_least(low: int):
+    """argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _fraction(text: str) -> float:
     try:
-        values = [int(float(v)) for v in text.split(",") if v.strip()]
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    """Comma-separated context lengths, each >= 2 (a length-1 window has no next token to score)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    if not values or any(v < 2 for v in values):
+        raise argparse.ArgumentTypeError(f"expected lengths >= 2 (comma-separated), got {text!r}")
     return values
+
+
+def _check_device(device: str | None) -> None:
+    import torch
+
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} needs CUDA, which this machine lacks; accepted here: cpu")
 
 
 def _load_for_eval(args):
@@ -112,6 +145,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from ropekit.methods import parse
 
         parse(args.rope)  # a malformed spec fails before any model is loaded
+    _check_device(args.device)
+    if args.out:
+        from ropekit.files import check_writable
+
+        check_writable(args.out)  # before the evaluation, not after it
     t0 = time.perf_counter()
     model, tokenizer = _load_for_eval(args)
     config = {k: v for k, v in vars(args).items() if k != "func"}
@@ -142,6 +180,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from ropekit.eval.harness import export_tasks
+    from ropekit.files import check_writable
+
+    check_writable(args.out, kind="folder")
 
     paths = export_tasks(args.out, data=args.data, tokenizer=args.tokenizer, lengths=args.lengths, n=args.n,
                          seed=args.seed, val_fraction=args.val_fraction, split_seed=args.split_seed)  # fmt: skip
@@ -154,9 +195,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ropekit import parallel
     from ropekit.train import PRESETS, apply_overrides, train
 
-    if args.preset not in PRESETS:
-        raise ValueError(f"unknown preset {args.preset!r}; accepted: {', '.join(PRESETS)}")
-    cfg = apply_overrides(PRESETS[args.preset](), args.set or [])
+    cfg = apply_overrides(PRESETS[args.preset](), args.set or [])  # validated: a bad value fails here
     if args.print_config:
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
         return 0
@@ -172,15 +211,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ropekit.ablation import PRESETS, plan, run, with_data
 
-    if args.preset not in PRESETS:
-        raise ValueError(f"unknown preset {args.preset!r}; accepted: {', '.join(PRESETS)}")
     cfg = PRESETS[args.preset]()
     if args.data:
         cfg = with_data(cfg, args.data)
     print(plan(cfg, world_size=args.world_size))
     if args.dry_run:
         return 0
-    if cfg.name in ("small", "paper") and not args.force:
+    if cfg.needs_gpu and not args.force:
         import torch
 
         if not torch.cuda.is_available():
@@ -219,8 +256,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a user's mistake reported as one line (no usage block) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ropekit", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    # --help lists the commands from the parsers themselves (argparse does), so it cannot fall behind them
+    parser = _Parser(prog="ropekit", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("methods", help="list the RoPE methods and their spec keys")
@@ -228,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="frequencies, wavelengths and scales of a method")
     p.add_argument("spec", help="method spec, e.g. 'yarn:factor=8,original_max_position_embeddings=4096'")
-    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--head-dim", type=_at_least(2), default=128)
     p.add_argument("--base", type=float, default=None, help="the model's rope_theta, for specs without base")
     p.add_argument("--max-length", type=int, default=None, help="current/target length (dynamic NTK, xPos center)")
     p.set_defaults(func=_cmd_info)
@@ -236,8 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="load a model, patch it, compare logits and generate")
     p.add_argument("--model", default="smollm2-135m", help="tiny:<family>, smollm2-135m, a .gguf, a folder or hub id")
     p.add_argument("--rope", default="rope", help="method spec (default: rope, which must leave logits unchanged)")
-    p.add_argument("--length", type=int, default=256, help="tokens to score")
-    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--length", type=_at_least(2), default=256, help="tokens to score")
+    p.add_argument("--new-tokens", type=_at_least(1), default=16)
     p.add_argument("--prompt", default="The history of the city begins with a small settlement by the river. ")
     p.set_defaults(func=_cmd_check)
 
@@ -253,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--rope", default=None, help="method spec to patch in (default: the model as saved)")
         e.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
         e.add_argument("--lengths", type=_int_list, default=[1024, 2048, 4096], help="comma-separated lengths")
-        e.add_argument("--n", type=int, default=8, help="windows / samples per length")
+        e.add_argument("--n", type=_at_least(1), default=8, help="windows / samples per length")
         e.add_argument("--seed", type=int, default=0)
         e.add_argument("--out", default=None, help="result CSV to append rows to")
         e.add_argument("--experiment", default="eval", help="experiment name in the rows")
@@ -262,13 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument(
                 "--data", default="shakespeare", help="'shakespeare', a folder of .txt/.txt.gz, or hf:<name>"
             )
-            e.add_argument("--val-fraction", type=float, default=0.15)
+            e.add_argument("--val-fraction", type=_fraction, default=0.15)
             e.add_argument("--split-seed", type=int, default=0, help="seed of the document-level split")
         if task == "ppl":
-            e.add_argument("--bin-size", type=int, default=None, help="per-position loss bin size (tokens)")
-            e.add_argument("--stride", type=int, default=None,
+            e.add_argument("--bin-size", type=_at_least(1), default=None, help="per-position loss bin size (tokens)")
+            e.add_argument("--stride", type=_at_least(1), default=None,
                            help="sliding-window mode: each length is a window moved by this stride")  # fmt: skip
-            e.add_argument("--span", type=int, default=None, help="tokens scored per document in sliding mode")
+            e.add_argument("--span", type=_at_least(2), default=None, help="tokens scored per document in sliding mode")
         if task == "fsr":
             e.add_argument("--no-generate", action="store_true", help="teacher-forced scores only (no ROUGE-L)")
         e.set_defaults(func=_cmd_eval)
@@ -277,14 +322,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tokenizer", required=True, help="tokenizer (model spec or folder) that sets prompt lengths")
     e.add_argument("--data", default="shakespeare")
     e.add_argument("--lengths", type=_int_list, default=[1024, 2048, 4096])
-    e.add_argument("--n", type=int, default=20)
+    e.add_argument("--n", type=_at_least(1), default=20)
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--val-fraction", type=float, default=0.15)
+    e.add_argument("--val-fraction", type=_fraction, default=0.15)
     e.add_argument("--split-seed", type=int, default=0)
     e.set_defaults(func=_cmd_export)
 
+    from ropekit.ablation import PRESETS as DEMO_PRESETS
+    from ropekit.train import PRESETS as TRAIN_PRESETS
+
     p = sub.add_parser("train", help="(continued) pretraining with one RoPE method; see ropekit/train.py")
-    p.add_argument("--preset", default="tiny-base", help="tiny-base, tiny-extend, small-base, small-extend, paper")
+    p.add_argument("--preset", default="tiny-base", choices=list(TRAIN_PRESETS), help="training preset")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="typed config override (repeatable)")
     p.add_argument("--out", required=False, default="runs/train", help="output folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
@@ -292,10 +340,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("demo", help="the paper's positional-encoding ablation (tiny preset: 2 CPU cores, ~10 min)")
-    p.add_argument("--preset", default="tiny", help="micro, tiny (default), small (1 GPU), paper (Llama 2 7B node)")
+    p.add_argument(
+        "--preset",
+        default="tiny",
+        choices=list(DEMO_PRESETS),
+        help="tiny (default: 2 CPU cores), small (1 GPU), paper (a Llama 2 7B node), micro (tests)",
+    )
     p.add_argument("--out", default=None, help="output folder (default runs/<preset>); run again to resume")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
-    p.add_argument("--world-size", type=int, default=1, help="ranks, for the plan's accumulation")
+    p.add_argument("--world-size", type=_at_least(1), default=1, help="ranks, for the plan's accumulation")
     p.add_argument("--force", action="store_true", help="run a GPU preset without a GPU")
     p.add_argument("--data", default=None, help="text source for both stages (default: the preset's)")
     p.set_defaults(func=_cmd_demo)

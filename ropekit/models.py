@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from ropekit.files import cache_dir
+
 __all__ = ["load_model", "load_tokenizer", "tiny_config", "cache_dir", "smollm2_path", "TINY", "NAMED_MODELS"]
 
 # Tiny configs: real architectures at toy size. Comments give the full-size value where it matters.
@@ -51,11 +53,6 @@ TINY: dict[str, dict[str, Any]] = {
     "olmo2": dict(model_type="olmo2", **_TINY_COMMON),
 }
 NAMED_MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf"}
-
-
-def cache_dir() -> Path:
-    """ropekit's download cache: $ROPEKIT_CACHE, else ~/.cache/ropekit."""
-    return Path(os.environ.get("ROPEKIT_CACHE") or Path.home() / ".cache" / "ropekit")
 
 
 def tiny_config(family: str = "llama", **overrides: Any):
@@ -116,7 +113,30 @@ def _resolve(spec: str) -> tuple[str, dict[str, Any]]:
         if not path.is_file():
             raise ValueError(f"GGUF file not found: {spec}")
         return "gguf", {"path": path}
-    return "hf", {"name": str(path) if path.exists() else spec}
+    if path.exists():
+        return "hf", {"name": str(path)}
+    if looks_like_path(spec):
+        raise ValueError(f"model {spec!r} not found: no such folder (accepted: {_ACCEPTED_SPECS})")
+    return "hf", {"name": spec}
+
+
+_ACCEPTED_SPECS = "tiny:<family>, smollm2-135m, a .gguf file, a saved model folder, or a hub id like 'org/name'"
+
+
+def looks_like_path(spec: str) -> bool:
+    """A spec that can only be a local path (a hub id is 'name' or 'org/name')."""
+    return spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec
+
+
+def _from_pretrained(name: str, **kwargs):
+    """``from_pretrained`` of a folder or hub id; a missing, unreachable or invalid one is a one-line ValueError."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as err:  # transformers' "not a valid model identifier", offline, no config
+        reason = str(err).strip().splitlines()[0][:240] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot load model {name!r}: {reason} (accepted: {_ACCEPTED_SPECS})") from None
 
 
 def load_model(
@@ -162,7 +182,7 @@ def load_model(
             str(path.parent), gguf_file=path.name, dtype=dtype or torch.float32, attn_implementation=attn
         )
     else:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = _from_pretrained(
             info["name"], dtype=dtype or "auto", attn_implementation=attn, trust_remote_code=trust_remote_code
         )
     if device is not None:
@@ -172,9 +192,7 @@ def load_model(
     if reapply and saved and saved.get("method"):
         from ropekit.hf import patch
 
-        model._ropekit_handle = patch(
-            model, saved["method"], max_position_embeddings=int(model.config.max_position_embeddings)
-        )
+        patch(model, saved["method"], max_position_embeddings=int(model.config.max_position_embeddings))
     return model
 
 
@@ -188,4 +206,8 @@ def load_tokenizer(spec: str):
     if kind == "gguf":
         path = Path(info["path"])
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return AutoTokenizer.from_pretrained(info["name"])
+    try:
+        return AutoTokenizer.from_pretrained(info["name"])
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0][:240] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot load the tokenizer of {info['name']!r}: {reason}") from None

@@ -36,7 +36,6 @@ __all__ = [
     "rank_and_world",
     "init_distributed",
     "parallelize",
-    "unwrap",
     "mean_across_ranks",
     "barrier",
     "full_state",
@@ -68,7 +67,10 @@ def _decoder_layers(model) -> list[torch.nn.Module]:
 def parallelize(model, *, activation_checkpointing: bool = False, compile: bool = False, fsdp: bool = False):
     """Apply activation checkpointing, then compile, then FSDP2, in that order (as torchtitan does)."""
     if activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 renamed it; 4.x has the old name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if compile:
         for layer in _decoder_layers(model):
             layer.compile()
@@ -83,10 +85,6 @@ def parallelize(model, *, activation_checkpointing: bool = False, compile: bool 
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
     return model
-
-
-def unwrap(model):
-    return getattr(model, "_orig_mod", model)
 
 
 def mean_across_ranks(value: float, device) -> float:

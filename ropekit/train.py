@@ -14,6 +14,7 @@ activation checkpointing on request, periodic validation loss. Checkpoints hold 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -30,7 +31,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TrainConfig", "PRESETS", "apply_overrides", "train", "get_lr", "load_checkpoint_state"]
+from ropekit.files import atomic_folder, atomic_write_text
+
+__all__ = [
+    "TrainConfig",
+    "PRESETS",
+    "MODEL_SIZES",
+    "apply_overrides",
+    "train",
+    "get_lr",
+    "find_checkpoint",
+    "load_checkpoint_state",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,7 +53,7 @@ class TrainConfig:
     # model
     model: str = "tiny:llama"  # spec for a fresh model (tiny:<family>) when init_from is not given
     model_overrides: dict = field(default_factory=dict)  # typed overrides of a tiny config
-    init_from: str | None = None  # a saved model folder to continue from (the base checkpoint)
+    init_from: str | None = None  # a saved model folder (or hub id) to continue from: the base checkpoint
     method: str = "rope"  # the experiment's variable: a ropekit method spec
     max_position_embeddings: int | None = None  # recorded in the config; default seq_len
     # data
@@ -77,6 +89,40 @@ class TrainConfig:
     save_every: int = 50
     log_every: int = 1
 
+    def __post_init__(self) -> None:
+        """Refuse values that cannot run, naming the key and what is accepted (before any work starts)."""
+        rules = {
+            "steps": (self.steps >= 1, ">= 1"),
+            "seq_len": (self.seq_len >= 2, ">= 2"),
+            "micro_batch": (self.micro_batch >= 1, ">= 1"),
+            "tokens_per_step": (self.tokens_per_step >= 1, ">= 1"),
+            "vocab_size": (self.vocab_size >= 300, ">= 300 (256 bytes + merges)"),
+            "val_fraction": (0 < self.val_fraction < 1, "in (0, 1)"),
+            "upsample_long": (self.upsample_long >= 1, ">= 1"),
+            "lr": (self.lr > 0, "> 0"),
+            "min_lr_ratio": (0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+            "warmup_steps": (self.warmup_steps >= 0, ">= 0"),
+            "weight_decay": (self.weight_decay >= 0, ">= 0"),
+            "beta1": (0 <= self.beta1 < 1, "in [0, 1)"),
+            "beta2": (0 <= self.beta2 < 1, "in [0, 1)"),
+            "grad_clip": (self.grad_clip > 0, "> 0"),
+            "eval_every": (self.eval_every >= 1, ">= 1"),
+            "eval_batches": (self.eval_batches >= 1, ">= 1"),
+            "save_every": (self.save_every >= 1, ">= 1"),
+            "log_every": (self.log_every >= 1, ">= 1"),
+            "device": (self.device in ("auto", "cpu") or self.device.startswith("cuda"), "auto, cpu, cuda[:N]"),
+        }
+        if self.max_position_embeddings is not None:
+            rules["max_position_embeddings"] = (self.max_position_embeddings >= 1, ">= 1 or none")
+        if self.long_threshold is not None:
+            rules["long_threshold"] = (self.long_threshold >= 1, ">= 1 or none")
+        for key, (ok, accepted) in rules.items():
+            if not ok:
+                raise ValueError(f"config {key}={getattr(self, key)!r} is invalid; accepted: {accepted}")
+        from ropekit.methods import parse
+
+        parse(self.method)  # a malformed method spec fails here, not after the data is prepared
+
     def accumulation(self, world_size: int = 1) -> int:
         per_step = self.seq_len * self.micro_batch * world_size
         if self.tokens_per_step % per_step:
@@ -87,40 +133,58 @@ class TrainConfig:
         return self.tokens_per_step // per_step
 
 
+# One flavour table: model sizes by name (Llama architecture; max_position_embeddings follows seq_len).
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "micro": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1),  # ~40k parameters: tests
+    "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2),  # ~1.3M with a 2,048-token BPE: two CPU cores
+    "small": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                  num_key_value_heads=4),  # ~110M with a 32k BPE: one GPU
+}  # fmt: skip
+
+
+def model_of(size: str, seq_len: int) -> dict[str, int]:
+    """The ``model_overrides`` of a size of ``MODEL_SIZES`` trained at ``seq_len``."""
+    return {**MODEL_SIZES[size], "max_position_embeddings": seq_len}
+
+
 def _tiny_base() -> TrainConfig:
-    """A tiny Llama from scratch at 256 tokens on the built-in text (the demo's base model)."""
+    """A tiny Llama from scratch at 256 tokens on the built-in text: the demo's base model."""
     return TrainConfig(
-        model="tiny:llama",
-        model_overrides=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                             num_key_value_heads=2, max_position_embeddings=256),  # fmt: skip
-        seq_len=256, steps=300, tokens_per_step=8192, micro_batch=8, lr=3e-3, warmup_steps=30,
-        eval_every=100, save_every=100,
+        model="tiny:llama", model_overrides=model_of("tiny", 256), data="shakespeare", vocab_size=2048,
+        seq_len=256, steps=150, tokens_per_step=8192, micro_batch=8, lr=3e-3, warmup_steps=15,
+        eval_every=50, save_every=50,
     )  # fmt: skip
 
 
 def _tiny_extend() -> TrainConfig:
     """Continue a tiny base at 8x its length (the paper's 4k -> 32k ratio) with one method."""
     return dataclasses.replace(
-        _tiny_base(), init_from="runs/tiny-base/final", method="rope", seq_len=2048, steps=60,
-        tokens_per_step=8192, micro_batch=1, lr=1e-3, warmup_steps=6, eval_every=30, save_every=30,
+        _tiny_base(), init_from="runs/tiny-base/final", seq_len=2048, steps=24, tokens_per_step=8192,
+        micro_batch=2, lr=1e-3, warmup_steps=3, eval_every=12, save_every=12,
     )  # fmt: skip
 
 
+# PG19 (Rae et al. 2019) as parquet on the Hugging Face hub, for users with a network; offline, pass --data.
+LONG_DOCUMENTS = "hf:emozilla/pg19"
+
+
 def _small_base() -> TrainConfig:
-    """One GPU: a ~100M Llama pretrained at 2k on a folder of long documents."""
+    """One GPU inside one 30-minute device session: a ~110M Llama pretrained at 2k on long documents.
+    Step counts assume ~150k tokens/s at 2k on an H100 (an estimate: measure first, override with --set)."""
     return TrainConfig(
-        model="tiny:llama",
-        model_overrides=dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                             num_key_value_heads=4, max_position_embeddings=2048, vocab_size=32000),  # fmt: skip
-        vocab_size=32000, seq_len=2048, steps=4000, tokens_per_step=262_144, micro_batch=16, lr=1e-3,
-        warmup_steps=200, eval_every=500, save_every=500, data="../shared/corpora/clic",
+        model="tiny:llama", model_overrides=model_of("small", 2048), data=LONG_DOCUMENTS, vocab_size=32000,
+        seq_len=2048, steps=500, tokens_per_step=131_072, micro_batch=16, lr=1e-3, warmup_steps=50,
+        eval_every=250, save_every=250, val_fraction=0.1,
     )  # fmt: skip
 
 
 def _small_extend() -> TrainConfig:
+    """The small base continued at 16k (8x) with one method (~100k tokens/s estimated on an H100)."""
     return dataclasses.replace(
-        _small_base(), init_from="runs/small-base/final", seq_len=16384, steps=500, micro_batch=2,
-        tokens_per_step=262_144, lr=3e-4, warmup_steps=50, activation_checkpointing=True,
+        _small_base(), init_from="runs/small-base/final", seq_len=16384, steps=100, micro_batch=2, lr=3e-4,
+        warmup_steps=10, eval_every=50, save_every=50, activation_checkpointing=True,
     )  # fmt: skip
 
 
@@ -131,7 +195,7 @@ def _paper() -> TrainConfig:
         init_from="meta-llama/Llama-2-7b-hf", method="abf:base=500000", seq_len=32768, steps=20_000,
         tokens_per_step=4_194_304, micro_batch=1, lr=2e-5, min_lr_ratio=0.1, warmup_steps=2000,
         weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, activation_checkpointing=True, fsdp=True,
-        eval_every=1000, save_every=500, data="hf:pg19",
+        eval_every=1000, save_every=500, data=LONG_DOCUMENTS,
     )  # fmt: skip
 
 
@@ -235,49 +299,82 @@ def _sha256(path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: a new folder per save + an atomically replaced ``latest`` pointer; a manifest of hashes
+# Checkpoints: one folder per save (written whole or not at all), a manifest of hashes, no pickled code
 # ---------------------------------------------------------------------------------------------
+def _rng_state() -> dict[str, Any]:
+    """Every RNG the run draws from, as tensors and plain numbers (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+    }  # fmt: skip
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def save_checkpoint(
     out: Path, step: int, model, model_state: dict, optimizer_state: dict, tokenizer, state: dict[str, Any]
 ) -> Path:
+    """Write ``out/checkpoint-<step>`` whole (or not at all) and point ``out/latest`` at it; keep the last two."""
     folder = out / f"checkpoint-{step:07d}"
-    tmp = out / f".tmp-checkpoint-{step:07d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-    manifest = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    pointer = out / ".latest.tmp"
-    pointer.write_text(folder.name)
-    os.replace(pointer, out / "latest")
-    for old in sorted(out.glob("checkpoint-*"))[:-2]:  # keep the last two
+    with atomic_folder(folder) as tmp:
+        model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        manifest = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    atomic_write_text(out / "latest", folder.name)  # a hint for people and tools; resume scans the folders
+    for old in _checkpoints(out)[:-2]:
         shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    pointer = out / "latest"
-    if not pointer.is_file():
+def _checkpoints(out: Path) -> list[Path]:
+    """The checkpoint folders in ``out``, oldest first (names sort by step)."""
+    return sorted(p for p in out.glob("checkpoint-*") if p.is_dir() and p.name[len("checkpoint-") :].isdigit())
+
+
+def find_checkpoint(out: Path) -> Path | None:
+    """The newest checkpoint in ``out``, verified against its manifest; None when there is none.
+
+    Found by scanning the folders: a missing or garbage ``latest`` pointer does not matter. A newest
+    checkpoint that fails verification is refused (never skipped silently, never overwritten).
+    """
+    found = _checkpoints(Path(out))
+    if not found:
         return None
-    folder = out / pointer.read_text().strip()
-    return folder if folder.is_dir() else None
+    load_checkpoint_state(found[-1])  # raises, naming the file, when corrupt
+    return found[-1]
 
 
 def load_checkpoint_state(folder: Path) -> dict[str, Any]:
     """Verify a checkpoint against its manifest and return its trainer state; a corrupt one is refused."""
     manifest_path = folder / "manifest.json"
-    if not manifest_path.is_file():
-        raise ValueError(f"checkpoint {folder} is corrupt: no manifest.json")
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError
+    except (OSError, ValueError):
+        raise ValueError(f"checkpoint {folder} is corrupt: manifest.json is missing or unreadable") from None
+    for name in ("trainer_state.json", "optimizer.pt", "rng.pt"):
+        if name not in manifest:
+            raise ValueError(f"checkpoint {folder} is corrupt: its manifest does not list {name}")
     for name, digest in manifest.items():
         path = folder / name
         if not path.is_file() or _sha256(path) != digest:
@@ -285,192 +382,270 @@ def load_checkpoint_state(folder: Path) -> dict[str, Any]:
     return json.loads((folder / "trainer_state.json").read_text())
 
 
-# ---------------------------------------------------------------------------------------------
-# The run
-# ---------------------------------------------------------------------------------------------
-def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
-    """Run (or resume) training; returns {'losses': [...], 'val': [...], 'final': path, ...}.
+def _load_tensors(path: Path) -> Any:
+    """torch.load without executing pickled code: tensors, numbers, strings and containers only."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # UnpicklingError for anything outside the allow-list
+        raise ValueError(f"{path} holds objects other than tensors and plain values; refusing to load it "
+                         f"({type(err).__name__})") from None  # fmt: skip
 
-    ``stop_after`` ends the run early after that many steps (used to test resuming).
-    """
-    from tqdm.auto import tqdm
 
-    import ropekit
-    from ropekit import data as data_mod
+# ---------------------------------------------------------------------------------------------
+# The run, in named steps
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """Where and how this process trains (what every step below needs)."""
+
+    cfg: TrainConfig
+    out: Path
+    rank: int
+    world: int
+    device: torch.device
+    accumulation: int
+    checkpoint: Path | None  # the checkpoint to resume from
+    state: dict[str, Any]  # step, sequences consumed, losses, validation losses
+
+
+def setup(cfg: TrainConfig, out: str | Path, resume: bool) -> _Run:
+    """Ranks, device, seeds, the output folder and the checkpoint to resume from; every check that can
+    fail does so here, before data or model is touched."""
     from ropekit import parallel
-    from ropekit.models import load_model
-    from ropekit.results import atomic_write_text
+    from ropekit.files import check_writable
+    from ropekit.models import looks_like_path
 
-    # -- setup: ranks, device, seeds -------------------------------------------------------------
     out = Path(out)
     rank, world = parallel.rank_and_world()
+    if cfg.device != "auto" and cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {cfg.device!r} needs CUDA, which this machine lacks; accepted here: auto, cpu")
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     accumulation = cfg.accumulation(world)
+    if cfg.init_from and not Path(cfg.init_from).expanduser().exists() and looks_like_path(cfg.init_from):
+        raise ValueError(f"init_from {cfg.init_from!r} not found: pass the folder of a saved model (e.g. a base "
+                         "run's final/) or a hub id")  # fmt: skip
+    check_writable(out, kind="folder")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
 
-    ckpt = latest_checkpoint(out) if resume else None
     state: dict[str, Any] = {"step": 0, "sequences": 0, "losses": [], "val": []}
-    if ckpt is not None:
-        state = load_checkpoint_state(ckpt)
-        _check_resume(state["config"], cfg)
-    elif not resume and rank == 0 and latest_checkpoint(out) is not None:
+    checkpoint = find_checkpoint(out)
+    if checkpoint is not None and not resume:
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if checkpoint is not None:
+        state = load_checkpoint_state(checkpoint)
+        _check_resume(state["config"], cfg)
+    return _Run(cfg, out, rank, world, device, accumulation, checkpoint, state)
 
-    # -- data: documents, split, tokenizer, token caches -------------------------------------------
-    docs = data_mod.load_documents(cfg.data)
-    train_docs, val_docs = data_mod.split_documents(docs, val_fraction=cfg.val_fraction, seed=cfg.split_seed)
-    if ckpt is not None:
-        from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
+def prepare_data(run: _Run, corpus=None):
+    """The corpus (documents, split, tokenizer, token caches): the one handed in, or prepared here."""
+    from transformers import AutoTokenizer
+
+    from ropekit import data as data_mod
+
+    cfg = run.cfg
+    tokenizer = None
+    if run.checkpoint is not None:
+        tokenizer = AutoTokenizer.from_pretrained(str(run.checkpoint))
     elif cfg.tokenizer or cfg.init_from:
-        from transformers import AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.init_from)
-    else:
-        tokenizer = data_mod.load_or_train_tokenizer(train_docs, cfg.vocab_size)
-    eos = tokenizer.eos_token_id
-    train_cache = data_mod.tokenize_documents(train_docs, tokenizer)
-    val_cache = data_mod.tokenize_documents(val_docs, tokenizer)
+    if corpus is None:
+        return data_mod.prepare_corpus(cfg.data, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
+                                       tokenizer=tokenizer, vocab_size=cfg.vocab_size)  # fmt: skip
+    if not corpus.matches(cfg.data, cfg.val_fraction, cfg.split_seed):
+        raise ValueError(f"the corpus handed to train() is {corpus.source!r} split ({corpus.val_fraction}, "
+                         f"{corpus.split_seed}); the config asks for {cfg.data!r} ({cfg.val_fraction}, "
+                         f"{cfg.split_seed})")  # fmt: skip
+    if tokenizer is not None and tokenizer.get_vocab() != corpus.tokenizer.get_vocab():
+        raise ValueError("the corpus handed to train() was tokenised with another vocabulary than the model's")
+    return corpus
 
-    # -- model: load or build, then patch with the method (the experiment's variable) ----------------
-    attn = _attention_implementation(device)
-    if ckpt is not None:
-        model = load_model(str(ckpt), reapply=True, attn_implementation=attn)
+
+def build_model(run: _Run, tokenizer):
+    """Load or build the model, patch it with the method (the experiment's variable), place and shard it."""
+    import ropekit
+    from ropekit import parallel
+    from ropekit.models import load_model
+
+    cfg = run.cfg
+    attn = _attention_implementation(run.device)
+    if run.checkpoint is not None:
+        model = load_model(str(run.checkpoint), reapply=True, attn_implementation=attn)
     elif cfg.init_from:
         model = load_model(cfg.init_from, reapply=False, attn_implementation=attn)
     else:
         model = load_model(cfg.model, seed=cfg.seed, vocab_size=len(tokenizer), attn_implementation=attn,
                            **cfg.model_overrides)  # fmt: skip
-    if ckpt is None:
+    if run.checkpoint is None:
         ropekit.patch(model, cfg.method, max_position_embeddings=cfg.max_position_embeddings or cfg.seq_len)
     model.config.use_cache = False
-    model.to(device)
+    model.to(run.device)
     model.train()
-    model = parallel.parallelize(model, activation_checkpointing=cfg.activation_checkpointing,
-                                 compile=cfg.compile, fsdp=cfg.fsdp and world > 1)  # fmt: skip
+    return parallel.parallelize(model, activation_checkpointing=cfg.activation_checkpointing,
+                                compile=cfg.compile, fsdp=cfg.fsdp and run.world > 1)  # fmt: skip
 
-    # -- optimizer: AdamW, decay on matrices only ----------------------------------------------------
+
+def build_optimizer(run: _Run, model) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only; on resume, its state and the RNGs from the checkpoint."""
+    from ropekit import parallel
+
+    cfg = run.cfg
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
     )  # fmt: skip
-    if ckpt is not None:
-        parallel.load_optimizer_state(model, optimizer, torch.load(ckpt / "optimizer.pt", weights_only=False))
-        rng = torch.load(ckpt / "rng.pt", weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-
-    # -- the data stream, fast-forwarded past what earlier runs consumed ------------------------------
-    stream = data_mod.pack(train_cache, cfg.seq_len, eos_id=eos, seed=cfg.seed, reset_positions=cfg.reset_positions,
-                           upsample_long=cfg.upsample_long, long_threshold=cfg.long_threshold)  # fmt: skip
-    for _ in range(state["sequences"]):
-        next(stream)
-    val_stream = data_mod.pack(val_cache, cfg.seq_len, eos_id=eos, seed=cfg.seed + 1)
-    val_batches = [next(val_stream) for _ in range(cfg.eval_batches)]
-
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
-    per_step = cfg.micro_batch * accumulation * world
-
-    def next_micro_batch():
-        rows = [next(stream) for _ in range(cfg.micro_batch * world)]
-        mine = rows[rank::world]  # each rank its share of the global batch
-        ids = torch.from_numpy(np.stack([r[0] for r in mine])).to(device)
-        pos = torch.from_numpy(np.stack([r[1] for r in mine])).to(device)
-        return ids, pos
-
-    def loss_of(ids, pos):
-        with autocast:
-            logits = model(input_ids=ids, position_ids=pos).logits
-        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-
-    @torch.no_grad()
-    def validation_loss() -> float:
-        model.eval()
-        losses = []
-        for toks, pos in val_batches:
-            ids = torch.from_numpy(toks[None]).to(device)
-            losses.append(loss_of(ids, torch.from_numpy(pos[None]).to(device)).item())
-        model.train()
-        return float(np.mean(losses))
-
-    # -- the loop ---------------------------------------------------------------------------------------
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.json", json.dumps(_config_dict(cfg), indent=1))
-    metrics_path = out / "metrics.jsonl"
-    last = cfg.steps if stop_after is None else min(cfg.steps, state["step"] + stop_after)
-    bar = tqdm(range(state["step"], last), initial=state["step"], total=cfg.steps, disable=rank != 0, desc="train")
-    t_start, tokens_done = time.perf_counter(), 0
-    for step in bar:
-        lr = get_lr(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        total = 0.0
-        for _ in range(accumulation):
-            ids, pos = next_micro_batch()
-            loss = loss_of(ids, pos) / accumulation
-            loss.backward()
-            total += loss.item()
-        total = parallel.mean_across_ranks(total, device)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"], state["sequences"] = step + 1, state["sequences"] + per_step
-        state["losses"].append(total)
-        tokens_done += per_step * cfg.seq_len
-        tok_s = tokens_done / (time.perf_counter() - t_start)
-        row = {"step": step + 1, "loss": total, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            row["val_loss"] = validation_loss()
-            state["val"].append([step + 1, row["val_loss"]])
-        if rank == 0:
-            bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tok_s:.0f}")
-            if (step + 1) % cfg.log_every == 0 or "val_loss" in row:
-                with open(metrics_path, "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            _save(out, step + 1, model, tokenizer, optimizer, {**state, "config": _config_dict(cfg)}, rank)
-    bar.close()
-
-    result = {"losses": state["losses"], "val": state["val"], "step": state["step"], "out": str(out)}
-    if state["step"] >= cfg.steps:
-        final = out / "final"
-        final_state = parallel.full_model_state(model)
-        if rank == 0:
-            tmp = out / ".tmp-final"
-            shutil.rmtree(tmp, ignore_errors=True)
-            parallel.unwrap(model).save_pretrained(tmp, state_dict=final_state, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-        result["final"] = str(final)
-        result["tokens_per_s"] = tokens_done / max(1e-9, time.perf_counter() - t_start)
-    return result
+    if run.checkpoint is not None:
+        parallel.load_optimizer_state(model, optimizer, _load_tensors(run.checkpoint / "optimizer.pt"))
+        _set_rng_state(_load_tensors(run.checkpoint / "rng.pt"))
+    return optimizer
 
 
-def _save(out, step, model, tokenizer, optimizer, state, rank):
+def _batch(rows: list[tuple[np.ndarray, np.ndarray]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, positions) rows -> input_ids and position_ids, (B, T) int64 on ``device``."""
+    ids = torch.from_numpy(np.stack([r[0] for r in rows])).to(device)
+    pos = torch.from_numpy(np.stack([r[1] for r in rows])).to(device)
+    return ids, pos
+
+
+def loss_of(model, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of a (B, T) batch; bf16 autocast on CUDA, float32 elsewhere."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if ids.is_cuda else contextlib.nullcontext()
+    with autocast:
+        logits = model(input_ids=ids, position_ids=pos).logits
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def train_step(run: _Run, model, optimizer, stream, step: int) -> tuple[float, float]:
+    """One optimizer step over ``accumulation`` micro-batches; returns (mean loss across ranks, grad norm)."""
     from ropekit import parallel
 
-    model_state, optimizer_state = parallel.full_state(model, optimizer)  # FSDP: gathers shards on every rank
-    if rank == 0:
-        save_checkpoint(out, step, parallel.unwrap(model), model_state, optimizer_state, tokenizer, state)
+    cfg = run.cfg
+    for group in optimizer.param_groups:
+        group["lr"] = get_lr(step, cfg)
+    total = 0.0
+    for _ in range(run.accumulation):
+        rows = [next(stream) for _ in range(cfg.micro_batch * run.world)]
+        ids, pos = _batch(rows[run.rank :: run.world], run.device)  # each rank its share of the global batch
+        loss = loss_of(model, ids, pos) / run.accumulation
+        loss.backward()
+        total += loss.item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return parallel.mean_across_ranks(total, run.device), float(grad_norm)
+
+
+@torch.no_grad()
+def validate(model, batches, device) -> float:
+    """Mean loss over the fixed validation sequences."""
+    model.eval()
+    losses = [loss_of(model, *_batch([b], device)).item() for b in batches]
+    model.train()
+    return float(np.mean(losses))
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Keep the metric lines of steps <= ``step`` (what the checkpoint holds): a resumed run never logs a step twice."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a kill
+    atomic_write_text(path, "".join(kept))
+
+
+def save(run: _Run, model, tokenizer, optimizer, step: int) -> None:
+    """A checkpoint (collective under FSDP: every rank gathers, rank 0 writes)."""
+    from ropekit import parallel
+
+    model_state, optimizer_state = parallel.full_state(model, optimizer)
+    if run.rank == 0:
+        save_checkpoint(run.out, step, model, model_state, optimizer_state, tokenizer,
+                        {**run.state, "config": _config_dict(run.cfg)})  # fmt: skip
     parallel.barrier()
 
 
-class _null:
-    def __enter__(self):
-        return self
+def save_final(run: _Run, model, tokenizer) -> Path:
+    """``out/final``: the trained model and its tokenizer, written whole or not at all."""
+    from ropekit import parallel
 
-    def __exit__(self, *exc):
-        return False
+    final = run.out / "final"
+    final_state = parallel.full_model_state(model)
+    if run.rank == 0:
+        with atomic_folder(final) as tmp:
+            model.save_pretrained(tmp, state_dict=final_state, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    return final
+
+
+def train(
+    cfg: TrainConfig, out: str | Path, *, resume: bool = False, stop_after: int | None = None, corpus=None
+) -> dict[str, Any]:
+    """Run (or resume) training; returns {'losses': [...], 'val': [...], 'final': path, ...}.
+
+    ``corpus``: a ``ropekit.data.Corpus`` already prepared for ``cfg.data`` (the ablation shares one).
+    ``stop_after`` ends the run early after that many steps (used to test resuming).
+    """
+    from tqdm.auto import tqdm
+
+    from ropekit import data as data_mod
+
+    run = setup(cfg, out, resume)
+    corpus = prepare_data(run, corpus)
+    tokenizer, eos = corpus.tokenizer, corpus.tokenizer.eos_token_id
+    model = build_model(run, tokenizer)
+    optimizer = build_optimizer(run, model)
+
+    # the data stream, fast-forwarded past what earlier runs consumed; fixed validation sequences
+    stream = data_mod.pack(corpus.train_tokens, cfg.seq_len, eos_id=eos, seed=cfg.seed,
+                           reset_positions=cfg.reset_positions, upsample_long=cfg.upsample_long,
+                           long_threshold=cfg.long_threshold)  # fmt: skip
+    for _ in range(run.state["sequences"]):
+        next(stream)
+    val_stream = data_mod.pack(corpus.val_tokens, cfg.seq_len, eos_id=eos, seed=cfg.seed + 1)
+    val_batches = [next(val_stream) for _ in range(cfg.eval_batches)]
+
+    state, metrics = run.state, run.out / "metrics.jsonl"
+    if run.rank == 0:
+        atomic_write_text(run.out / "config.json", json.dumps(_config_dict(cfg), indent=1))
+        _trim_metrics(metrics, state["step"])
+    per_step = cfg.micro_batch * run.accumulation * run.world
+    last = cfg.steps if stop_after is None else min(cfg.steps, state["step"] + stop_after)
+    bar = tqdm(range(state["step"], last), initial=state["step"], total=cfg.steps, disable=run.rank != 0,
+               desc="train")  # fmt: skip
+    t_start, tokens_done = time.perf_counter(), 0
+    for step in bar:
+        loss, grad_norm = train_step(run, model, optimizer, stream, step)
+        state["step"], state["sequences"] = step + 1, state["sequences"] + per_step
+        state["losses"].append(loss)
+        tokens_done += per_step * cfg.seq_len
+        tok_s = tokens_done / (time.perf_counter() - t_start)
+        row = {"step": step + 1, "loss": loss, "lr": get_lr(step, cfg), "grad_norm": grad_norm, "tokens_per_s": tok_s}
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            row["val_loss"] = validate(model, val_batches, run.device)
+            state["val"].append([step + 1, row["val_loss"]])
+        if run.rank == 0:
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}")
+            if (step + 1) % cfg.log_every == 0 or "val_loss" in row:
+                with open(metrics, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            save(run, model, tokenizer, optimizer, step + 1)
+    bar.close()
+
+    result = {"losses": state["losses"], "val": state["val"], "step": state["step"], "out": str(run.out)}
+    if state["step"] >= cfg.steps:
+        result["final"] = str(save_final(run, model, tokenizer))
+        result["tokens_per_s"] = tokens_done / max(1e-9, time.perf_counter() - t_start)
+    return result

@@ -1,5 +1,6 @@
 """Training: loss goes down, exact resume, refused resumes, FSDP2 on two gloo processes, config overrides."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -149,3 +150,110 @@ def test_fsdp2_on_two_gloo_processes_matches_one_process(tmp_path):
 
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), rel=0, abs=1e-5)
     assert (tmp_path / "fsdp" / "final" / "model.safetensors").is_file()
+
+
+def test_resume_without_a_usable_latest_pointer_scans_for_the_newest_checkpoint(tmp_path, monkeypatch):
+    cfg = micro_config(steps=7, save_every=3)
+    whole = train(cfg, tmp_path / "a")["losses"]
+    real_get_lr = train_mod.get_lr
+
+    def crash_at_step_5(step, c):
+        if step == 5:
+            raise RuntimeError("injected crash")
+        return real_get_lr(step, c)
+
+    for pointer in (None, "garbage\n"):  # the pointer deleted, or overwritten with garbage
+        out = tmp_path / f"b-{pointer is None}"
+        monkeypatch.setattr(train_mod, "get_lr", crash_at_step_5)
+        with pytest.raises(RuntimeError, match="injected"):
+            train(cfg, out)
+        monkeypatch.setattr(train_mod, "get_lr", real_get_lr)
+        if pointer is None:
+            (out / "latest").unlink()
+        else:
+            (out / "latest").write_text(pointer)
+        resumed = train(cfg, out, resume=True)  # from checkpoint-0000003, found by scanning
+        assert resumed["losses"] == pytest.approx(whole, rel=0, abs=1e-6)
+        steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert steps == list(range(1, 8))  # steps 4 and 5 ran twice; the file holds each step once
+
+
+def test_a_run_without_resume_never_overwrites_checkpoints(tmp_path):
+    train(micro_config(steps=3), tmp_path, stop_after=3)
+    (tmp_path / "latest").unlink()  # even without the pointer, the folder holds a run
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ValueError, match="--resume"):
+        train(micro_config(steps=3), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_resume_refuses_pickled_code_in_a_checkpoint(tmp_path):
+    train(micro_config(steps=3), tmp_path, stop_after=3)
+    ckpt = tmp_path / "checkpoint-0000003"
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))  # would create a file when unpickled
+
+    import torch
+
+    torch.save({"state": Payload()}, ckpt / "rng.pt")
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["rng.pt"] = train_mod._sha256(ckpt / "rng.pt")  # a consistent manifest: integrity is not origin
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="refusing to load"):
+        train(micro_config(steps=6), tmp_path, resume=True)
+    assert not marker.exists()
+
+
+def test_a_garbage_manifest_is_a_clear_error(tmp_path):
+    train(micro_config(steps=3), tmp_path, stop_after=3)
+    (tmp_path / "checkpoint-0000003" / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt: manifest.json"):
+        train(micro_config(steps=6), tmp_path, resume=True)
+
+
+@pytest.mark.parametrize(
+    "override,word",
+    [("steps=-3", "steps=-3"), ("seq_len=0", "seq_len=0"), ("micro_batch=0", "micro_batch=0"),
+     ("lr=0", "lr=0"), ("method=pi:fctor=2", "unknown key"), ("device=tpu", "device='tpu'")],
+)  # fmt: skip
+def test_invalid_values_exit_2_with_one_line_before_any_work(override, word, tmp_path, capsys):
+    from ropekit.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny-base", "--set", override, "--out", str(out), "--print-config"]) == 2
+    assert main(["train", "--preset", "tiny-base", "--set", override, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(word in line for line in err), err
+    assert not out.exists()  # nothing written, no untrained final/
+
+
+def test_a_missing_init_from_and_an_unwritable_out_fail_up_front(tmp_path):
+    with pytest.raises(ValueError, match="init_from 'runs/nowhere/final' not found"):
+        train(micro_config(init_from="runs/nowhere/final"), tmp_path / "o")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="exists and is a file"):
+        train(micro_config(), tmp_path / "file")
+
+
+def _one_step(cfg: TrainConfig, **kw) -> TrainConfig:
+    """A preset at micro size: the same code path, one optimizer step, on the built-in text."""
+    sizes = {**MICRO, "max_position_embeddings": 64}
+    return dataclasses.replace(cfg, model="tiny:llama", init_from=None, model_overrides=sizes, data="shakespeare",
+                               vocab_size=512, seq_len=64, tokens_per_step=64, micro_batch=1, steps=1, warmup_steps=0,
+                               eval_batches=1, device="cpu", fsdp=False, compile=False, **kw)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_training_preset_runs_one_step_on_cpu(name, tmp_path):
+    r = train(_one_step(PRESETS[name]()), tmp_path)
+    assert r["step"] == 1 and (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_presets_default_to_data_a_user_has():
+    from ropekit.ablation import PRESETS as DEMO
+
+    for cfg in [p() for p in PRESETS.values()] + [c for p in DEMO.values() for c in (p().base, p().extend)]:
+        assert cfg.data == "shakespeare" or cfg.data.startswith("hf:"), cfg.data  # never a developer's folder

@@ -11,7 +11,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ropekit.data import Document, tokenize_documents
+from ropekit.data import Document, TokenCache, tokenize_documents
 from ropekit.eval.perplexity import perplexity_at_length, select_windows, sliding_window_nll
 from ropekit.eval.retrieval import (
     DEFAULT_FSR_TEMPLATE,
@@ -68,10 +68,11 @@ def eval_ppl(
     experiment: str = "eval",
     variant: str | None = None,
     config: dict[str, Any] | None = None,
+    tokens: TokenCache | None = None,
 ) -> list[dict]:
     """Rows: ppl, ppl_low, ppl_high, nll per length; position_loss per bin (context_length = the window
-    length L, position = the bin's first predicted position)."""
-    cache = tokenize_documents(docs, tokenizer)
+    length L, position = the bin's first predicted position). ``tokens``: ``docs`` already tokenised."""
+    cache = tokens if tokens is not None else tokenize_documents(docs, tokenizer)
     metrics = []
     with tqdm(total=len(lengths) * n, desc="ppl", leave=False) as bar:
         for L in lengths:
