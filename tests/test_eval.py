@@ -194,15 +194,72 @@ def test_lm_eval_export_runs_under_lm_eval(tmp_path, corpus, saved_model):
     import ropekit
     from ropekit.eval.harness import evaluate_in_process, export_tasks
 
-    paths = export_tasks(tmp_path, data="shakespeare", tokenizer=str(saved_model), lengths=[128], n=2)
-    assert (tmp_path / "ropekit_fsr_128.yaml").is_file() and (tmp_path / "ropekit_utils.py").is_file()
+    paths = export_tasks(tmp_path, data="shakespeare", tokenizer=str(saved_model), lengths=[256], n=2)
+    assert (tmp_path / "ropekit_fsr_256.yaml").is_file() and (tmp_path / "ropekit_utils.py").is_file()
     model = load_model(str(saved_model))
     ropekit.patch(model, "abf:base=500000")
+    with pytest.raises(ValueError, match="use max_length >= 256"):  # lm-eval would cut the prompts
+        evaluate_in_process(model, corpus.tok, ["ropekit_fsr"], tmp_path, max_length=100)
     results = evaluate_in_process(
-        model, corpus.tok, ["ropekit_fsr_128", "ropekit_passkey_128", "ropekit_ppl_128"], tmp_path, max_length=256
+        model, corpus.tok, ["ropekit_fsr_256", "ropekit_passkey_256", "ropekit_ppl_256"], tmp_path, max_length=256
     )
     r = results["results"]
-    assert 0 <= r["ropekit_fsr_128"]["rouge_l,none"] <= 100
-    assert r["ropekit_passkey_128"]["exact_match,none"] in (0.0, 1.0)
-    assert r["ropekit_ppl_128"]["word_perplexity,none"] > 1
-    assert len(paths) >= 9 and re.search(r"context_length: 128", (tmp_path / "ropekit_ppl_128.yaml").read_text())
+    assert 0 <= r["ropekit_fsr_256"]["rouge_l,none"] <= 100
+    assert r["ropekit_passkey_256"]["exact_match,none"] in (0.0, 1.0)
+    assert r["ropekit_ppl_256"]["word_perplexity,none"] > 1
+    assert len(paths) >= 9 and re.search(r"context_length: 256", (tmp_path / "ropekit_ppl_256.yaml").read_text())
+
+
+_SPY = """
+import json, sys
+from lm_eval.models.huggingface import HFLM
+
+seen = []
+original = HFLM._model_generate
+
+def spy(self, context, *args, **kwargs):  # record the token ids the model is actually given
+    seen.extend(context.tolist())
+    return original(self, context, *args, **kwargs)
+
+HFLM._model_generate = spy
+from lm_eval.__main__ import cli_evaluate
+
+sys.argv = ["lm_eval", *json.loads(sys.argv[1])]
+try:
+    cli_evaluate()
+finally:
+    open(sys.argv[-1] + "/contexts.json", "w").write(json.dumps(seen))
+"""
+
+
+def test_lm_eval_command_line_at_max_length_equal_to_the_task_length_keeps_every_answer(tmp_path, saved_model):
+    """The real lm_eval entry point, max_length = L: every FSR prompt the model receives holds its answer."""
+    pytest.importorskip("lm_eval")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from ropekit.eval.harness import export_tasks
+
+    L, tasks = 256, tmp_path / "tasks"
+    export_tasks(tasks, data="shakespeare", tokenizer=str(saved_model), lengths=[L], n=4)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["--model", "hf", "--model_args", f"pretrained={saved_model},max_length={L}", "--include_path",
+            str(tasks), "--tasks", "ropekit_fsr", "--device", "cpu", "--batch_size", "1",
+            "--output_path", str(out)]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run([sys.executable, "-c", _SPY, json.dumps(args), str(out)], env=env, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    contexts = json.loads((out / "contexts.json").read_text())
+    targets = [json.loads(line)["target"] for line in (tasks / f"ropekit_fsr_{L}.jsonl").read_text().splitlines()]
+    assert len(contexts) == len(targets) == 4
+    tok = AutoTokenizer.from_pretrained(str(saved_model))
+    seen = [tok.decode(ids) for ids in contexts]
+    for target in targets:  # matched as a set: lm-eval reorders requests by length
+        assert any(target in text for text in seen), target
+    assert all(len(ids) <= L for ids in contexts)

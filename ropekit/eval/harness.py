@@ -2,21 +2,27 @@
 
 ``export_tasks(out, ...)`` writes, per context length L:
 
-- ``ropekit_fsr_L``: FIRST-SENTENCE-RETRIEVAL prompts of L tokens (``generate_until``, metric
-  ``rouge_l`` = ROUGE-L F1 x 100),
-- ``ropekit_passkey_L``: passkey prompts of L tokens (``generate_until``, ``exact_match``),
-- ``ropekit_ppl_L``: windows of L tokens of validation text (``loglikelihood_rolling``: word and byte
-  perplexity, bits per byte),
+- ``ropekit_fsr_L``: FIRST-SENTENCE-RETRIEVAL (``generate_until``, metric ``rouge_l`` = ROUGE-L F1 x 100),
+- ``ropekit_passkey_L``: passkey retrieval (``generate_until``, ``exact_match``),
+- ``ropekit_ppl_L``: windows of validation text (``loglikelihood_rolling``: word and byte perplexity,
+  bits per byte),
 
-plus groups ``ropekit_fsr``, ``ropekit_passkey``, ``ropekit_ppl`` over all lengths, the JSONL data,
-and ``ropekit_utils.py`` (needs only ``rouge-score``). Run them like lm-eval's own ``ruler``::
+plus groups ``ropekit_fsr``, ``ropekit_passkey``, ``ropekit_ppl`` (aggregated over lengths, weighted by
+size), the JSONL data, and ``ropekit_utils.py`` (needs only ``rouge-score``).
+
+Every task of length L fits in L tokens: lm-eval keeps ``max_length - max_gen_toks`` prompt tokens and
+cuts the rest from the left, which for FIRST-SENTENCE-RETRIEVAL would cut the answer itself. So a
+generation task's prompt is ``L - max_gen_toks`` tokens (``max_gen_toks`` set per task from its longest
+answer), and a perplexity window is ``L - 1`` tokens (lm-eval adds one start token). Run with
+``max_length`` >= the largest L and nothing is cut::
 
     lm_eval --model hf --model_args pretrained=FOLDER,max_length=4096 \\
         --include_path OUT --tasks ropekit_fsr,ropekit_passkey,ropekit_ppl
 
-Prompts are stored as text (lm-eval tokenises them again), so with another tokenizer than the one
-given here the lengths are approximate. ``evaluate_in_process`` runs the tasks on a model object
-(e.g. a ropekit-patched one) through lm-eval's ``HFLM``.
+Prompts are stored as text (lm-eval tokenises them again); ``export_tasks`` re-tokenises each one to
+check its length. With another tokenizer than the one given here, lengths differ. ``evaluate_in_process``
+runs the tasks on a model object (e.g. a ropekit-patched one) through lm-eval's ``HFLM``, and refuses a
+``max_length`` below a requested task's length.
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ def ppl_process_results(doc, results):
 '''
 
 
-def _task_yaml(name: str, data_file: Path, body: str, length: int) -> str:
+def _task_yaml(name: str, data_file: Path, body: str, length: int, max_gen_toks: int | None) -> str:
     return (
         f"task: {name}\n"
         "dataset_path: json\n"
@@ -66,10 +72,10 @@ def _task_yaml(name: str, data_file: Path, body: str, length: int) -> str:
         "  data_files:\n"
         f"    test: {json.dumps(str(data_file.resolve()))}\n"
         "test_split: test\n"
-        f"{body}"
+        f"{body.replace('MAX_GEN_TOKS', str(max_gen_toks))}"
         "metadata:\n"
-        "  version: 1.0\n"
-        f"  context_length: {length}\n"
+        "  version: 2.0\n"
+        f"  context_length: {length}  # prompt + answer budget; run with max_length >= this\n"
     )
 
 
@@ -79,7 +85,7 @@ doc_to_target: "{{target}}"
 process_results: !function ropekit_utils.fsr_process_results
 generation_kwargs:
   until: ["\\n\\n"]
-  max_gen_toks: 96
+  max_gen_toks: MAX_GEN_TOKS
   do_sample: false
 metric_list:
   - metric: rouge_l
@@ -93,7 +99,7 @@ doc_to_target: "{{target}}"
 process_results: !function ropekit_utils.passkey_process_results
 generation_kwargs:
   until: ["\\n"]
-  max_gen_toks: 12
+  max_gen_toks: MAX_GEN_TOKS
   do_sample: false
 metric_list:
   - metric: exact_match
@@ -116,6 +122,29 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def _fits(tokenizer, text: str, budget: int) -> bool:
+    """Does ``text``, tokenised again as lm-eval will (special tokens included), fit in ``budget`` tokens?"""
+    return len(tokenizer(text).input_ids) <= budget
+
+
+def _generation_task(build, tokenizer, length: int, gen_toks, n_answer_tokens) -> tuple[list, int]:
+    """Samples whose prompt + answer budget fit in ``length`` tokens, and that budget (max_gen_toks).
+
+    The budget depends on the answers, the answers on the samples, the samples on the prompt length:
+    iterate until the budget holds for every answer (answers are short; two rounds are typical).
+    """
+    budget = gen_toks
+    for _ in range(5):
+        shortfall = 2  # room for a start token and a re-tokenisation that merges differently
+        samples = build(length - budget - shortfall)
+        need = max([gen_toks, *(n_answer_tokens(s) for s in samples)])
+        texts = [tokenizer.decode(s.prompt_ids) for s in samples]
+        if need <= budget and all(_fits(tokenizer, t, length - budget) for t in texts):
+            return list(zip(samples, texts, strict=True)), budget
+        budget = max(budget, need)
+    raise ValueError(f"cannot fit prompts and answers in {length} tokens; use a larger length")
+
+
 def export_tasks(
     out: str | Path,
     *,
@@ -127,7 +156,10 @@ def export_tasks(
     val_fraction: float = 0.15,
     split_seed: int = 0,
 ) -> list[Path]:
-    """Write the task YAMLs, groups, data and hooks to ``out``; return the written paths."""
+    """Write the task YAMLs, groups, data and hooks to ``out``; return the written paths.
+
+    Each task of length L fits in L tokens including its answer budget (see the module docstring).
+    """
     from ropekit import data as data_mod
     from ropekit.eval.perplexity import select_windows
     from ropekit.eval.retrieval import build_fsr_samples, build_passkey_samples
@@ -148,28 +180,57 @@ def export_tasks(
     written: list[Path] = []
     groups: dict[str, list[str]] = {"ropekit_fsr": [], "ropekit_passkey": [], "ropekit_ppl": []}
     for L in lengths:
-        fsr = build_fsr_samples(val, tokenizer, L, n=n, seed=seed)
-        rows = [{"prompt": tokenizer.decode(s.prompt_ids), "target": s.target, "length": L} for s in fsr]
-        keys = build_passkey_samples(tokenizer, L, n=max(1, n // 5), seed=seed)
-        prow = [
-            {"prompt": tokenizer.decode(s.prompt_ids), "target": s.key, "depth": s.depth, "length": L} for s in keys
-        ]
-        ppl = [{"text": tokenizer.decode(cache.doc(d)[s : s + L].tolist()), "length": L}
-               for d, s in select_windows(cache, L, n, seed)]  # fmt: skip
-        for kind, body, items in (("fsr", _FSR_BODY, rows), ("passkey", _PASSKEY_BODY, prow), ("ppl", _PPL_BODY, ppl)):
+        # FSR: the answer budget is ropekit's own generation limit, 2 x target + 8 tokens
+        fsr, fsr_gen = _generation_task(
+            lambda m: build_fsr_samples(val, tokenizer, m, n=n, seed=seed), tokenizer, L, 32,
+            lambda s: 2 * len(s.target_ids) + 8,
+        )  # fmt: skip
+        rows = [{"prompt": text, "target": s.target, "length": L, "max_gen_toks": fsr_gen} for s, text in fsr]
+        keys, key_gen = _generation_task(
+            lambda m: build_passkey_samples(tokenizer, m, n=max(1, n // 5), seed=seed), tokenizer, L, 12,
+            lambda s: len(s.key_ids) + 4,
+        )  # fmt: skip
+        prow = [{"prompt": text, "target": s.key, "depth": s.depth, "length": L} for s, text in keys]
+        ppl = [{"text": tokenizer.decode(cache.doc(d)[s : s + L - 1].tolist()), "length": L}
+               for d, s in select_windows(cache, L - 1, n, seed)]  # fmt: skip
+        for kind, body, items, gen in (
+            ("fsr", _FSR_BODY, rows, fsr_gen), ("passkey", _PASSKEY_BODY, prow, key_gen), ("ppl", _PPL_BODY, ppl, None)
+        ):  # fmt: skip
             name = f"ropekit_{kind}_{L}"
             data_file = out / f"{name}.jsonl"
             _write_jsonl(data_file, items)
-            atomic_write_text(out / f"{name}.yaml", _task_yaml(name, data_file, body, L))
+            atomic_write_text(out / f"{name}.yaml", _task_yaml(name, data_file, body, L, gen))
             groups[f"ropekit_{kind}"].append(name)
             written += [out / f"{name}.yaml", data_file]
+    metrics = {"ropekit_fsr": ["rouge_l"], "ropekit_passkey": ["exact_match"], "ropekit_ppl": ["bits_per_byte"]}
     for group, tasks in groups.items():
-        text = f"group: {group}\ntask:\n" + "".join(f"  - {t}\n" for t in tasks) + "metadata:\n  version: 1.0\n"
+        aggregate = "".join(
+            f"  - metric: {m}\n    aggregation: mean\n    weight_by_size: true\n" for m in metrics[group]
+        )
+        text = (f"group: {group}\ntask:\n" + "".join(f"  - {t}\n" for t in tasks)
+                + f"aggregate_metric_list:\n{aggregate}metadata:\n  version: 2.0\n")  # fmt: skip
         atomic_write_text(out / f"{group}.yaml", text)
         written.append(out / f"{group}.yaml")
     atomic_write_text(out / "ropekit_utils.py", _UTILS)
     written.append(out / "ropekit_utils.py")
     return written
+
+
+def _task_lengths(include_path: str | Path, tasks: list[str]) -> dict[str, int]:
+    """context_length of each requested ropekit task (groups expand to their tasks)."""
+    import re
+
+    found = {}
+    folder = Path(include_path)
+    for task in tasks:
+        paths = [folder / f"{task}.yaml"]
+        if (folder / f"{task}.yaml").is_file() and "group:" in (folder / f"{task}.yaml").read_text():
+            paths = [folder / f"{t}.yaml" for t in re.findall(r"^  - (ropekit_\w+)$", paths[0].read_text(), re.M)]
+        for path in paths:
+            m = re.search(r"^  context_length: (\d+)", path.read_text(), re.M) if path.is_file() else None
+            if m:
+                found[path.stem] = int(m.group(1))
+    return found
 
 
 def evaluate_in_process(model, tokenizer, tasks: list[str], include_path: str | Path, *, max_length: int, **kwargs):
@@ -180,5 +241,9 @@ def evaluate_in_process(model, tokenizer, tasks: list[str], include_path: str | 
         from lm_eval.tasks import TaskManager
     except ImportError as err:
         raise ImportError("lm-eval integration needs 'lm-eval' (pip install 'ropekit[eval]')") from err
+    too_long = {t: L for t, L in _task_lengths(include_path, tasks).items() if L > max_length}
+    if too_long:
+        raise ValueError(f"max_length={max_length} is shorter than tasks {too_long}: lm-eval would cut their prompts "
+                         f"from the left; use max_length >= {max(too_long.values())}")  # fmt: skip
     lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=max_length, batch_size=1)
     return simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_path=str(include_path)), **kwargs)
