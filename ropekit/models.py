@@ -181,6 +181,12 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=dtype or torch.float32, attn_implementation=attn
         )
+        # transformers dequantises GGUF weights into plain float tensors when it loads them; the quantizer
+        # record left on the model only makes save_pretrained refuse. Drop it: the model is a float model.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
     else:
         model = _from_pretrained(
             info["name"], dtype=dtype or "auto", attn_implementation=attn, trust_remote_code=trust_remote_code

@@ -1,0 +1,63 @@
+"""The README says only what runs: its Python blocks execute, its ropekit command lines parse, and its
+set-up and test commands are the ones CI runs."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def _blocks(language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```$", README, flags=re.S | re.M)
+
+
+def _command_lines(block: str) -> list[str]:
+    """Shell lines of a block, continuation backslashes joined, comments dropped."""
+    text = re.sub(r"\\\n\s*", " ", block)
+    return [line.split(" #")[0].strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(_blocks("python"))))
+def test_python_blocks_run(index, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outputs a block writes land here
+    exec(compile(_blocks("python")[index], f"README.md python block {index}", "exec"), {})
+
+
+def _ropekit_commands() -> list[list[str]]:
+    found = []
+    for block in _blocks("bash"):
+        for line in _command_lines(block):
+            for part in line.split("&&"):
+                words = shlex.split(part)
+                if words and words[0] == "ropekit":
+                    found.append(words[1:])
+                elif "ropekit.cli" in words:  # torchrun ... -m ropekit.cli train ...
+                    found.append(words[words.index("ropekit.cli") + 1 :])
+    return found
+
+
+@pytest.mark.parametrize("argv", _ropekit_commands(), ids=lambda a: " ".join(a)[:60])
+def test_ropekit_command_lines_parse(argv):
+    from ropekit.cli import build_parser
+
+    args = build_parser().parse_args(argv)  # argparse exits (status 2) on an unknown option or value
+    if getattr(args, "preset", None) and args.command == "train":
+        from ropekit.train import PRESETS, apply_overrides
+
+        apply_overrides(PRESETS[args.preset](), args.set or [])  # typed overrides are valid too
+
+
+def test_readme_has_ropekit_commands_to_check():
+    assert len(_ropekit_commands()) >= 10
+
+
+def test_the_readme_test_command_is_what_ci_runs():
+    setup, test = _blocks("bash")[:2]  # Quickstart: the main job, then the tests
+    assert setup.strip().endswith("ropekit demo")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert test.strip() in ci, "the README's test command must be the line .ci/run runs"
