@@ -151,14 +151,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         check_writable(args.out)  # before the evaluation, not after it
     t0 = time.perf_counter()
+    if args.task != "passkey":  # the text source is checked before the model is loaded
+        docs = data.load_documents(args.data)
+        _, val = data.split_documents(docs, val_fraction=args.val_fraction, seed=args.split_seed)
     model, tokenizer = _load_for_eval(args)
     config = {k: v for k, v in vars(args).items() if k != "func"}
     common = dict(n=args.n, seed=args.seed, experiment=args.experiment, config=config)
     if args.task == "passkey":
         rows = run.eval_passkey(model, tokenizer, args.lengths, **common)
     else:
-        docs = data.load_documents(args.data)
-        _, val = data.split_documents(docs, val_fraction=args.val_fraction, seed=args.split_seed)
         if args.task == "ppl" and args.stride:
             span = args.span or 4 * max(args.lengths)
             rows = run.eval_ppl_sliding(model, tokenizer, val, args.lengths, stride=args.stride, span=span, **common)

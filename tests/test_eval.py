@@ -181,12 +181,40 @@ def test_eval_cli_end_to_end_on_a_tiny_model(tmp_path, saved_model, capsys):
         (["eval", "ppl", "--model", "tiny:llama", "--rope", "pi:fctor=2"], "unknown key"),
         (["eval", "ppl", "--model", "MODEL", "--data", "/no/such/dir"], "unknown text source"),
         (["eval", "ppl", "--model", "MODEL", "--lengths", "100000000"], "longer than every validation document"),
+        (["eval", "ppl", "--model", "MODEL", "--lengths", "1"], "lengths >= 2"),
+        (["eval", "ppl", "--model", "MODEL", "--n", "-1"], "--n: expected an integer >= 1"),
+        (["eval", "ppl", "--model", "MODEL", "--n", "0"], "--n: expected an integer >= 1"),
+        (["eval", "ppl", "--model", "MODEL", "--stride", "0"], "--stride: expected an integer >= 1"),
+        (["eval", "ppl", "--model", "MODEL", "--bin-size", "0"], "--bin-size: expected an integer >= 1"),
+        (["eval", "fsr", "--model", "MODEL", "--val-fraction", "1.5"], "--val-fraction"),
+        (["eval", "ppl", "--model", "/no/such/model"], "not found"),
+        (["eval", "ppl", "--model", "MODEL", "--out", "OUTDIR"], "is a directory"),
+        (["eval", "ppl", "--model", "MODEL", "--device", "cuda:0"], "needs CUDA"),
     ],
 )
-def test_eval_cli_bad_inputs_give_clear_errors(argv, word, saved_model, capsys):
-    argv = [str(saved_model) if a == "MODEL" else a for a in argv]
-    assert main(argv) == 2
-    assert word in capsys.readouterr().err
+def test_eval_cli_bad_inputs_give_clear_errors(argv, word, saved_model, capsys, tmp_path):
+    if "cuda" in " ".join(argv) and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    argv = [str(saved_model) if a == "MODEL" else str(tmp_path) if a == "OUTDIR" else a for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as exit:  # argparse's own checks
+        code = exit.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]  # (progress bars of a model load may come before it)
+    assert last.startswith("ropekit") and ": error: " in last and word in last, err
+
+
+def test_eval_api_refuses_lengths_that_give_nan(saved_model, corpus):
+    from ropekit.eval import run as ev
+
+    model = load_model(str(saved_model))
+    with pytest.raises(ValueError, match="lengths must be integers >= 2"):
+        ev.eval_ppl(model, corpus.tok, corpus.val, [1], n=2)
+    with pytest.raises(ValueError, match="n must be an integer >= 1"):
+        ev.eval_fsr(model, corpus.tok, corpus.val, [64], n=0)
 
 
 def test_lm_eval_export_runs_under_lm_eval(tmp_path, corpus, saved_model):

@@ -34,6 +34,15 @@ def _variant(model) -> str:
     return str(read_method(model.config))
 
 
+def _check(lengths, n: int, **positive) -> None:
+    """The numbers every evaluation needs, refused with one line naming the bad value (no NaN rows)."""
+    if not lengths or any(isinstance(L, bool) or not isinstance(L, int) or L < 2 for L in lengths):
+        raise ValueError(f"lengths must be integers >= 2 (a window needs a next token to score); got {lengths!r}")
+    for key, value in {"n": n, **positive}.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key} must be an integer >= 1; got {value!r}")
+
+
 def _rows(model, experiment, variant, seed, config, metrics: list[tuple[str, int, float, int, dict]]):
     prov = provenance(next(model.parameters()).device)
     trained = int(getattr(model.config, "max_position_embeddings", 0) or 0)
@@ -72,6 +81,7 @@ def eval_ppl(
 ) -> list[dict]:
     """Rows: ppl, ppl_low, ppl_high, nll per length; position_loss per bin (context_length = the window
     length L, position = the bin's first predicted position). ``tokens``: ``docs`` already tokenised."""
+    _check(lengths, n, bin_size=bin_size)
     cache = tokens if tokens is not None else tokenize_documents(docs, tokenizer)
     metrics = []
     with tqdm(total=len(lengths) * n, desc="ppl", leave=False) as bar:
@@ -108,6 +118,7 @@ def eval_ppl_sliding(
 
     import torch
 
+    _check(windows, n, stride=stride, span=span)
     cache = tokenize_documents(docs, tokenizer)
     device = next(model.parameters()).device
     metrics = []
@@ -136,6 +147,7 @@ def eval_fsr(
     config: dict[str, Any] | None = None,
 ) -> list[dict]:
     """Rows per length: fsr_rouge_l (if ``generate``), fsr_token_accuracy, fsr_target_nll."""
+    _check(lengths, n)
     metrics = []
     with tqdm(total=len(lengths) * n, desc="fsr", leave=False) as bar:
         for L in lengths:
@@ -163,6 +175,7 @@ def eval_passkey(
     config: dict[str, Any] | None = None,
 ) -> list[dict]:
     """Rows per length: passkey_exact_match, passkey_token_accuracy (overall and per depth)."""
+    _check(lengths, n)
     metrics = []
     with tqdm(total=len(lengths) * n * len(depths), desc="passkey", leave=False) as bar:
         for L in lengths:
