@@ -23,7 +23,7 @@ from pathlib import Path
 from ropekit.train import PRESETS as TRAIN
 from ropekit.train import TrainConfig, model_of
 
-__all__ = ["AblationConfig", "PRESETS", "run", "plan"]
+__all__ = ["AblationConfig", "PRESETS", "demo", "run", "plan"]
 
 PAPER_VARIANTS = ("rope", "pi:factor=8", "abf:base=500000", "xpos:base=500000")
 
@@ -212,3 +212,33 @@ def run(cfg: AblationConfig, out: str | Path, *, log=print) -> dict:
         "table": str(out / "table5.md"),
         "figures": [str(p) for p in written],
     }
+
+
+def demo(
+    preset: str = "tiny",
+    *,
+    out: str | Path | None = None,
+    data: str | None = None,
+    dry_run: bool = False,
+    world_size: int = 1,
+    force: bool = False,
+    log=print,
+) -> dict | None:
+    """``ropekit demo``: print the plan of ``preset``, then run it into ``out`` (default runs/<preset>)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; accepted: {', '.join(PRESETS)}")
+    cfg = PRESETS[preset]()
+    if data:
+        cfg = with_data(cfg, data)
+    log(plan(cfg, world_size=world_size))
+    if dry_run:
+        return None
+    if cfg.needs_gpu and not force:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"preset {cfg.name!r} needs CUDA GPUs; use --dry-run to see its plan, or --force")
+    from ropekit import parallel
+
+    parallel.init_distributed()  # under torchrun (the paper preset): FSDP2 training on every rank
+    return run(cfg, out or f"runs/{cfg.name}", log=log)

@@ -210,25 +210,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from ropekit.ablation import PRESETS, plan, run, with_data
+    from ropekit.ablation import demo
 
-    cfg = PRESETS[args.preset]()
-    if args.data:
-        cfg = with_data(cfg, args.data)
-    print(plan(cfg, world_size=args.world_size))
-    if args.dry_run:
-        return 0
-    if cfg.needs_gpu and not args.force:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError(f"preset {cfg.name!r} needs CUDA GPUs; use --dry-run to see its plan, or --force")
-    out = args.out or f"runs/{cfg.name}"
-    from ropekit import parallel
-
-    parallel.init_distributed()  # under torchrun (the paper preset): FSDP2 training on every rank
-    result = run(cfg, out)
-    print(f"results: {result['results']}\ntable: {result['table']}\nfigures: {', '.join(result['figures'])}")
+    result = demo(args.preset, out=args.out, data=args.data, dry_run=args.dry_run, world_size=args.world_size,
+                  force=args.force)  # fmt: skip
+    if result:
+        print(f"results: {result['results']}\ntable: {result['table']}\nfigures: {', '.join(result['figures'])}")
     return 0
 
 

@@ -108,3 +108,35 @@ def test_paper_preset_dry_run_plan():
     text = plan(PRESETS["paper"](), world_size=8)
     assert "20000 steps x 4,194,304 tokens" in text and "32768" in text and "~40 GB" in text
     assert "accumulation 16 x micro-batch 1 on 8 rank(s)" in text
+
+
+def _shrunk(cfg, init_from=None):
+    """A demo preset at micro size: its own pipeline and pretrain/base choice, one step per stage."""
+    import dataclasses
+
+    from ropekit.train import model_of
+
+    def one_step(t, seq_len):
+        return dataclasses.replace(t, model="tiny:llama", model_overrides=model_of("micro", seq_len),
+                                   data="shakespeare", vocab_size=512, seq_len=seq_len, tokens_per_step=seq_len,
+                                   micro_batch=1, steps=1,
+                                   warmup_steps=0, eval_batches=1, device="cpu", fsdp=False, compile=False,
+                                   activation_checkpointing=False, init_from=init_from)  # fmt: skip
+
+    return dataclasses.replace(cfg, base=one_step(cfg.base, 32), extend=one_step(cfg.extend, 128),
+                               variants=cfg.variants[2:3], ppl_lengths=(64, 128), fsr_lengths=(128,), n_ppl=1,
+                               n_fsr=1, bin_size=32, needs_gpu=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "paper"])
+def test_every_demo_preset_runs_its_pipeline_one_step_on_cpu(name, tmp_path):
+    from ropekit.train import train
+
+    init_from = None
+    if not PRESETS[name]().pretrain_base:  # the paper starts from a released model: a saved micro one here
+        base = _shrunk(PRESETS["tiny"]()).base
+        init_from = train(base, tmp_path / "released")["final"]
+    result = run(_shrunk(PRESETS[name](), init_from), tmp_path / "run", log=lambda *_: None)
+    rows = read_rows(result["results"])
+    assert {r["metric"] for r in rows} >= {"ppl", "fsr_target_nll", "position_loss"}
+    assert {r["variant"] for r in rows} == {"abf:base=500000"}
