@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ropekit.files import atomic_write_text, cache_dir
+from ropekit.files import atomic_folder, atomic_path, atomic_write_text, cache_dir
 
 __all__ = [
     "Corpus",
@@ -259,16 +259,9 @@ def load_or_train_tokenizer(docs: Sequence[Document], vocab_size: int, cache: Pa
     folder = (cache or cache_dir() / "tokenizers") / f"bpe{vocab_size}-{documents_fingerprint(docs)}"
     if (folder / "tokenizer.json").is_file():
         return PreTrainedTokenizerFast.from_pretrained(str(folder))
-    tok = train_tokenizer(docs, vocab_size)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+    tok = train_tokenizer(docs, vocab_size)  # deterministic: a racing process writes the same files
+    with atomic_folder(folder) as tmp:
         tok.save_pretrained(tmp)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process finished first
-            pass
-        else:
-            os.makedirs(tmp, exist_ok=True)  # let TemporaryDirectory clean up its (now moved) name
     return PreTrainedTokenizerFast.from_pretrained(str(folder))
 
 
@@ -313,11 +306,8 @@ def tokenize_documents(docs: Sequence[Document], tokenizer, cache: Path | None =
     pieces = [np.asarray(tokenizer(d.text, add_special_tokens=False).input_ids, dtype=np.uint32) for d in docs]
     offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype(np.int64)
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint32)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder)
-    os.close(fd)
-    tokens.tofile(tmp)
-    os.replace(tmp, bin_path)  # the tokens first: an index is only ever written beside whole tokens
+    with atomic_path(bin_path) as tmp:  # the tokens first: an index is only ever written beside whole tokens
+        tokens.tofile(tmp)
     atomic_write_text(idx_path, json.dumps({"names": [d.name for d in docs], "offsets": offsets.tolist()}))
     return TokenCache(tokens, offsets, [d.name for d in docs])
 

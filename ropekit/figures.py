@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from ropekit import analysis
-from ropekit.results import atomic_write_text, read_rows
+from ropekit.files import atomic_path, atomic_write_text
+from ropekit.results import read_rows
 
 __all__ = ["draw_analytic", "draw_results", "draw_all"]
 
@@ -40,9 +41,8 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=130, bbox_inches="tight")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=130, bbox_inches="tight", format="png")
 
 
 def fig4_attention_decay(out: Path) -> list[Path]:

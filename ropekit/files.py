@@ -18,7 +18,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-__all__ = ["atomic_write_text", "atomic_folder", "locked", "check_writable", "cache_dir"]
+__all__ = ["atomic_path", "atomic_write_text", "atomic_folder", "locked", "check_writable", "cache_dir"]
 
 
 def cache_dir() -> Path:
@@ -32,21 +32,31 @@ def _readable_mode(path: str | Path) -> None:
     os.chmod(path, 0o666 & ~umask)  # mkstemp makes 0600; an output is as readable as any other file
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a whole file or nothing: a temporary file in the same folder, then a rename."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary file path beside ``path``; on success it replaces ``path`` in one rename.
+
+    For writers that want a file name (``np.ndarray.tofile``, ``savefig``): a reader never sees half a file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
     _readable_mode(tmp)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a whole file or nothing: a temporary file in the same folder, then a rename."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @contextlib.contextmanager
