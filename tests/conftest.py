@@ -23,3 +23,30 @@ def fp32_rounding(x: torch.Tensor) -> float:
     """The float32 rounding step at the magnitude of x (flash-attention's ``(x + 0.3 - 0.3) - x`` idea)."""
     x = x.detach().float()
     return ((x + 0.3 - 0.3) - x).abs().max().item() + torch.finfo(torch.float32).eps * x.abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------------
+# transformers 4.x and 5.x alike: the suite runs on both (CI runs the HF-facing tests on 4.57.6)
+# ---------------------------------------------------------------------------------------------------
+def rope_config_kwargs(params: dict) -> dict:
+    """Config keyword arguments for flat v5-style rope parameters: ``rope_parameters`` on transformers 5,
+    ``rope_theta`` + ``rope_scaling`` on 4.x."""
+    import transformers
+
+    params = dict(params)
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return {"rope_parameters": params}
+    theta = params.pop("rope_theta")
+    return {"rope_theta": theta, "rope_scaling": None if params == {"rope_type": "default"} else params}
+
+
+def hf_rope_parameters(config, rope_type: str, seq_len: int | None = None):
+    """transformers' own (inv_freq, attention_factor) for ``config`` (its init function for ``rope_type``)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type == "default" and "default" not in ROPE_INIT_FUNCTIONS:  # transformers 5: on the rotary class
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        return LlamaRotaryEmbedding.compute_default_rope_parameters(config)
+    kwargs = {"seq_len": seq_len} if seq_len is not None else {}
+    return ROPE_INIT_FUNCTIONS[rope_type](config, None, **kwargs)

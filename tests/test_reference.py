@@ -12,7 +12,7 @@ from ropekit import apply_rope
 from ropekit.methods import XPOS_MAX_EXPONENT, parse
 from ropekit.reference import apply_rope_reference
 
-from .conftest import fp32_rounding
+from .conftest import fp32_rounding, rope_config_kwargs
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -50,7 +50,7 @@ def test_apply_rope_equals_transformers(spec, params):
     positions = torch.arange(T).repeat(B, 1) + torch.tensor([[0], [57]])  # a cache offset on row 1
     config = LlamaConfig(
         hidden_size=D * Hq, num_attention_heads=Hq, num_key_value_heads=Hk, max_position_embeddings=64,
-        rope_parameters=dict(params),
+        **rope_config_kwargs(params),
     )  # fmt: skip
     rotary = LlamaRotaryEmbedding(config)
     cos, sin = rotary(q, positions)
