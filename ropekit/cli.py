@@ -221,6 +221,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_figures(args: argparse.Namespace) -> int:
     from ropekit.figures import draw_all
+    from ropekit.files import check_writable
+
+    check_writable(args.out, kind="folder")
 
     for path in draw_all(args.out, args.results or []):
         print(path)
@@ -362,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ValueError as err:  # bad specs and inputs: one clear line, no traceback
         print(f"ropekit: error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as err:  # a path the user gave
+        print(f"ropekit: error: {err.strerror or err}: {err.filename!r}", file=sys.stderr)
         return 2
 
 

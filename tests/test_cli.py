@@ -1,0 +1,38 @@
+"""A user's mistake, on any command: exit status 2 and one line naming the bad value, no traceback."""
+
+import sys
+
+import pytest
+
+from ropekit.cli import main
+
+CASES = [
+    (["info", "pi:factor=8", "--base", "10000", "--head-dim", "7"], "head_dim must be a positive even integer"),
+    (["info", "pi:factor=8"], "no 'base' given"),
+    (["info", "yarn:factor=2"], "original_max_position_embeddings' is required"),
+    (["check", "--model", "tiny:nope"], "unknown tiny model 'nope'"),
+    (["check", "--model", "/no/such/model"], "not found"),
+    (["check", "--model", "tiny:llama", "--length", "0"], "--length: expected an integer >= 2"),
+    (["train", "--preset", "bogus"], "invalid choice: 'bogus'"),
+    (["train", "--set", "lr"], "must be key=value"),
+    (["train", "--preset", "tiny-extend", "--out", "OUT"], "init_from 'runs/tiny-base/final' not found"),
+    (["demo", "--preset", "bogus"], "invalid choice: 'bogus'"),
+    (["demo", "--world-size", "0", "--dry-run"], "--world-size: expected an integer >= 1"),
+    (["figures", "--results", "/no/such.csv", "--out", "OUT"], "no result rows in /no/such.csv"),
+    (["eval", "export-lm-eval", "--out", "OUT", "--tokenizer", "/no/such/tokenizer"], "not found"),
+]
+if sys.platform == "linux":
+    CASES.append((["figures", "--out", "/proc/ropekit-figures"], "cannot write output '/proc/ropekit-figures'"))
+
+
+@pytest.mark.parametrize("argv,word", CASES, ids=[" ".join(a)[:50] for a, _ in CASES])
+def test_mistakes_exit_2_with_one_line(argv, word, capsys, tmp_path):
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as exit:  # argparse's own checks
+        code = exit.code
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and ": error: " in lines[0] and word in lines[0], err
