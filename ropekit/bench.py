@@ -95,7 +95,7 @@ def _hf_tables(shape: Shape, positions: torch.Tensor, dtype, device):
 def _providers(shape: Shape, device: torch.device, flash_attn_rotary: str | None):
     """name -> (forward fn(q, k) -> (q, k), extra table bytes) for this shape, or a reason it cannot run."""
     from ropekit import apply_rope
-    from ropekit.reference import apply_rope_reference
+    from ropekit.reference import RopeParams, apply_rope_reference
 
     dtype = getattr(torch, shape.dtype)
     rotary_dim = shape.R or shape.D
@@ -124,8 +124,8 @@ def _providers(shape: Shape, device: torch.device, flash_attn_rotary: str | None
     out["hf-eager+table"] = (hf_with_table, table_bytes)
     out["hf-eager"] = (lambda q, k: _hf_apply(apply_rotary_pos_emb, q, k, cos, sin, rotary_dim), table_bytes)
 
-    inv = __import__("ropekit").parse(method).inv_freq64(rotary_dim).to(device)
-    compiled = torch.compile(lambda q, k: apply_rope_reference(q, k, positions, inv))
+    params = RopeParams(__import__("ropekit").parse(method).inv_freq64(rotary_dim).to(device))
+    compiled = torch.compile(lambda q, k: apply_rope_reference(q, k, positions, params))
     out["torch-compile"] = (compiled, 0)
 
     if importlib.util.find_spec("liger_kernel") is not None and device.type == "cuda":

@@ -35,8 +35,8 @@ import transformers
 from torch import nn
 
 from ropekit import methods as _methods
-from ropekit.reference import rope_angles, rotate
-from ropekit.rotary import apply_rope_tables, rope_tables
+from ropekit.reference import RopeParams, rope_angles, rotate
+from ropekit.rotary import apply_rope_params, rope_params
 
 __all__ = ["patch", "PatchHandle", "RopeContext", "RopekitRotary", "SUPPORTED_FAMILIES", "read_method"]
 
@@ -100,26 +100,14 @@ def read_method(config) -> _methods.RopeMethod:
 class RopeContext:
     """What the patched rotary module hands each attention layer in place of ``sin``."""
 
-    inv_freq: torch.Tensor  # (R/2,) float64
-    xpos_rate: torch.Tensor | None
-    attention_factor: float
-    xpos_center: int
+    params: RopeParams
     backend: str
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
         # q (B, Hq, T, D), k (B, Hk, T, D), positions (1 or B, T)
         if positions.shape[0] == 1 and q.shape[0] != 1:
             positions = positions[0]
-        return apply_rope_tables(
-            q,
-            k,
-            positions,
-            self.inv_freq,
-            attention_factor=self.attention_factor,
-            xpos_rate=self.xpos_rate,
-            xpos_center=self.xpos_center,
-            backend=self.backend,
-        )
+        return apply_rope_params(q, k, positions, self.params, backend=self.backend)
 
 
 class RopekitRotary(nn.Module):
@@ -135,7 +123,7 @@ class RopekitRotary(nn.Module):
         self.rotary_dim = rotary_dim
         self.backend = backend
         self._original = [original]  # a list so the HF module is not registered as a child (state_dict unchanged)
-        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._params: dict[tuple, RopeParams] = {}
         self._cache = None  # the KV cache of the forward in flight (set by the model pre-hook)
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._cache_records: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -143,25 +131,24 @@ class RopekitRotary(nn.Module):
     def extra_repr(self) -> str:
         return f"method={self.method}, rotary_dim={self.rotary_dim}, backend={self.backend}"
 
-    def tables(self, positions: torch.Tensor, seq_len: int | None):
+    def params(self, positions: torch.Tensor, seq_len: int | None) -> RopeParams:
         key = (positions.device, seq_len)
-        if key not in self._tables:
-            if len(self._tables) >= 16:  # dynamic NTK makes one entry per length: keep the cache small
-                self._tables.clear()
-            self._tables[key] = rope_tables(self.method, self.rotary_dim, positions, seq_len)
-        return self._tables[key]
+        if key not in self._params:
+            if len(self._params) >= 16:  # dynamic NTK makes one entry per length: keep the cache small
+                self._params.clear()
+            self._params[key] = rope_params(self.method, self.rotary_dim, positions, seq_len)
+        return self._params[key]
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, *args, **kwargs):
         seq_len = None
         if self.method.needs_seq_len:
             seq_len = int(position_ids.max().item()) + 1
-        inv_freq, xpos_rate = self.tables(position_ids, seq_len)
+        params = self.params(position_ids, seq_len)
         if self.method.needs_seq_len:
-            self._rerotate_cache(inv_freq)
-            self._pending = (position_ids, inv_freq)
-        ctx = RopeContext(inv_freq, xpos_rate, self.method.attention_factor, self.method.xpos_center, self.backend)
-        return position_ids, ctx
+            self._rerotate_cache(params.inv_freq)
+            self._pending = (position_ids, params.inv_freq)
+        return position_ids, RopeContext(params, self.backend)
 
     # -- dynamic NTK and the KV cache -----------------------------------------------------------
     def _rerotate_cache(self, inv_freq: torch.Tensor) -> None:

@@ -23,11 +23,32 @@ all positions are within XPOS_MAX_EXPONENT / |rate_0| of the center c.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ropekit.methods import XPOS_MAX_EXPONENT
 
-__all__ = ["rope_angles", "rotate", "apply_rope_reference"]
+__all__ = ["RopeParams", "rope_angles", "rotate", "apply_rope_reference"]
+
+
+@dataclass(frozen=True)
+class RopeParams:
+    """What a rotation needs besides q, k and positions: one bundle from the method down to the kernel.
+
+    ``ropekit.rotary.rope_params(method, rotary_dim, positions)`` makes it; the reference, the custom op
+    (flattened only at the torch.library boundary) and the patched model's attention all take it.
+    """
+
+    inv_freq: torch.Tensor  # (R/2,) float64: the angle of pair j at position m is m * inv_freq[j]
+    xpos_rate: torch.Tensor | None = None  # (R/2,) float64 ln(zeta_j) / scale_base, xPos only
+    attention_factor: float = 1.0  # multiplies q and k (YaRN)
+    xpos_center: int = 0  # position where the xPos scales are 1
+
+    @property
+    def rotary_dim(self) -> int:
+        return 2 * self.inv_freq.numel()
+
 
 LAYOUTS = ("half", "interleaved")
 
@@ -86,12 +107,9 @@ def apply_rope_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     positions: torch.Tensor,
-    inv_freq: torch.Tensor,
+    params: RopeParams,
     *,
     layout: str = "half",
-    attention_factor: float = 1.0,
-    xpos_rate: torch.Tensor | None = None,
-    xpos_center: int = 0,
     conjugate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k at integer positions with the given frequencies.
@@ -100,30 +118,27 @@ def apply_rope_reference(
         q: (B, Hq, T, D).
         k: (B, Hk, T, D); Hk may differ from Hq (GQA).
         positions: (T,) or (B, T) integer positions (any values: packed documents, cache offsets).
-        inv_freq: (R/2,) per-pair inverse frequencies, R <= D the rotary dimension.
+        params: the method's numbers (``RopeParams``); R = params.rotary_dim <= D.
         layout: "half" or "interleaved".
-        attention_factor: multiplies q and k (YaRN).
-        xpos_rate: (R/2,) ln(zeta_j)/B for xPos, or None.
-        xpos_center: position where the xPos scales are 1.
         conjugate: rotate by -angle (the backward of the rotation: same scales, transposed rotation).
     Returns:
         (q_out, k_out), same shapes and dtypes as q, k.
     """
-    angles = rope_angles(positions, inv_freq)  # (T, R/2) or (B, T, R/2), float64
+    angles = rope_angles(positions, params.inv_freq)  # (T, R/2) or (B, T, R/2), float64
     if angles.dim() == 3:
         angles = angles[:, None]  # (B, 1, T, R/2): broadcast over heads
     cos = torch.cos(angles).to(torch.float32)
     sin = torch.sin(angles).to(torch.float32)
     if conjugate:
         sin = -sin
-    q_scale = k_scale = torch.tensor(float(attention_factor), dtype=torch.float32, device=q.device)
-    if xpos_rate is not None:
-        rel = positions.to(torch.float64)[..., None] - float(xpos_center)  # (.., T, 1)
-        exponent = (rel * xpos_rate.to(device=positions.device, dtype=torch.float64)).clamp(
-            -XPOS_MAX_EXPONENT, XPOS_MAX_EXPONENT
-        )
+    factor = float(params.attention_factor)
+    q_scale = k_scale = torch.tensor(factor, dtype=torch.float32, device=q.device)
+    if params.xpos_rate is not None:
+        rel = positions.to(torch.float64)[..., None] - float(params.xpos_center)  # (.., T, 1)
+        rate = params.xpos_rate.to(device=positions.device, dtype=torch.float64)
+        exponent = (rel * rate).clamp(-XPOS_MAX_EXPONENT, XPOS_MAX_EXPONENT)
         if exponent.dim() == 3:
             exponent = exponent[:, None]
-        q_scale = (torch.exp(exponent) * attention_factor).to(torch.float32)
-        k_scale = (torch.exp(-exponent) * attention_factor).to(torch.float32)
+        q_scale = (torch.exp(exponent) * factor).to(torch.float32)
+        k_scale = (torch.exp(-exponent) * factor).to(torch.float32)
     return rotate(q, cos, sin, layout=layout, scale=q_scale), rotate(k, cos, sin, layout=layout, scale=k_scale)

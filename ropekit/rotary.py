@@ -14,9 +14,9 @@ import os
 import torch
 
 from ropekit import methods as _methods
-from ropekit.reference import LAYOUTS, apply_rope_reference
+from ropekit.reference import LAYOUTS, RopeParams, apply_rope_reference
 
-__all__ = ["apply_rope", "apply_rope_", "rope_tables", "BACKENDS"]
+__all__ = ["apply_rope", "apply_rope_", "apply_rope_params", "rope_params", "RopeParams", "BACKENDS"]
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -102,18 +102,22 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, layo
         raise ValueError(f"rotary_dim must be even and in [2, head_dim={dq}]; got {rotary_dim}")
 
 
-def rope_tables(
+def rope_params(
     method: _methods.RopeMethod, rotary_dim: int, positions: torch.Tensor, seq_len: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The method's float64 ``inv_freq`` (and xPos rate) for this call, on the positions' device.
+) -> RopeParams:
+    """The method's numbers for this call (float64 ``inv_freq`` and xPos rate on the positions' device).
 
     Dynamic NTK needs the current length: ``seq_len`` or, when not given, max(positions) + 1.
     """
     if method.needs_seq_len and seq_len is None:
         seq_len = int(positions.max().item()) + 1 if positions.numel() else 0
-    inv_freq = method.inv_freq64(rotary_dim, seq_len).to(positions.device)
     rate = method.xpos_rate(rotary_dim)
-    return inv_freq, (rate.to(positions.device) if rate is not None else None)
+    return RopeParams(
+        inv_freq=method.inv_freq64(rotary_dim, seq_len).to(positions.device),
+        xpos_rate=None if rate is None else rate.to(positions.device),
+        attention_factor=float(method.attention_factor),
+        xpos_center=int(method.xpos_center),
+    )
 
 
 def apply_rope(
@@ -156,54 +160,33 @@ def apply_rope(
         raise ValueError(
             "inplace=True cannot give gradients (q or k requires grad); use inplace=False, or torch.no_grad()"
         )
-    inv_freq, xpos_rate = rope_tables(method, rotary_dim, positions, seq_len)
-    return apply_rope_tables(
-        q,
-        k,
-        positions,
-        inv_freq,
-        layout=layout,
-        attention_factor=method.attention_factor,
-        xpos_rate=xpos_rate,
-        xpos_center=method.xpos_center,
-        backend=backend,
-        inplace=inplace,
-    )
+    params = rope_params(method, rotary_dim, positions, seq_len)
+    return apply_rope_params(q, k, positions, params, layout=layout, backend=backend, inplace=inplace)
 
 
-def apply_rope_tables(
+def apply_rope_params(
     q: torch.Tensor,
     k: torch.Tensor,
     positions: torch.Tensor,
-    inv_freq: torch.Tensor,
+    params: RopeParams,
     *,
     layout: str = "half",
-    attention_factor: float = 1.0,
-    xpos_rate: torch.Tensor | None = None,
-    xpos_center: int = 0,
     backend: str = "auto",
     inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """apply_rope with the frequencies already computed (the patched model calls this per layer)."""
-    interleaved = layout == "interleaved"
-    xpos_rate = None if xpos_rate is None else xpos_rate.to(torch.float64)
+    """apply_rope with the method's numbers already made (the patched model calls this per layer)."""
     if _use_triton(backend, q, k):
+        flat = (params.inv_freq.to(torch.float64), None if params.xpos_rate is None else params.xpos_rate.double(),
+                float(params.attention_factor), int(params.xpos_center), layout == "interleaved")  # fmt: skip
         if inplace:  # no autograd: straight to the launcher
             from ropekit.kernels.rope import rope_launch
 
+            inv_freq, xpos_rate, factor, center, interleaved = flat
             with torch.no_grad():
-                return rope_launch(
-                    q, k, positions, inv_freq.to(torch.float64), xpos_rate, interleaved=interleaved,
-                    attention_factor=float(attention_factor), xpos_center=int(xpos_center), inplace=True,
-                )  # fmt: skip
-        return torch.ops.ropekit.rope(
-            q, k, positions, inv_freq.to(torch.float64), xpos_rate,
-            float(attention_factor), int(xpos_center), interleaved, False,
-        )  # fmt: skip
-    out = apply_rope_reference(
-        q, k, positions, inv_freq, layout=layout, attention_factor=attention_factor,
-        xpos_rate=xpos_rate, xpos_center=xpos_center,
-    )  # fmt: skip
+                return rope_launch(q, k, positions, inv_freq, xpos_rate, interleaved=interleaved,
+                                   attention_factor=factor, xpos_center=center, inplace=True)  # fmt: skip
+        return torch.ops.ropekit.rope(q, k, positions, *flat, False)
+    out = apply_rope_reference(q, k, positions, params, layout=layout)
     if not inplace:
         return out
     with torch.no_grad():

@@ -238,8 +238,8 @@ def test_model_cast_to_bfloat16_keeps_exact_frequencies():
     model = load_model("tiny:llama")
     ropekit.patch(model, "abf:base=500000")
     model.to(torch.bfloat16)
-    inv, _ = model.model.rotary_emb.tables(torch.arange(3), None)
-    assert inv.dtype == torch.float64
+    params = model.model.rotary_emb.params(torch.arange(3), None)
+    assert params.inv_freq.dtype == torch.float64
 
 
 def test_unsupported_model_is_refused_with_the_supported_list():

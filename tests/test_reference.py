@@ -10,7 +10,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 
 from ropekit import apply_rope
 from ropekit.methods import XPOS_MAX_EXPONENT, parse
-from ropekit.reference import apply_rope_reference
+from ropekit.reference import RopeParams, apply_rope_reference
 
 from .conftest import fp32_rounding, rope_config_kwargs
 
@@ -106,7 +106,7 @@ def test_yarn_attention_factor_scales_q_and_k():
     spec = "yarn:factor=8,original_max_position_embeddings=64,base=10000"
     oq, ok = apply_rope(q, q, torch.arange(4), spec, backend="torch")
     plain = parse(spec)
-    rq, _ = apply_rope_reference(q, q, torch.arange(4), plain.inv_freq64(8))
+    rq, _ = apply_rope_reference(q, q, torch.arange(4), RopeParams(plain.inv_freq64(8)))
     factor = 0.1 * math.log(8) + 1
     torch.testing.assert_close(oq, rq * factor, rtol=2 * EPS32, atol=fp32_rounding(oq))
 
@@ -188,9 +188,8 @@ def test_backward_is_the_transposed_rotation():
     (oq * gq + 0).sum().backward(retain_graph=True)
     (ok * gk).sum().backward()
     m = parse(spec)
-    tq, tk = apply_rope_reference(
-        gq, gk, pos, m.inv_freq64(16), xpos_rate=m.xpos_rate(16), xpos_center=m.xpos_center, conjugate=True
-    )
+    params = RopeParams(m.inv_freq64(16), xpos_rate=m.xpos_rate(16), xpos_center=m.xpos_center)
+    tq, tk = apply_rope_reference(gq, gk, pos, params, conjugate=True)
     torch.testing.assert_close(q.grad, tq, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(k.grad, tk, rtol=1e-5, atol=1e-6)
 
