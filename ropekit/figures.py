@@ -197,7 +197,8 @@ def draw_results(results: str | Path, out: str | Path, *, prefix: str | None = N
             used += [metric, f"{metric}_low", f"{metric}_high"]
             ax.set(xlabel="context length (tokens)" if metric != "position_loss" else "position in window",
                    ylabel=ylabel, title=title)  # fmt: skip
-            ax.set_xscale("log", base=2)
+            if x == "context_length":  # lengths double; positions in a window are binned linearly
+                ax.set_xscale("log", base=2)
             if log_y:
                 ax.set_yscale("log")
             ax.legend(fontsize=6)

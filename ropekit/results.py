@@ -127,13 +127,24 @@ def make_row(
     }
 
 
+def _upgrade(row: dict[str, str]) -> dict[str, str]:
+    """A row as this ropekit writes it. Before the ``position`` column, a per-position loss row held the
+    bin's position in ``context_length`` and its window only in the config JSON: move both to their place."""
+    row = {c: "" for c in COLUMNS} | row
+    if row["metric"] == "position_loss" and row["position"] == "" and '"window"' in row["config"]:
+        window = json.loads(row["config"]).get("window")
+        if window is not None:
+            row["position"], row["context_length"] = row["context_length"], str(int(window))
+    return row
+
+
 def read_rows(path: str | Path) -> list[dict[str, str]]:
-    """All rows of a result CSV (columns a file written by an older ropekit lacks read as '')."""
+    """All rows of a result CSV; rows of files written by an older ropekit are upgraded (``_upgrade``)."""
     path = Path(path)
     if not path.is_file():
         return []
     with open(path, newline="", encoding="utf-8") as fh:
-        return [{c: "" for c in COLUMNS} | row for row in csv.DictReader(fh)]
+        return [_upgrade(row) for row in csv.DictReader(fh)]
 
 
 def _csv_text(rows: Iterable[dict[str, Any]], *, header: bool) -> str:

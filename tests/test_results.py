@@ -2,6 +2,7 @@
 checked for writability before any work."""
 
 import csv
+import json
 import multiprocessing as mp
 import sys
 
@@ -68,3 +69,17 @@ def test_check_writable_refuses_directories_and_read_only_places(tmp_path):
         with pytest.raises(ValueError, match="cannot write output"):
             check_writable("/proc/ropekit-rows.csv")
     assert check_writable(tmp_path / "new" / "rows.csv").parent.is_dir()
+
+
+def test_per_position_rows_of_older_files_are_read_with_their_window(tmp_path):
+    path = tmp_path / "old.csv"
+    old_columns = [c for c in COLUMNS if c not in ("position", "depth")]
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=old_columns)
+        w.writeheader()
+        for window in (256, 2048):  # the old schema: bin start in context_length, window in the config
+            config = json.dumps({"window": window})
+            old = {"metric": "position_loss", "context_length": "129", "value": "4.0", "config": config}
+            w.writerow({c: "" for c in old_columns} | old)
+    rows = read_rows(path)
+    assert [(r["context_length"], r["position"]) for r in rows] == [("256", "129"), ("2048", "129")]
