@@ -36,3 +36,14 @@ def test_mistakes_exit_2_with_one_line(argv, word, capsys, tmp_path):
     assert code == 2 and "Traceback" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and ": error: " in lines[0] and word in lines[0], err
+
+
+def test_an_unreachable_hub_id_is_one_line(tmp_path):
+    import os
+    import subprocess
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # as without a network, without waiting for retries
+    run = subprocess.run([sys.executable, "-m", "ropekit.cli", "check", "--model", "no-such-org/no-such-model"],
+                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("ropekit: error: cannot load model 'no-such-org/no-such-model'")
