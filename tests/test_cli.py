@@ -46,4 +46,5 @@ def test_an_unreachable_hub_id_is_one_line(tmp_path):
     run = subprocess.run([sys.executable, "-m", "ropekit.cli", "check", "--model", "no-such-org/no-such-model"],
                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert run.returncode == 2 and "Traceback" not in run.stderr
-    assert run.stderr.strip().splitlines()[-1].startswith("ropekit: error: cannot load model 'no-such-org/no-such-model'")
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("ropekit: error: cannot load model 'no-such-org/no-such-model'")
