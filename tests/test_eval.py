@@ -164,9 +164,11 @@ def test_eval_cli_end_to_end_on_a_tiny_model(tmp_path, saved_model, capsys):
     rows = read_rows(out)
     metrics = {(r["metric"], r["context_length"]) for r in rows}
     for m in [("ppl", "128"), ("ppl", "1024"), ("fsr_rouge_l", "256"), ("fsr_token_accuracy", "128"),
-              ("fsr_target_nll", "256"), ("passkey_exact_match", "200"), ("position_loss", "65"),
+              ("fsr_target_nll", "256"), ("passkey_exact_match", "200"), ("position_loss", "1024"),
               ("ppl_sliding", "128")]:  # fmt: skip
         assert m in metrics, m
+    bins = {(r["context_length"], r["position"]) for r in rows if r["metric"] == "position_loss"}
+    assert ("1024", "65") in bins and ("128", "65") in bins  # each window's bins, told apart by context_length
     ppl = next(r for r in rows if r["metric"] == "ppl" and r["context_length"] == "1024")
     assert ppl["variant"] == "pi:base=10000,factor=2" and ppl["git_sha"] and ppl["device"].startswith("cpu")
     assert '"beyond_trained_length": false' in ppl["config"]  # PI x2 raised 512 -> 1024
