@@ -52,6 +52,7 @@ from the Hugging Face hub that expects tensors; ``patch`` refuses such a model (
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 import re
 import sys
@@ -286,9 +287,14 @@ def _apply_functions(module) -> dict[str, Any]:
             params = list(inspect.signature(fn).parameters)[:4]
         except (TypeError, ValueError):
             continue
-        if params == ["q", "k", "cos", "sin"]:
+        if params == ["q", "k", "cos", "sin"] or params[:3] == ["x", "cos", "sin"]:
             found[name] = fn
     return found
+
+
+def _is_single(fn) -> bool:
+    """The one-tensor form ``apply_rotary_pos_emb(x, cos, sin, ...)`` (Gemma 4) rather than (q, k, cos, sin)."""
+    return list(inspect.signature(fn).parameters)[:1] == ["x"]
 
 
 def _layout(fn, module) -> str | None:
@@ -326,7 +332,7 @@ def _probe_layout(fn, original: nn.Module, layer_type: str | None, buffer: torch
         q = torch.randn(1, 2, 7, width, generator=gen).to(buffer.device)
         k = torch.randn(1, 1, 7, width, generator=gen).to(buffer.device)
         try:
-            want_q, want_k = fn(q, k, cos, sin)
+            want_q, want_k = (fn(q, cos, sin), fn(k, cos, sin)) if _is_single(fn) else fn(q, k, cos, sin)
         except Exception:  # noqa: BLE001 - a function that cannot take the standard call is not standard
             return None
         if want_q.shape != q.shape or want_k.shape != k.shape:
@@ -344,7 +350,7 @@ def _probe_layout(fn, original: nn.Module, layer_type: str | None, buffer: torch
     return None
 
 
-def _cos_sin_misuse(module, apply_names: set[str]) -> str | None:
+def _cos_sin_misuse(module, apply_names: set[str], used_classes: set[str] | None = None) -> str | None:
     """A line of the module that uses ``cos``/``sin`` other than unpacking ``position_embeddings`` and
     passing them to an apply function (outside the apply functions and the rotary module), or None."""
     src = _source(module)
@@ -361,6 +367,8 @@ def _cos_sin_misuse(module, apply_names: set[str]) -> str | None:
             skip.add(node)
         if isinstance(node, ast.ClassDef) and node.name.endswith("RotaryEmbedding"):
             skip.add(node)
+        if isinstance(node, ast.ClassDef) and used_classes is not None and node.name not in used_classes:
+            skip.add(node)  # a class this model does not instantiate (e.g. the vision tower's attention)
     for node in ast.walk(tree):
         if not (isinstance(node, ast.Name) and node.id in ("cos", "sin")):
             continue
@@ -379,6 +387,12 @@ def _cos_sin_misuse(module, apply_names: set[str]) -> str | None:
                 isinstance(v, ast.Constant) and v.value is None for v in value.elts
             ):
                 continue  # `cos, sin = None, None` (layers without RoPE)
+        if isinstance(parent, ast.Tuple) and isinstance(parents.get(parent), ast.Tuple):
+            loop = parents.get(parents[parent])
+            if isinstance(loop, ast.comprehension) and "position_embeddings" in ast.unparse(loop.iter):
+                continue  # for k, (cos, sin) in position_embeddings.items()
+        if isinstance(parent, ast.Subscript) and parent.value is node and _selects_positions(parent.slice):
+            continue  # cos[:, t, :] selects positions, which the context supports
         if isinstance(parent, ast.Call) and node in parent.args:
             func = parent.func
             name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
@@ -389,6 +403,13 @@ def _cos_sin_misuse(module, apply_names: set[str]) -> str | None:
             continue  # a helper unrelated to the rotary contract (its own cos/sin)
         return src.splitlines()[node.lineno - 1].strip()
     return None
+
+
+def _selects_positions(index: ast.AST) -> bool:
+    def full(e):
+        return isinstance(e, ast.Slice) and e.lower is None and e.upper is None and e.step is None
+
+    return isinstance(index, ast.Tuple) and len(index.elts) == 3 and full(index.elts[0]) and full(index.elts[2])
 
 
 def _inv_freq_buffers(rotary: nn.Module) -> dict[str | None, torch.Tensor]:
@@ -464,7 +485,7 @@ def _contract(model: nn.Module) -> _Contract:
                 )
             layouts[(module.__name__, name)] = layout
         if functions:
-            misuse = _cos_sin_misuse(module, set(functions))
+            misuse = _cos_sin_misuse(module, set(functions), {type(m).__name__ for m in model.modules()})
             if misuse:
                 raise Unsupported(f"its attention uses cos/sin beyond apply_rotary_pos_emb: `{misuse}`")
     if not layouts:
@@ -498,6 +519,18 @@ class RopeContext:
     attention_factor: float
     xpos_center: int
     backend: str
+
+    def __getitem__(self, index):
+        """``ctx[:, t, :]``: the context of some positions (as ``cos[:, t, :]`` selects them); nothing else."""
+        if (
+            isinstance(index, tuple)
+            and len(index) == 3
+            and index[0] == slice(None)
+            and index[2] == slice(None)
+            and self.positions.dim() == 2
+        ):
+            return dataclasses.replace(self, positions=self.positions[:, index[1]])
+        raise TypeError(f"a RopeContext stands for (cos, sin); only ctx[:, positions, :] is defined, not {index!r}")
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, layout: str = "half", unsqueeze_dim: int = 1):
         """q (B, Hq, T, D), k (B, Hk, T, D) (or (B, T, H, D) with unsqueeze_dim=2) -> rotated (q, k)."""
@@ -692,18 +725,32 @@ _MODULE_PATCHES: dict[str, dict[str, Any]] = {}  # module name -> {"originals": 
 def _dispatcher(original, layout: str):
     signature = inspect.signature(original)
 
-    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        if isinstance(sin, RopeContext):
-            unsqueeze_dim = 1
-            if args or kwargs:
-                bound = signature.bind(q, k, cos, sin, *args, **kwargs)
-                unsqueeze_dim = bound.arguments.get("unsqueeze_dim", 1)
-            return sin(q, k, layout, unsqueeze_dim)
-        return original(q, k, cos, sin, *args, **kwargs)
+    def unsqueeze_dim_of(*args, **kwargs) -> int:
+        return signature.bind(*args, **kwargs).arguments.get("unsqueeze_dim", 1)
 
-    apply_rotary_pos_emb.__wrapped__ = original
-    apply_rotary_pos_emb.__name__ = original.__name__
-    return apply_rotary_pos_emb
+    if _is_single(original):
+
+        def apply_rotary_pos_emb_one(x, cos, sin, *args, **kwargs):
+            if isinstance(sin, RopeContext):
+                # rotate x as q, with a one-head k that is dropped
+                unsqueeze_dim = unsqueeze_dim_of(x, cos, sin, *args, **kwargs)
+                dummy = x[:, :, :1] if unsqueeze_dim == 2 else x[:, :1]
+                return sin(x, dummy, layout, unsqueeze_dim)[0]
+            return original(x, cos, sin, *args, **kwargs)
+
+        dispatch = apply_rotary_pos_emb_one
+    else:
+
+        def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+            if isinstance(sin, RopeContext):
+                unsqueeze_dim = unsqueeze_dim_of(q, k, cos, sin, *args, **kwargs) if args or kwargs else 1
+                return sin(q, k, layout, unsqueeze_dim)
+            return original(q, k, cos, sin, *args, **kwargs)
+
+        dispatch = apply_rotary_pos_emb
+    dispatch.__wrapped__ = original
+    dispatch.__name__ = original.__name__
+    return dispatch
 
 
 def _install_dispatch(module, layouts: dict[str, str]) -> None:

@@ -9,7 +9,8 @@ step), within float32 tolerance. A family the patch refuses must be refused clea
 that names what the rotary contract lacks, raised before anything changes.
 
 The run writes the support table (family -> exact / refused: reason) that the README links to,
-``docs/support.md``; the last test fails when the committed table differs from what the run proved.
+``docs/support.md``; the last test fails when the committed table differs from what the run proved,
+or when the README's count line (``transformers X: **N of M families exact**``) does not match it.
 Update it with ``ROPEKIT_WRITE_SUPPORT=1 python -m pytest tests/test_families.py``.
 """
 
@@ -27,6 +28,7 @@ import ropekit
 from ropekit import hf
 
 SUPPORT_TABLE = Path(__file__).resolve().parent.parent / "docs" / "support.md"
+README = SUPPORT_TABLE.parent.parent / "README.md"
 EPS32 = torch.finfo(torch.float32).eps
 # ropekit's angles are float64 products rounded once; transformers' are float32 products, off by up to
 # ~T * eps32 rad at position T (T <= 20 here). Through two tiny layers that moves logits of size ~1 by
@@ -292,3 +294,6 @@ def test_support_table_is_what_the_run_proved():
         "docs/support.md differs from this run; run "
         "`ROPEKIT_WRITE_SUPPORT=1 python -m pytest tests/test_families.py` and commit it"
     )
+    exact = sum(r == "exact" for r in RESULTS.values())
+    summary = f"transformers {transformers.__version__}: **{exact} of {len(RESULTS)} families exact**"
+    assert summary in README.read_text(), f"the README must state what the run proved: {summary!r}"
