@@ -20,9 +20,13 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     from ropekit.methods import METHODS
 
     for name, cls in METHODS.items():
+        if name == "native":
+            print(f"{name:12s} the model's own configured method (per layer type), run through ropekit")
+            continue
         keys = ", ".join(f"{f.name}={'<model>' if f.default is None else f.default}" for f in dataclasses.fields(cls))
         hf = cls.hf_type or "none (saved under config.ropekit)"
-        print(f"{name:8s} HF type: {hf:36s} keys: {keys}")
+        print(f"{name:12s} HF type: {hf:34s} keys: {keys}")
+    print("list values join items with '/' (longrope:short_factor=1/1.5/2,...); per layer type: 'spec@full_attention'")
     return 0
 
 

@@ -17,10 +17,19 @@ Formulas (Xiong et al. 2023 and the methods after it; see the README's method ta
                                attention factor 0.1 ln s + 1 applied to q and k
 - Llama 3 (Meta 2024):         wavelength bands: keep / divide by s / smooth blend
 - xPos (Sun et al. 2022):      RoPE, q scaled by zeta_j^(n/B), k by zeta_j^(-n/B), zeta_j = (2j/d + gamma)/(1 + gamma)
+- LongRoPE (Ding et al. 2024): theta_j / f_j with per-pair factors f (``short_factor`` up to the original
+                               length L, ``long_factor`` beyond it), attention factor sqrt(1 + ln s / ln L)
+- proportional (Gemma 4):      RoPE on the first p*d/2 pairs (exponent over the whole head), zero frequency
+                               (no rotation) on the rest, all divided by ``factor``
 
 Spec strings name a method everywhere (CLI, configs, result rows): ``name:key=value,key=value``,
-e.g. ``pi:factor=8`` or ``yarn:factor=8,original_max_position_embeddings=4096``.
+e.g. ``pi:factor=8`` or ``yarn:factor=8,original_max_position_embeddings=4096``; list values (LongRoPE's
+per-pair factors) join their items with ``/``: ``longrope:short_factor=1/1/1.5/2,long_factor=...``.
+``native`` names the model's own configured method (resolved by ``ropekit.hf.patch``).
 ``parse(spec)`` returns the method; ``str(method)`` gives the spec back.
+
+Each class names its Hugging Face ``rope_type`` (``hf_type``) and maps both ways (``to_hf`` /
+``from_hf``); ``HF_TYPES`` is the reverse registry, so a new method is one class and one registry entry.
 """
 
 from __future__ import annotations
@@ -39,11 +48,15 @@ __all__ = [
     "XPOS_MAX_EXPONENT",
     "DynamicNTK",
     "Llama3",
+    "LongRoPE",
+    "Native",
+    "Proportional",
     "RopeMethod",
     "Rope",
     "XPos",
     "YaRN",
     "METHODS",
+    "HF_TYPES",
     "from_hf",
     "parse",
 ]
@@ -91,6 +104,13 @@ class RopeMethod:
             if f.type == "bool":
                 if not isinstance(value, bool):
                     raise ValueError(f"{self.name}: '{f.name}' must be true or false, got {value!r}")
+                continue
+            if "tuple" in f.type:
+                if not isinstance(value, tuple) or not value:
+                    raise ValueError(f"{self.name}: '{f.name}' must be a non-empty list of numbers, got {value!r}")
+                for item in value:
+                    if isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item):
+                        raise ValueError(f"{self.name}: '{f.name}' items must be finite numbers, got {item!r}")
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{self.name}: '{f.name}' must be a finite number, got {value!r}")
@@ -174,6 +194,18 @@ class RopeMethod:
     def to_hf(self, head_dim: int) -> dict[str, Any]:
         """A Hugging Face ``rope_parameters`` dict giving the same frequencies (v5 form)."""
         return {"rope_type": "default", "rope_theta": self._base()}
+
+    @classmethod
+    def from_hf(cls, params: dict[str, Any]) -> RopeMethod:
+        """The method of a Hugging Face ``rope_parameters`` dict of this class's ``hf_type``.
+
+        The default reads ``rope_theta`` and every dataclass field present in ``params`` (HF key = field name).
+        """
+        kwargs: dict[str, Any] = {"base": _theta(params)}
+        for f in dataclasses.fields(cls):
+            if f.name != "base" and params.get(f.name) is not None:
+                kwargs[f.name] = _from_hf_value(cls, f.name, params[f.name])
+        return cls(**kwargs)
 
 
 @dataclass(frozen=True)
@@ -300,6 +332,11 @@ class DynamicNTK(RopeMethod):
     def to_hf(self, head_dim: int) -> dict[str, Any]:
         return {"rope_type": "dynamic", "rope_theta": self._base(), "factor": float(self.factor)}
 
+    @classmethod
+    def from_hf(cls, params: dict[str, Any]) -> RopeMethod:
+        # HF's dynamic type takes its original length from max_position_embeddings (resolved at patch time)
+        return cls(base=_theta(params), factor=float(params["factor"]))
+
 
 @dataclass(frozen=True)
 class YaRN(RopeMethod):
@@ -383,6 +420,31 @@ class YaRN(RopeMethod):
         if self.mscale is not None:
             out["attention_factor"] = float(self.mscale)
         return out
+
+    @classmethod
+    def from_hf(cls, params: dict[str, Any]) -> RopeMethod:
+        factor = float(params["factor"])
+        kw: dict[str, Any] = {
+            "base": _theta(params),
+            "factor": factor,
+            "original_max_position_embeddings": int(params["original_max_position_embeddings"]),
+        }
+        for key in ("beta_fast", "beta_slow"):
+            if params.get(key):  # HF: `get(key) or default`
+                kw[key] = float(params[key])
+        if params.get("truncate") is not None:
+            kw["truncate"] = bool(params["truncate"])
+        if params.get("attention_factor") is not None:
+            kw["mscale"] = float(params["attention_factor"])
+        elif params.get("mscale") and params.get("mscale_all_dim"):
+            # DeepSeek form: the attention factor is a ratio of two YaRN mscales (as transformers computes it)
+            def get_mscale(scale: float, m: float) -> float:
+                return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+            kw["mscale"] = get_mscale(factor, float(params["mscale"])) / get_mscale(
+                factor, float(params["mscale_all_dim"])
+            )
+        return cls(**kw)
 
 
 @dataclass(frozen=True)
@@ -486,10 +548,193 @@ class XPos(RopeMethod):
         return {"rope_type": "default", "rope_theta": self._base()}
 
 
-METHODS: dict[str, type[RopeMethod]] = {cls.name: cls for cls in (Rope, ABF, PI, NTK, DynamicNTK, YaRN, Llama3, XPos)}
+@dataclass(frozen=True)
+class LongRoPE(RopeMethod):
+    """LongRoPE (Ding et al. 2024; Phi-3): theta_j / f_j with searched per-pair factors f.
+
+    ``short_factor`` applies while the sequence is at most ``original_max_position_embeddings`` (L) long,
+    ``long_factor`` beyond it (switched for the whole sequence by its largest position, as transformers
+    does). q and k are multiplied by ``attention_factor``, by default sqrt(1 + ln(factor) / ln(L)) where
+    ``factor`` defaults to max_position_embeddings / L at patch time. Spec lists join items with ``/``.
+    """
+
+    name: ClassVar[str] = "longrope"
+    hf_type: ClassVar[str | None] = "longrope"
+    needs_seq_len: ClassVar[bool] = True
+
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
+    original_max_position_embeddings: int | None = None
+    factor: float | None = None
+    mscale: float | None = None  # attention_factor override (HF "attention_factor"): if set, used as is
+
+    def _validate(self) -> None:
+        if self.short_factor is None or self.long_factor is None or self.original_max_position_embeddings is None:
+            raise ValueError(
+                "longrope: 'short_factor', 'long_factor' (one factor per rotary pair, joined by '/') and "
+                "'original_max_position_embeddings' are required, e.g. "
+                "'longrope:short_factor=1/1/1/1,long_factor=1/2/4/8,original_max_position_embeddings=4096'"
+            )
+        if len(self.short_factor) != len(self.long_factor):
+            raise ValueError(
+                f"longrope: 'short_factor' ({len(self.short_factor)} items) and 'long_factor' "
+                f"({len(self.long_factor)} items) must have one item per rotary pair each"
+            )
+        if min(self.short_factor) <= 0 or min(self.long_factor) <= 0:
+            raise ValueError("longrope: 'short_factor' and 'long_factor' items must be > 0")
+        if self.original_max_position_embeddings <= 0:
+            value = self.original_max_position_embeddings
+            raise ValueError(f"longrope: 'original_max_position_embeddings' must be > 0, got {value!r}")
+        if self.factor is not None and self.factor <= 0:
+            raise ValueError(f"longrope: 'factor' must be > 0, got {self.factor!r}")
+        if self.mscale is not None and self.mscale <= 0:
+            raise ValueError(f"longrope: 'mscale' must be > 0, got {self.mscale!r}")
+
+    def resolve(self, *, base: float, max_position_embeddings: int | None = None) -> RopeMethod:
+        m = super().resolve(base=base)
+        if m.factor is None and max_position_embeddings is not None:
+            m = dataclasses.replace(m, factor=max_position_embeddings / m.original_max_position_embeddings)
+        return m
+
+    def inv_freq64(self, head_dim: int, seq_len: int | None = None) -> torch.Tensor:
+        _check_head_dim(head_dim)
+        long = seq_len is not None and seq_len > self.original_max_position_embeddings
+        factors = self.long_factor if long else self.short_factor
+        if len(factors) != head_dim // 2:
+            raise ValueError(
+                f"longrope: {len(factors)} factors given for rotary dim {head_dim} ({head_dim // 2} pairs needed)"
+            )
+        return _rope_inv_freq64(self._base(), head_dim) / torch.tensor(factors, dtype=torch.float64)
+
+    @property
+    def attention_factor(self) -> float:
+        if self.mscale is not None:
+            return float(self.mscale)
+        factor = self.factor if self.factor is not None else 1.0
+        if factor <= 1.0:
+            return 1.0
+        return math.sqrt(1 + math.log(factor) / math.log(self.original_max_position_embeddings))
+
+    def target_length(self, original: int) -> int | None:
+        if self.factor is None:
+            return None
+        return int(round(self.original_max_position_embeddings * self.factor))
+
+    def to_hf(self, head_dim: int) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "rope_type": "longrope",
+            "rope_theta": self._base(),
+            "short_factor": [float(f) for f in self.short_factor],
+            "long_factor": [float(f) for f in self.long_factor],
+            "original_max_position_embeddings": int(self.original_max_position_embeddings),
+        }
+        if self.factor is not None:
+            out["factor"] = float(self.factor)
+        if self.mscale is not None:
+            out["attention_factor"] = float(self.mscale)
+        return out
+
+    @classmethod
+    def from_hf(cls, params: dict[str, Any]) -> RopeMethod:
+        return cls(
+            base=_theta(params),
+            short_factor=tuple(float(f) for f in params["short_factor"]),
+            long_factor=tuple(float(f) for f in params["long_factor"]),
+            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+            factor=None if params.get("factor") is None else float(params["factor"]),
+            mscale=None if params.get("attention_factor") is None else float(params["attention_factor"]),
+        )
+
+
+@dataclass(frozen=True)
+class Proportional(RopeMethod):
+    """Proportional RoPE (Gemma 4 full-attention layers): RoPE on the first int(p * d / 2) pairs with the
+    exponent taken over the whole head (base^(-2j/d)), zero frequency (no rotation) on the other pairs,
+    every frequency divided by ``factor``. ``partial_rotary_factor`` is p; the head is not truncated."""
+
+    name: ClassVar[str] = "proportional"
+    hf_type: ClassVar[str | None] = "proportional"
+
+    factor: float = 1.0
+    partial_rotary_factor: float = 1.0
+
+    def _validate(self) -> None:
+        if self.factor <= 0:
+            raise ValueError(f"proportional: 'factor' must be > 0, got {self.factor!r}")
+        if not 0 <= self.partial_rotary_factor <= 1:
+            raise ValueError(
+                f"proportional: 'partial_rotary_factor' must be in [0, 1], got {self.partial_rotary_factor!r}"
+            )
+
+    def inv_freq64(self, head_dim: int, seq_len: int | None = None) -> torch.Tensor:
+        theta = _rope_inv_freq64(self._base(), head_dim)
+        rotated = int(self.partial_rotary_factor * head_dim // 2)
+        theta[rotated:] = 0.0
+        return theta / self.factor
+
+    def target_length(self, original: int) -> int | None:
+        return int(round(original * self.factor)) if self.factor > 1 else None
+
+    def to_hf(self, head_dim: int) -> dict[str, Any]:
+        return {
+            "rope_type": "proportional",
+            "rope_theta": self._base(),
+            "factor": float(self.factor),
+            "partial_rotary_factor": float(self.partial_rotary_factor),
+        }
+
+
+@dataclass(frozen=True)
+class Native(RopeMethod):
+    """The model's own configured method (per layer type where it has several), run through ropekit.
+
+    A placeholder: ``ropekit.hf.patch`` replaces it with the method the model's config describes and
+    leaves that config as it is. It has no numbers of its own.
+    """
+
+    name: ClassVar[str] = "native"
+    always_shown: ClassVar[tuple[str, ...]] = ()
+
+    def _validate(self) -> None:
+        if self.base is not None:
+            raise ValueError("native: takes no keys (it is the model's own method); name a method to change it")
+
+    def inv_freq64(self, head_dim: int, seq_len: int | None = None) -> torch.Tensor:
+        raise ValueError("native: the model's own method is known only when a model is patched (ropekit.patch)")
+
+    def to_hf(self, head_dim: int) -> dict[str, Any]:
+        raise ValueError("native: the model's own method is known only when a model is patched (ropekit.patch)")
+
+
+METHODS: dict[str, type[RopeMethod]] = {
+    cls.name: cls for cls in (Rope, ABF, PI, NTK, DynamicNTK, YaRN, Llama3, XPos, LongRoPE, Proportional, Native)
+}
+# Hugging Face rope_type -> the method that reads it (ABF, NTK and xPos write "default" but are read back as
+# plain RoPE unless the saved ropekit spec names them).
+HF_TYPES: dict[str, type[RopeMethod]] = {
+    cls.hf_type: cls for cls in (Rope, PI, DynamicNTK, YaRN, Llama3, LongRoPE, Proportional)
+}
+
+
+def _theta(params: dict[str, Any]) -> float | None:
+    theta = params.get("rope_theta")
+    return float(theta) if theta is not None else None
+
+
+def _from_hf_value(method: type[RopeMethod], key: str, value: Any) -> Any:
+    ftype = str({f.name: f.type for f in dataclasses.fields(method)}[key])
+    if "tuple" in ftype:
+        return tuple(float(v) for v in value)
+    if "bool" in ftype:
+        return bool(value)
+    if "int" in ftype and "float" not in ftype:
+        return int(value)
+    return float(value)
 
 
 def _format_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "/".join(_format_value(float(v)) for v in value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
@@ -506,6 +751,14 @@ def _coerce(method: type[RopeMethod], key: str, text: str) -> Any:
         if low in ("false", "0", "no"):
             return False
         raise ValueError(f"{method.name}: value {text!r} for '{key}' is not a boolean; accepted: true, false")
+    if "tuple" in str(ftype):
+        items = [t.strip() for t in text.split("/")]
+        try:
+            return tuple(float(t) for t in items)
+        except ValueError:
+            raise ValueError(
+                f"{method.name}: value {text!r} for '{key}' is not a list of numbers joined by '/' (e.g. 1/1.5/2)"
+            ) from None
     try:
         number = float(text)
     except ValueError:
@@ -548,41 +801,13 @@ def parse(spec: str | RopeMethod) -> RopeMethod:
 def from_hf(rope_parameters: dict[str, Any], ropekit_spec: str | None = None) -> RopeMethod:
     """The method a Hugging Face ``rope_parameters`` dict (v5, or a v4 ``rope_scaling`` merged with
     ``rope_theta``) describes. A ``ropekit_spec`` saved beside it wins (it keeps xPos, ABF and NTK names)."""
-    if ropekit_spec:
+    if ropekit_spec and ropekit_spec != "native":
         return parse(ropekit_spec)
     params = dict(rope_parameters or {})
     rope_type = params.get("rope_type", params.get("type", "default"))
-    theta = params.get("rope_theta")
-    base = float(theta) if theta is not None else None
-    if rope_type == "default":
-        return Rope(base=base)
-    if rope_type == "linear":
-        return PI(base=base, factor=float(params["factor"]))
-    if rope_type == "dynamic":
-        return DynamicNTK(base=base, factor=float(params["factor"]))
-    if rope_type == "yarn":
-        kw: dict[str, Any] = {
-            "base": base,
-            "factor": float(params["factor"]),
-            "original_max_position_embeddings": int(params["original_max_position_embeddings"]),
-        }
-        for key in ("beta_fast", "beta_slow"):
-            if params.get(key) is not None:
-                kw[key] = float(params[key])
-        if params.get("attention_factor") is not None:
-            kw["mscale"] = float(params["attention_factor"])
-        if params.get("truncate") is not None:
-            kw["truncate"] = bool(params["truncate"])
-        if params.get("mscale") and params.get("mscale_all_dim"):
-            raise ValueError("yarn with 'mscale'/'mscale_all_dim' (DeepSeek form) is not supported by ropekit")
-        return YaRN(**kw)
-    if rope_type == "llama3":
-        return Llama3(
-            base=base,
-            factor=float(params["factor"]),
-            low_freq_factor=float(params["low_freq_factor"]),
-            high_freq_factor=float(params["high_freq_factor"]),
-            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
-        )
-    accepted = "default, linear, dynamic, yarn, llama3"
-    raise ValueError(f"Hugging Face rope_type {rope_type!r} has no ropekit method; accepted: {accepted}")
+    if rope_type not in HF_TYPES:
+        raise ValueError(f"Hugging Face rope_type {rope_type!r} has no ropekit method; accepted: {', '.join(HF_TYPES)}")
+    try:
+        return HF_TYPES[rope_type].from_hf(params)
+    except KeyError as err:
+        raise ValueError(f"Hugging Face rope_type {rope_type!r} parameters lack {err.args[0]!r}: {params}") from None

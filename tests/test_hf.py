@@ -2,6 +2,8 @@
 decoding equal to a full forward, save/load round trips, undo, clear errors."""
 
 import copy
+import math
+import warnings
 
 import pytest
 import torch
@@ -68,9 +70,9 @@ def test_the_patched_path_runs():
     calls = []
     rope_ctx_call = hf.RopeContext.__call__
 
-    def spy(self, q, k, positions):
+    def spy(self, q, k, *args):
         calls.append(q.shape)
-        return rope_ctx_call(self, q, k, positions)
+        return rope_ctx_call(self, q, k, *args)
 
     hf.RopeContext.__call__ = spy
     try:
@@ -242,12 +244,13 @@ def test_model_cast_to_bfloat16_keeps_exact_frequencies():
     assert params.inv_freq.dtype == torch.float64
 
 
-def test_unsupported_model_is_refused_with_the_supported_list():
+def test_model_without_the_rotary_contract_is_refused_saying_what_is_missing():
     config = AutoConfig.for_model("gpt2", n_layer=1, n_head=2, n_embd=32, vocab_size=64)
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(ValueError) as err:
         ropekit.patch(model, "rope")
-    assert "gpt2" in str(err.value) and "llama" in str(err.value) and "mistral" in str(err.value)
+    assert "gpt2" in str(err.value) and "no rotary_emb module" in str(err.value)
+    assert hf.check_support(model).startswith("no rotary_emb module")
 
 
 def test_bad_spec_is_refused_before_anything_changes():
@@ -281,3 +284,267 @@ def test_rope_parameters_v4_form_is_written_and_read(monkeypatch):
     assert hf.read_method(cfg) == ropekit.parse("pi:factor=4,base=10000")
     hf.set_rope_parameters(cfg, {"rope_type": "default", "rope_theta": 500000.0})
     assert cfg.rope_scaling is None and cfg.rope_theta == 500000.0
+
+
+# --- native, and 'rope' on a scaled model (issue 14.2) -----------------------------------------------
+LLAMA31 = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+
+
+def test_native_keeps_the_models_scaled_rope_and_its_config():
+    model = load_model("tiny:llama", rope_parameters=dict(LLAMA31))
+    x = ids(length=48)
+    config_before = model.config.to_dict()
+    with torch.no_grad():
+        before = model(x).logits
+        handle = ropekit.patch(model, "native")
+        after = model(x).logits
+    assert isinstance(model.model.rotary_emb, hf.RopekitRotary)
+    assert str(handle.method).startswith("llama3:base=500000,factor=8")
+    torch.testing.assert_close(after, before, rtol=0, atol=ATOL)
+    after_config = model.config.to_dict()
+    assert after_config.pop("ropekit") == {"method": "native"}
+    assert after_config == config_before
+
+
+def test_rope_on_a_scaled_model_warns_that_it_drops_the_scaling():
+    model = load_model("tiny:llama", rope_parameters=dict(LLAMA31))
+    with pytest.warns(UserWarning, match="replaces the model's 'llama3' RoPE scaling.*'native'"):
+        ropekit.patch(model, "rope")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ropekit.patch(load_model("tiny:llama"), "rope")  # plain model: nothing dropped, no warning
+
+
+def test_native_round_trips_through_save_and_load_model(tmp_path):
+    model = load_model("tiny:llama", rope_parameters=dict(LLAMA31))
+    ropekit.patch(model, "native")
+    x = ids()
+    with torch.no_grad():
+        want = model(x).logits
+    model.save_pretrained(tmp_path)
+    again = load_model(str(tmp_path))
+    assert isinstance(again.model.rotary_emb, hf.RopekitRotary)
+    assert again.model.rotary_emb.method == model.model.rotary_emb.method
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, want, rtol=0, atol=ATOL)
+
+
+# --- meta device (14.8), base model not at .model (14.9), what HF code reads (14.11) -------------------
+def test_patch_on_the_meta_device():
+    from ropekit.models import tiny_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(tiny_config("llama"))
+        handle = ropekit.patch(model, "yarn:factor=4,original_max_position_embeddings=256")
+    assert isinstance(model.model.rotary_emb, hf.RopekitRotary) and handle.method.base == 10000.0
+    assert model.config.rope_parameters["rope_type"] == "yarn"
+
+
+def test_model_whose_decoder_is_not_dot_model_is_patched():
+    from transformers import LlamaForQuestionAnswering
+
+    from ropekit.models import tiny_config
+
+    torch.manual_seed(0)
+    model = LlamaForQuestionAnswering(tiny_config("llama")).eval()
+    x = ids()
+    with torch.no_grad():
+        before = model(x).start_logits
+        ropekit.patch(model, "rope")
+        assert isinstance(model.transformer.rotary_emb, hf.RopekitRotary)
+        torch.testing.assert_close(model(x).start_logits, before, rtol=0, atol=ATOL)
+        ropekit.patch(model, "pi:factor=4")
+        assert (model(x).start_logits - before).abs().max() > 1e-4
+
+
+def test_patched_rotary_exposes_what_transformers_reads():
+    model = load_model("tiny:llama")
+    hf_inv, hf_scaling = model.model.rotary_emb.inv_freq.clone(), model.model.rotary_emb.attention_scaling
+    ropekit.patch(model, "native")
+    rotary = model.model.rotary_emb
+    torch.testing.assert_close(rotary.inv_freq, hf_inv, rtol=1e-6, atol=0)
+    assert rotary.attention_scaling == hf_scaling and rotary.rope_type == "default"
+    assert rotary.config is model.config
+    ropekit.patch(model, "yarn:factor=4,original_max_position_embeddings=256")
+    assert model.model.rotary_emb.attention_scaling == pytest.approx(0.1 * math.log(4) + 1)
+    assert model.model.rotary_emb.rope_type == "yarn"
+
+
+def test_model_loaded_with_hub_kernels_is_refused():
+    model = load_model("tiny:llama")
+    model._use_kernels = True  # what from_pretrained(..., use_kernels=True) sets
+    with pytest.raises(ValueError, match="use_kernels=True"):
+        ropekit.patch(model, "pi:factor=4")
+    assert not isinstance(model.model.rotary_emb, hf.RopekitRotary)
+
+
+def test_context_is_never_a_tensor():
+    # Code that would treat the context as (cos, sin) tensors fails loudly instead of computing garbage.
+    model = load_model("tiny:llama")
+    ropekit.patch(model, "pi:factor=4")
+    cos, sin = model.model.rotary_emb(torch.zeros(1, 3, 64), torch.arange(3)[None])
+    assert isinstance(cos, hf.RopeContext) and cos is sin
+    with pytest.raises(TypeError):
+        cos[..., :4]
+
+
+# --- transformers 4.x config forms (14.10, the hf.py part) -------------------------------------------
+def test_v4_config_without_rope_scaling_attribute_is_snapshotted(monkeypatch):
+    # On 4.57 Mistral/Gemma configs have no rope_scaling attribute: the placeholder must read as "none".
+    monkeypatch.setattr(hf, "_V5", False)
+
+    class Cfg:
+        rope_theta = 10000.0
+        max_position_embeddings = 256
+
+    snap = hf._snapshot_config(Cfg())
+    assert not snap["rope_scaling"]
+    assert hf._layered_of_snapshot(snap, Cfg()) == {None: {"rope_type": "default", "rope_theta": 10000.0}}
+
+
+def test_v4_rope_scaling_keeps_only_the_keys_4x_validates():
+    yarn = ropekit.parse("yarn:factor=4,original_max_position_embeddings=64,base=10000").to_hf(16)
+    assert "truncate" in yarn
+    v4 = hf._v4_rope_scaling(yarn)
+    assert v4 == {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+    }
+    off = ropekit.parse("yarn:factor=4,original_max_position_embeddings=64,base=10000,truncate=false").to_hf(16)
+    with pytest.raises(ValueError, match="truncate=false"):
+        hf._v4_rope_scaling(off)
+
+
+# --- longrope and proportional through the patch --------------------------------------------------------
+LONGROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 10000.0,
+    "short_factor": [1.0, 1.0, 1.1, 1.2, 1.5, 2.0, 3.0, 4.0],
+    "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
+    "original_max_position_embeddings": 16,
+}
+
+
+@pytest.mark.parametrize("length", [12, 40])  # both sides of the switch at the original length
+def test_native_longrope_gives_the_models_logits(length):
+    model = load_model("tiny:llama", rope_parameters=dict(LONGROPE), max_position_embeddings=64)
+    x = ids(length=length)
+    with torch.no_grad():
+        before = model(x).logits
+        ropekit.patch(model, "native")
+        torch.testing.assert_close(model(x).logits, before, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "longrope:short_factor=1/1/1.1/1.2/1.5/2/3/4,long_factor=1/1.5/2/3/4/6/8/12,original_max_position_embeddings=16",
+        "proportional:partial_rotary_factor=0.5,factor=2",
+    ],
+)
+def test_longrope_and_proportional_specs_equal_the_native_model_and_round_trip(tmp_path, spec):
+    model = load_model("tiny:llama", max_position_embeddings=16)
+    ropekit.patch(model, spec)
+    x = ids(length=40)
+    with torch.no_grad():
+        want = model(x).logits
+        torch.testing.assert_close(native_twin(model)(x).logits, want, rtol=0, atol=ATOL)
+    model.save_pretrained(tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    again = load_model(str(tmp_path))
+    assert again.model.rotary_emb.method == model.model.rotary_emb.method
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x).logits, want, rtol=0, atol=ATOL)
+        torch.testing.assert_close(again(x).logits, want, rtol=0, atol=ATOL)
+
+
+# --- per-layer-type methods (Gemma 3: sliding and full layers) ------------------------------------------
+def tiny_gemma3():
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        "gemma3_text",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        ("yarn:factor=4,original_max_position_embeddings=256@full_attention", None),
+        ("yarn:factor=4,original_max_position_embeddings=256", ["full"]),
+    ],
+)
+def test_method_for_the_full_layers_only(how):
+    spec, layer_types = how
+    model = tiny_gemma3()
+    sliding_before = dict(model.config.rope_parameters["sliding_attention"])
+    x = ids(length=40)
+    handle = ropekit.patch(model, spec, layer_types=layer_types)
+    rotary = model.model.rotary_emb
+    assert rotary.methods["sliding_attention"] is None  # the model's own module serves the sliding layers
+    assert rotary.methods["full_attention"].base == 1_000_000.0  # resolved against the full layers' theta
+    assert model.config.rope_parameters["sliding_attention"] == sliding_before
+    assert model.config.rope_parameters["full_attention"]["rope_type"] == "yarn"
+    assert model.config.ropekit["method"].endswith("@full_attention")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, native_twin(model)(x).logits, rtol=0, atol=ATOL)
+    handle.undo()
+    assert not isinstance(model.model.rotary_emb, hf.RopekitRotary)
+
+
+def test_per_layer_type_patch_round_trips(tmp_path):
+    model = tiny_gemma3()
+    ropekit.patch(model, "abf:base=100000@sliding;pi:factor=2@full")
+    x = ids(length=40)
+    with torch.no_grad():
+        want = model(x).logits
+    model.save_pretrained(tmp_path)
+    again = load_model(str(tmp_path))
+    assert {lt: str(m) for lt, m in again.model.rotary_emb.methods.items()} == {
+        "sliding_attention": "abf:base=100000",
+        "full_attention": "pi:base=1000000,factor=2",
+    }
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, want, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize(
+    "spec,word",
+    [
+        ("pi:factor=2@global", "unknown layer type"),
+        ("pi:factor=2@full;abf@full_attention", "given twice"),
+        ("@full", "malformed"),
+    ],
+)
+def test_bad_per_layer_type_specs_are_refused(spec, word):
+    model = tiny_gemma3()
+    with pytest.raises(ValueError, match=word):
+        ropekit.patch(model, spec)
+    assert not isinstance(model.model.rotary_emb, hf.RopekitRotary)
+
+
+def test_per_layer_type_spec_on_a_model_with_one_rope_is_refused():
+    with pytest.raises(ValueError, match="one RoPE for all its layers"):
+        ropekit.patch(load_model("tiny:llama"), "pi:factor=2@full_attention")

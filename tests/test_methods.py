@@ -126,6 +126,10 @@ SPECS = [
     "llama3:factor=8,low_freq_factor=1,high_freq_factor=4,original_max_position_embeddings=8192",
     "xpos:base=500000,scale_base=512",
     "xpos:base=500000,scale_base=256,gamma=0.5,center=16384",
+    "longrope:short_factor=1/1.5/2.25,long_factor=4/8/16,original_max_position_embeddings=4096",
+    "longrope:base=10000,short_factor=1/1,long_factor=2/3,original_max_position_embeddings=64,factor=8,mscale=1.2",
+    "proportional:base=1000000,factor=8,partial_rotary_factor=0.25",
+    "native",
 ]
 
 
@@ -184,7 +188,7 @@ def test_bad_specs_raise_value_error_naming_the_problem(spec, word):
 def test_unknown_method_lists_the_accepted_ones():
     with pytest.raises(ValueError) as err:
         parse("alibi")
-    for name in ("rope", "abf", "pi", "ntk", "dynamic", "yarn", "llama3", "xpos"):
+    for name in ("rope", "abf", "pi", "ntk", "dynamic", "yarn", "llama3", "xpos", "longrope", "proportional", "native"):
         assert name in str(err.value)
 
 
@@ -238,5 +242,131 @@ def test_v4_rope_scaling_with_legacy_type_key_is_read():
 
 
 def test_unsupported_hf_type_is_refused():
-    with pytest.raises(ValueError, match="longrope"):
-        methods.from_hf({"rope_type": "longrope", "rope_theta": 1e4})
+    with pytest.raises(ValueError, match="accepted: default, linear"):
+        methods.from_hf({"rope_type": "alibi", "rope_theta": 1e4})
+
+
+def test_every_transformers_rope_type_has_a_ropekit_method():
+    assert set(ROPE_INIT_FUNCTIONS) | {"default"} <= set(methods.HF_TYPES)
+    for rope_type, cls in methods.HF_TYPES.items():
+        assert cls.hf_type == rope_type and methods.METHODS[cls.name] is cls
+
+
+def _hf_longrope(params, head_dim, max_pos, seq_len=None):
+    config = LlamaConfig(
+        hidden_size=head_dim * 4, num_attention_heads=4, max_position_embeddings=max_pos, rope_parameters=dict(params)
+    )
+    return ROPE_INIT_FUNCTIONS["longrope"](config, None, seq_len=seq_len)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    head_dim=st.sampled_from([8, 16, 64, 96]),
+    base=st.floats(100.0, 1e7),
+    original=st.sampled_from([256, 4096, 8192]),
+    ratio=st.sampled_from([None, 1.0, 2.0, 32.0]),
+    with_factor=st.booleans(),
+    attention_factor=st.sampled_from([None, 1.25]),
+    seq_len=st.sampled_from([None, 1, 255, 256, 257, 4096, 4097, 100_000]),
+    data=st.data(),
+)
+def test_longrope_equals_transformers(head_dim, base, original, ratio, with_factor, attention_factor, seq_len, data):
+    pairs = head_dim // 2
+    factors = st.lists(st.floats(1.0, 64.0), min_size=pairs, max_size=pairs)
+    short, long = data.draw(factors), data.draw(factors)
+    max_pos = int(original * (ratio or 1.0))
+    params = {
+        "rope_type": "longrope",
+        "rope_theta": base,
+        "short_factor": short,
+        "long_factor": long,
+        "original_max_position_embeddings": original,
+    }
+    if with_factor and ratio is not None:
+        params["factor"] = ratio
+    if attention_factor is not None:
+        params["attention_factor"] = attention_factor
+    hf_inv, hf_factor = _hf_longrope(params, head_dim, max_pos, seq_len)
+    method = methods.from_hf(params).resolve(base=base, max_position_embeddings=max_pos)
+    ours = method.inv_freq(head_dim, seq_len)
+    # transformers divides by a float32 factor and a float32 power: a few float32 roundings
+    torch.testing.assert_close(ours, hf_inv.float(), rtol=rtol_for(base) + 2 * EPS32, atol=0)
+    assert method.attention_factor == pytest.approx(hf_factor, rel=1e-12)
+    assert parse(str(method)) == method  # list values survive the spec string
+
+
+def test_longrope_switches_at_the_original_length_only():
+    m = parse("longrope:base=10000,short_factor=1/1,long_factor=2/4,original_max_position_embeddings=64,factor=8")
+    torch.testing.assert_close(m.inv_freq64(4, 64), parse("rope:base=10000").inv_freq64(4))
+    torch.testing.assert_close(m.inv_freq64(4, 65), parse("rope:base=10000").inv_freq64(4) / torch.tensor([2.0, 4.0]))
+    assert m.attention_factor == pytest.approx(math.sqrt(1 + math.log(8) / math.log(64)))
+    assert m.target_length(64) == 512
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    head_dim=st.sampled_from([8, 16, 64, 256, 512]),
+    base=st.floats(100.0, 1e7),
+    proportion=st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.75, 1.0]),
+    factor=st.sampled_from([None, 1.0, 4.0, 8.0]),
+)
+def test_proportional_equals_transformers(head_dim, base, proportion, factor):
+    params = {"rope_type": "proportional", "rope_theta": base, "partial_rotary_factor": proportion}
+    if factor is not None:
+        params["factor"] = factor
+    config = LlamaConfig(
+        hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim, rope_parameters=dict(params)
+    )
+    hf_inv, hf_factor = ROPE_INIT_FUNCTIONS["proportional"](config, None)
+    method = methods.from_hf(params)
+    ours = method.inv_freq(head_dim)
+    assert ours.shape == hf_inv.shape == (head_dim // 2,)
+    assert torch.equal(ours == 0, hf_inv == 0)  # the same pairs are left unrotated
+    torch.testing.assert_close(ours, hf_inv.float(), rtol=rtol_for(base) + 2 * EPS32, atol=0)
+    assert method.attention_factor == hf_factor == 1.0
+    assert methods.from_hf(method.to_hf(head_dim)) == method
+
+
+def test_deepseek_yarn_attention_factor_equals_transformers():
+    params = {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 40.0,
+        "original_max_position_embeddings": 4096,
+        "mscale": 1.0,
+        "mscale_all_dim": 0.707,
+        "beta_fast": 32,
+        "beta_slow": 1,
+    }
+    hf_inv, hf_factor = hf_parameters(params, 64, 163840)
+    method = methods.from_hf(params)
+    assert method.attention_factor == pytest.approx(hf_factor, rel=1e-12)
+    torch.testing.assert_close(method.inv_freq(64), hf_inv.float(), rtol=rtol_for(1e4), atol=0)
+
+
+@pytest.mark.parametrize(
+    "spec,word",
+    [
+        ("longrope:short_factor=1/1,original_max_position_embeddings=64", "required"),
+        ("longrope:short_factor=1/x,long_factor=1/1,original_max_position_embeddings=64", "joined by '/'"),
+        ("longrope:short_factor=1/1,long_factor=1,original_max_position_embeddings=64", "one item per rotary pair"),
+        ("longrope:short_factor=1/0,long_factor=1/1,original_max_position_embeddings=64", "> 0"),
+        ("proportional:partial_rotary_factor=1.5", "partial_rotary_factor"),
+        ("native:base=10000", "takes no keys"),
+    ],
+)
+def test_new_methods_refuse_bad_specs(spec, word):
+    with pytest.raises(ValueError, match=word):
+        parse(spec)
+
+
+def test_longrope_needs_one_factor_per_pair_of_the_rotary_dim():
+    m = parse("longrope:base=1e4,short_factor=1/1,long_factor=1/1,original_max_position_embeddings=64")
+    with pytest.raises(ValueError, match="4 pairs needed"):
+        m.inv_freq(8)
+
+
+def test_native_is_known_only_against_a_model():
+    assert str(parse("native")) == "native" and parse("native") == methods.Native()
+    with pytest.raises(ValueError, match="ropekit.patch"):
+        parse("native").inv_freq(64)

@@ -1,0 +1,299 @@
+"""One identity test per decoder-only text family transformers ships with RoPE, and the support table.
+
+The families are enumerated from transformers itself (causal-LM model types whose config carries RoPE
+parameters, multimodal configs left out), so a new transformers release brings its new families here
+without an edit. For each family a tiny random model is built from its config class (``tiny_family_config``)
+and patched with ``native`` (the model's own method, run through ropekit). The patched model must give
+the unpatched model's logits, and the same 8 greedy tokens with the KV cache (with the logits of every
+step), within float32 tolerance. A family the patch refuses must be refused cleanly: a ``ValueError``
+that names what the rotary contract lacks, raised before anything changes.
+
+The run writes the support table (family -> exact / refused: reason) that the README links to,
+``docs/support.md``; the last test fails when the committed table differs from what the run proved,
+or when the README's count line (``transformers X: **N of M families exact**``) does not match it.
+Update it with ``ROPEKIT_WRITE_SUPPORT=1 python -m pytest tests/test_families.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import ropekit
+from ropekit import hf
+
+SUPPORT_TABLE = Path(__file__).resolve().parent.parent / "docs" / "support.md"
+README = SUPPORT_TABLE.parent.parent / "README.md"
+EPS32 = torch.finfo(torch.float32).eps
+# ropekit's angles are float64 products rounded once; transformers' are float32 products, off by up to
+# ~T * eps32 rad at position T (T <= 20 here). Through two tiny layers that moves logits of size ~1 by
+# well under 2^10 ulps; a wrong frequency, layout or scale moves them by 1e-2 or more.
+LOGITS_ATOL = 2**10 * EPS32
+PROMPT, NEW_TOKENS, VOCAB = 12, 8, 256
+
+
+def rope_families() -> list[str]:
+    """Causal-LM model types of the installed transformers whose text config has RoPE parameters."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    out = []
+    for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        try:
+            config_class = CONFIG_MAPPING[model_type]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                config = config_class()
+        except Exception:  # noqa: BLE001 - a config that cannot be built by default is not a family we can test
+            continue
+        subs = set(getattr(config_class, "sub_configs", None) or {})
+        if any(word in s for s in subs for word in ("vision", "audio", "speech", "image")):
+            continue  # multimodal: its text decoder is listed under its own model type
+        if getattr(config, "is_encoder_decoder", False):
+            continue
+        has_rope = getattr(config, "rope_parameters", None) or getattr(config, "rotary_dim", None)
+        if has_rope:
+            out.append(model_type)
+    return sorted(out)
+
+
+# Config attribute names that size a model, and their tiny values (set only where the config has them).
+TINY_SIZES = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "n_embd": 64,
+    "d_model": 64,
+    "intermediate_size": 128,
+    "ffn_hidden_size": 128,
+    "n_inner": 128,
+    "num_attention_heads": 4,
+    "n_head": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 512,
+    "n_positions": 512,
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "n_routed_experts": 4,
+    "moe_num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_k": 2,
+    "moe_topk": 2,
+    "top_k": 2,
+    "n_group": 1,
+    "topk_group": 1,
+    "moe_intermediate_size": 32,
+    "shared_experts_intermediate_size": 32,
+    "vocab_size_per_layer_input": VOCAB,
+    "hidden_size_per_layer_input": 16,
+    "index_topk": 16,
+    "index_head_dim": 16,
+    "index_n_heads": 2,
+    "expert_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32,
+    "moe_shared_expert_intermediate_size": 32,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 32,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "qk_head_dim": 16,
+    "v_head_dim": 16,
+    "sliding_window": 64,
+    "attention_chunk_size": 64,
+    "rotary_dim": 8,
+    "num_hidden_layers": 2,
+    "n_layer": 2,
+}
+
+
+def _has(config, key: str) -> bool:
+    try:
+        getattr(config, key)
+    except AttributeError:
+        return False
+    except Exception:  # noqa: BLE001 - e.g. a per-layer attribute that refuses a global read: it exists
+        return True
+    return True
+
+
+def _settable(config, key: str) -> bool:
+    return _has(config, key) and not isinstance(getattr(type(config), key, None), property)
+
+
+def _tiny_kwargs(default) -> dict:
+    kwargs = {k: v for k, v in TINY_SIZES.items() if _settable(default, k)}
+    if "qk_rope_head_dim" in kwargs and "head_dim" in kwargs:
+        kwargs["head_dim"] = kwargs["qk_rope_head_dim"]  # MLA: the rotary head is the rope slice
+    layer_types = getattr(default, "layer_types", None) if _settable(default, "layer_types") else None
+    if layer_types:
+        kinds = list(dict.fromkeys(layer_types))
+        kwargs["layer_types"] = (kinds * 2)[:2] if len(kinds) < 2 else kinds[:2]
+        kwargs["num_hidden_layers"] = len(kwargs["layer_types"])
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(default, key, None) if _has(default, key) else None
+        if isinstance(value, int) and value >= VOCAB:
+            kwargs[key] = VOCAB - 1 - ("pad_token_id", "bos_token_id", "eos_token_id").index(key)
+    for name in getattr(type(default), "sub_configs", None) or {}:
+        sub = getattr(default, name, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            for key, value in _tiny_kwargs(sub).items():
+                setattr(sub, key, value)
+            kwargs[name] = sub
+    return kwargs
+
+
+def tiny_family_config(model_type: str):
+    """The family's default config at toy size: two layers (one of each layer type where there are two).
+
+    A tiny value the family's own validation refuses is dropped (the family keeps its default) and the
+    config built again."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config_class = CONFIG_MAPPING[model_type]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kwargs = _tiny_kwargs(config_class())
+        for _ in range(4):
+            try:
+                return config_class(**kwargs)
+            except Exception as err:  # noqa: BLE001 - retried without the values it names
+                message = f"{err} {err.__cause__}"
+                named = [k for k in kwargs if k in message] or (["layer_types"] if "layer" in message else [])
+                if not named:
+                    raise
+                for key in named:
+                    kwargs.pop(key, None)
+        return config_class(**kwargs)
+
+
+MAX_PARAMETERS = 4_000_000  # a config the generic shrinking cannot make tiny is not built (CI memory and time)
+
+
+def build(model_type: str):
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_family_config(model_type)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.device("meta"):  # count first: building a full-size model would exhaust a CI machine
+            size = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        if size > MAX_PARAMETERS:
+            raise ValueError(f"{size / 1e6:.0f}M parameters at the generic tiny sizes")
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def greedy(model, prompt):
+    """NEW_TOKENS greedy steps with the KV cache: (prompt + tokens, logits of each step (1, NEW_TOKENS, V))."""
+    out = model(prompt, use_cache=True)
+    cache, tokens, steps = out.past_key_values, prompt, []
+    for _ in range(NEW_TOKENS):
+        logits = out.logits[:, -1:]
+        steps.append(logits)
+        tokens = torch.cat([tokens, logits.argmax(-1)], dim=1)
+        out = model(tokens[:, -1:], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+    return tokens, torch.cat(steps, dim=1)
+
+
+def check_family(model_type: str) -> str:
+    """'exact', or 'refused: <reason>'; raises AssertionError when the patched model differs."""
+    try:
+        model = build(model_type)
+    except Exception as err:  # noqa: BLE001 - recorded in the table with its reason
+        return f"not built tiny: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+    prompt = torch.randint(3, VOCAB - 3, (1, PROMPT), generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            want = model(prompt).logits
+            want_tokens, want_steps = greedy(model, prompt)
+    except Exception as err:  # noqa: BLE001 - the unpatched tiny model itself does not run
+        return f"not built tiny: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+    reason = hf.check_support(model)
+    if reason is not None:
+        config_before = model.config.to_dict()
+        rotary_before = getattr(hf._decoder(model), "rotary_emb", None)
+        with pytest.raises(ValueError, match="ropekit.patch cannot patch") as err:
+            ropekit.patch(model, "native")
+        assert reason in str(err.value)
+        assert model.config.to_dict() == config_before  # refused before anything changed
+        assert getattr(hf._decoder(model), "rotary_emb", None) is rotary_before
+        return f"refused: {reason}"
+    with torch.no_grad():
+        handle = ropekit.patch(model, "native")
+        assert isinstance(hf._decoder(model).rotary_emb, hf.RopekitRotary)
+        got = model(prompt).logits
+        got_tokens, got_steps = greedy(model, prompt)
+    handle.undo()
+    scale = 1 + want.abs().max().item()
+    torch.testing.assert_close(got, want, rtol=0, atol=LOGITS_ATOL * scale)
+    torch.testing.assert_close(got_steps, want_steps, rtol=0, atol=LOGITS_ATOL * scale)
+    assert torch.equal(got_tokens, want_tokens)
+    return "exact"
+
+
+FAMILIES = rope_families()
+RESULTS: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matrices: one thread is ~4x faster than several on a shared 2-core CI machine (no spin-waiting).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_native_patch_is_exact_or_refused_cleanly(model_type):
+    RESULTS[model_type] = "inexact"  # overwritten below unless an assertion fails
+    RESULTS[model_type] = check_family(model_type)
+
+
+def support_table(results: dict[str, str]) -> str:
+    exact = sorted(f for f, r in results.items() if r == "exact")
+    other = sorted(f for f, r in results.items() if r != "exact")
+    lines = [
+        "# Model families ropekit.patch supports",
+        "",
+        "Written by `tests/test_families.py` (do not edit by hand): every decoder-only text family of "
+        f"transformers {transformers.__version__} with RoPE, built tiny from its config class, patched with "
+        "`native`; *exact* means logits and 8 greedy KV-cache steps equal the unpatched model's within "
+        "float32 tolerance. Update with `ROPEKIT_WRITE_SUPPORT=1 python -m pytest tests/test_families.py`.",
+        "",
+        f"**{len(exact)} of {len(results)} families exact** ({100 * len(exact) / max(len(results), 1):.0f}%).",
+        "",
+        "| family | result |",
+        "|---|---|",
+    ]
+    lines += [f"| {f} | exact |" for f in exact]
+    lines += [f"| {f} | {results[f].replace('|', '/')} |" for f in other]
+    return "\n".join(lines) + "\n"
+
+
+def test_support_table_is_what_the_run_proved():
+    if set(RESULTS) != set(FAMILIES):
+        pytest.skip("the support table is checked only when every family ran (run the whole file)")
+    table = support_table(RESULTS)
+    if os.environ.get("ROPEKIT_WRITE_SUPPORT"):
+        SUPPORT_TABLE.parent.mkdir(parents=True, exist_ok=True)
+        SUPPORT_TABLE.write_text(table)
+    committed = SUPPORT_TABLE.read_text() if SUPPORT_TABLE.exists() else ""
+    if f"transformers {transformers.__version__} " not in committed:
+        pytest.skip(f"the committed table is for another transformers version than {transformers.__version__}")
+    assert committed == table, (
+        "docs/support.md differs from this run; run "
+        "`ROPEKIT_WRITE_SUPPORT=1 python -m pytest tests/test_families.py` and commit it"
+    )
+    exact = sum(r == "exact" for r in RESULTS.values())
+    summary = f"transformers {transformers.__version__}: **{exact} of {len(RESULTS)} families exact**"
+    assert summary in README.read_text(), f"the README must state what the run proved: {summary!r}"
