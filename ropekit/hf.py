@@ -393,6 +393,10 @@ def _cos_sin_misuse(module, apply_names: set[str], used_classes: set[str] | None
                 continue  # for k, (cos, sin) in position_embeddings.items()
         if isinstance(parent, ast.Subscript) and parent.value is node and _selects_positions(parent.slice):
             continue  # cos[:, t, :] selects positions, which the context supports
+        if isinstance(parent, ast.Dict) and any(
+            isinstance(t, ast.Name) and t.id == "cache_kwargs" for t in getattr(parents.get(parent), "targets", [])
+        ):
+            continue  # transformers 4.x: cache_kwargs = {"sin": sin, ...}, read only by the SinkCache 4.x removed
         if isinstance(parent, ast.Call) and node in parent.args:
             func = parent.func
             name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")

@@ -37,7 +37,10 @@ def rope_config_kwargs(params: dict) -> dict:
     if int(transformers.__version__.split(".")[0]) >= 5:
         return {"rope_parameters": params}
     theta = params.pop("rope_theta")
-    return {"rope_theta": theta, "rope_scaling": None if params == {"rope_type": "default"} else params}
+    kwargs = {"rope_theta": theta, "rope_scaling": None if params == {"rope_type": "default"} else params}
+    if params.get("rope_type") == "longrope" and "original_max_position_embeddings" in params:
+        kwargs["original_max_position_embeddings"] = params["original_max_position_embeddings"]  # 4.x: top level
+    return kwargs
 
 
 def hf_rope_parameters(config, rope_type: str, seq_len: int | None = None):

@@ -7,12 +7,19 @@ import warnings
 
 import pytest
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import ropekit
 from ropekit import hf
 from ropekit.models import TINY, load_model
 
+from .conftest import rope_config_kwargs
+
+REQUIRES_V5 = pytest.mark.skipif(
+    int(transformers.__version__.split(".")[0]) < 5,
+    reason="transformers 5 form (per-layer-type rope parameters, proportional, LongRoPE keys)",
+)
 ATOL = 5e-5  # float32 logits of a 2-layer model; HF's float32 angles differ from ours by ~1e-6 rad here
 
 
@@ -231,7 +238,7 @@ def test_patch_raises_max_position_embeddings_to_the_target():
 
 
 def test_method_without_base_takes_the_models_rope_theta():
-    model = load_model("tiny:llama", rope_parameters={"rope_type": "default", "rope_theta": 100000.0})
+    model = load_model("tiny:llama", **rope_config_kwargs({"rope_type": "default", "rope_theta": 100000.0}))
     handle = ropekit.patch(model, "pi:factor=4")
     assert handle.method.base == 100000.0 and str(handle.method) == "pi:base=100000,factor=4"
 
@@ -298,7 +305,7 @@ LLAMA31 = {
 
 
 def test_native_keeps_the_models_scaled_rope_and_its_config():
-    model = load_model("tiny:llama", rope_parameters=dict(LLAMA31))
+    model = load_model("tiny:llama", **rope_config_kwargs(LLAMA31))
     x = ids(length=48)
     config_before = model.config.to_dict()
     with torch.no_grad():
@@ -314,7 +321,7 @@ def test_native_keeps_the_models_scaled_rope_and_its_config():
 
 
 def test_rope_on_a_scaled_model_warns_that_it_drops_the_scaling():
-    model = load_model("tiny:llama", rope_parameters=dict(LLAMA31))
+    model = load_model("tiny:llama", **rope_config_kwargs(LLAMA31))
     with pytest.warns(UserWarning, match="replaces the model's 'llama3' RoPE scaling.*'native'"):
         ropekit.patch(model, "rope")
     with warnings.catch_warnings():
@@ -323,7 +330,7 @@ def test_rope_on_a_scaled_model_warns_that_it_drops_the_scaling():
 
 
 def test_native_round_trips_through_save_and_load_model(tmp_path):
-    model = load_model("tiny:llama", rope_parameters=dict(LLAMA31))
+    model = load_model("tiny:llama", **rope_config_kwargs(LLAMA31))
     ropekit.patch(model, "native")
     x = ids()
     with torch.no_grad():
@@ -344,7 +351,7 @@ def test_patch_on_the_meta_device():
         model = AutoModelForCausalLM.from_config(tiny_config("llama"))
         handle = ropekit.patch(model, "yarn:factor=4,original_max_position_embeddings=256")
     assert isinstance(model.model.rotary_emb, hf.RopekitRotary) and handle.method.base == 10000.0
-    assert model.config.rope_parameters["rope_type"] == "yarn"
+    assert hf.get_rope_parameters(model.config)["rope_type"] == "yarn"
 
 
 def test_model_whose_decoder_is_not_dot_model_is_patched():
@@ -435,9 +442,10 @@ LONGROPE = {
 }
 
 
+@REQUIRES_V5  # 4.x keeps LongRoPE's original length at the config's top level; ropekit reads the 5.x form
 @pytest.mark.parametrize("length", [12, 40])  # both sides of the switch at the original length
 def test_native_longrope_gives_the_models_logits(length):
-    model = load_model("tiny:llama", rope_parameters=dict(LONGROPE), max_position_embeddings=64)
+    model = load_model("tiny:llama", **rope_config_kwargs(LONGROPE), max_position_embeddings=64)
     x = ids(length=length)
     with torch.no_grad():
         before = model(x).logits
@@ -449,7 +457,7 @@ def test_native_longrope_gives_the_models_logits(length):
     "spec",
     [
         "longrope:short_factor=1/1/1.1/1.2/1.5/2/3/4,long_factor=1/1.5/2/3/4/6/8/12,original_max_position_embeddings=16",
-        "proportional:partial_rotary_factor=0.5,factor=2",
+        pytest.param("proportional:partial_rotary_factor=0.5,factor=2", marks=REQUIRES_V5),
     ],
 )
 def test_longrope_and_proportional_specs_equal_the_native_model_and_round_trip(tmp_path, spec):
@@ -489,6 +497,7 @@ def tiny_gemma3():
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
+@REQUIRES_V5
 @pytest.mark.parametrize(
     "how",
     [
@@ -514,6 +523,7 @@ def test_method_for_the_full_layers_only(how):
     assert not isinstance(model.model.rotary_emb, hf.RopekitRotary)
 
 
+@REQUIRES_V5
 def test_per_layer_type_patch_round_trips(tmp_path):
     model = tiny_gemma3()
     ropekit.patch(model, "abf:base=100000@sliding;pi:factor=2@full")
@@ -530,6 +540,7 @@ def test_per_layer_type_patch_round_trips(tmp_path):
         torch.testing.assert_close(again(x).logits, want, rtol=0, atol=ATOL)
 
 
+@REQUIRES_V5
 @pytest.mark.parametrize(
     "spec,word",
     [

@@ -8,10 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from ropekit import methods
 from ropekit.methods import parse
+
+from .conftest import hf_rope_parameters, rope_config_kwargs
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -50,13 +51,11 @@ HF_EQUIVALENTS = [
 
 
 def hf_parameters(params, head_dim, max_pos, seq_len=None):
+    """transformers' own (inv_freq, attention_factor) for flat rope parameters (4.x and 5.x)."""
     config = LlamaConfig(
-        hidden_size=head_dim * 4, num_attention_heads=4, max_position_embeddings=max_pos, rope_parameters=dict(params)
+        hidden_size=head_dim * 4, num_attention_heads=4, max_position_embeddings=max_pos, **rope_config_kwargs(params)
     )
-    if params["rope_type"] == "default":
-        return LlamaRotaryEmbedding.compute_default_rope_parameters(config)
-    kwargs = {"seq_len": seq_len} if seq_len is not None else {}
-    return ROPE_INIT_FUNCTIONS[params["rope_type"]](config, None, **kwargs)
+    return hf_rope_parameters(config, params["rope_type"], seq_len)
 
 
 def rtol_for(base: float) -> float:
@@ -253,10 +252,7 @@ def test_every_transformers_rope_type_has_a_ropekit_method():
 
 
 def _hf_longrope(params, head_dim, max_pos, seq_len=None):
-    config = LlamaConfig(
-        hidden_size=head_dim * 4, num_attention_heads=4, max_position_embeddings=max_pos, rope_parameters=dict(params)
-    )
-    return ROPE_INIT_FUNCTIONS["longrope"](config, None, seq_len=seq_len)
+    return hf_parameters(params, head_dim, max_pos, seq_len)
 
 
 @settings(max_examples=40, deadline=None)
@@ -303,6 +299,7 @@ def test_longrope_switches_at_the_original_length_only():
     assert m.target_length(64) == 512
 
 
+@pytest.mark.skipif("proportional" not in ROPE_INIT_FUNCTIONS, reason="this transformers has no 'proportional'")
 @settings(max_examples=40, deadline=None)
 @given(
     head_dim=st.sampled_from([8, 16, 64, 256, 512]),
@@ -315,7 +312,7 @@ def test_proportional_equals_transformers(head_dim, base, proportion, factor):
     if factor is not None:
         params["factor"] = factor
     config = LlamaConfig(
-        hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim, rope_parameters=dict(params)
+        hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim, **rope_config_kwargs(params)
     )
     hf_inv, hf_factor = ROPE_INIT_FUNCTIONS["proportional"](config, None)
     method = methods.from_hf(params)
