@@ -109,6 +109,8 @@ TINY_SIZES = {
     "attention_chunk_size": 64,
     "rotary_dim": 8,
     "num_hidden_layers": 2,
+    "num_layers": 2,
+    "zero_expert_num": 2,
     "n_layer": 2,
 }
 
@@ -131,6 +133,8 @@ def _tiny_kwargs(default) -> dict:
     kwargs = {k: v for k, v in TINY_SIZES.items() if _settable(default, k)}
     if "qk_rope_head_dim" in kwargs and "head_dim" in kwargs:
         kwargs["head_dim"] = kwargs["qk_rope_head_dim"]  # MLA: the rotary head is the rope slice
+    if "kv_lora_rank" in kwargs and "num_key_value_heads" in kwargs:
+        kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]  # MLA expands k to every head
     layer_types = getattr(default, "layer_types", None) if _settable(default, "layer_types") else None
     if layer_types:
         kinds = list(dict.fromkeys(layer_types))
