@@ -383,6 +383,8 @@ def _cos_sin_misuse(module, apply_names: set[str], used_classes: set[str] | None
             value = parents[parent].value
             if isinstance(value, ast.Name) and value.id == "position_embeddings":
                 continue
+            if isinstance(value, ast.Subscript) and ast.unparse(value.value) == "position_embeddings":
+                continue  # cos, sin = position_embeddings[layer_type]
             if isinstance(value, ast.Tuple) and all(
                 isinstance(v, ast.Constant) and v.value is None for v in value.elts
             ):

@@ -109,6 +109,8 @@ TINY_SIZES = {
     "attention_chunk_size": 64,
     "rotary_dim": 8,
     "num_hidden_layers": 2,
+    "num_layers": 2,
+    "zero_expert_num": 2,
     "n_layer": 2,
 }
 
@@ -131,6 +133,8 @@ def _tiny_kwargs(default) -> dict:
     kwargs = {k: v for k, v in TINY_SIZES.items() if _settable(default, k)}
     if "qk_rope_head_dim" in kwargs and "head_dim" in kwargs:
         kwargs["head_dim"] = kwargs["qk_rope_head_dim"]  # MLA: the rotary head is the rope slice
+    if "kv_lora_rank" in kwargs and "num_key_value_heads" in kwargs:
+        kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]  # MLA expands k to every head
     layer_types = getattr(default, "layer_types", None) if _settable(default, "layer_types") else None
     if layer_types:
         kinds = list(dict.fromkeys(layer_types))
@@ -149,7 +153,7 @@ def _tiny_kwargs(default) -> dict:
     return kwargs
 
 
-def tiny_family_config(model_type: str):
+def tiny_family_config(model_type: str, full_depth: bool = False):
     """The family's default config at toy size: two layers (one of each layer type where there are two).
 
     A tiny value the family's own validation refuses is dropped (the family keeps its default) and the
@@ -160,6 +164,9 @@ def tiny_family_config(model_type: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         kwargs = _tiny_kwargs(config_class())
+        if full_depth:  # hybrid models whose first layers have no attention: keep the family's own layers
+            for key in ("num_hidden_layers", "n_layer", "layer_types"):
+                kwargs.pop(key, None)
         for _ in range(4):
             try:
                 return config_class(**kwargs)
@@ -176,10 +183,10 @@ def tiny_family_config(model_type: str):
 MAX_PARAMETERS = 4_000_000  # a config the generic shrinking cannot make tiny is not built (CI memory and time)
 
 
-def build(model_type: str):
+def build(model_type: str, full_depth: bool = False):
     from transformers import AutoModelForCausalLM
 
-    config = tiny_family_config(model_type)
+    config = tiny_family_config(model_type, full_depth)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.device("meta"):  # count first: building a full-size model would exhaust a CI machine
@@ -206,17 +213,18 @@ def greedy(model, prompt):
 
 def check_family(model_type: str) -> str:
     """'exact', or 'refused: <reason>'; raises AssertionError when the patched model differs."""
-    try:
-        model = build(model_type)
-    except Exception as err:  # noqa: BLE001 - recorded in the table with its reason
-        return f"not built tiny: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
     prompt = torch.randint(3, VOCAB - 3, (1, PROMPT), generator=torch.Generator().manual_seed(0))
-    try:
-        with torch.no_grad():
-            want = model(prompt).logits
-            want_tokens, want_steps = greedy(model, prompt)
-    except Exception as err:  # noqa: BLE001 - the unpatched tiny model itself does not run
-        return f"not built tiny: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+    for full_depth in (False, True):  # two layers first; the family's own depth if those do not run
+        try:
+            model = build(model_type, full_depth)
+            with torch.no_grad():
+                want = model(prompt).logits
+                want_tokens, want_steps = greedy(model, prompt)
+            break
+        except Exception as err:  # noqa: BLE001 - recorded in the table with its reason
+            failure = f"not built tiny: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+    else:
+        return failure
     reason = hf.check_support(model)
     if reason is not None:
         config_before = model.config.to_dict()
