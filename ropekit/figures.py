@@ -244,27 +244,35 @@ def draw_all(out: str | Path, results: list[str | Path] = ()) -> list[Path]:
 # ropekit advise / ropekit sweep
 # ---------------------------------------------------------------------------------------------
 def draw_advice(advice, png: str | Path) -> list[Path]:
-    """Fig. 4-form decay curves of every advised candidate on one plot (0 .. 1.25 L'), and their CSV."""
+    """Fig. 4-form decay curves of every advised candidate on one plot (0 .. 1.25 L'), as moving
+    averages (the raw curves oscillate too fast to tell apart), and their CSV (raw and averaged)."""
     plt = _plt()
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
     a = advice
-    dist = np.unique(np.linspace(0, 1.25 * a.target_length, 2001).round().astype(int))
-    curves = {c.label: analysis.attention_decay(c.spec, dist, a.head_dim, a.target_length) for c in a.candidates}
+    every = np.arange(int(1.25 * a.target_length) + 1)
+    width = max(1, a.target_length // 128)
+    kernel = np.ones(width) / width
+    raw = {c.label: analysis.attention_decay(c.spec, every, a.head_dim, a.target_length) for c in a.candidates}
+    smooth = {k: np.convolve(v, kernel, mode="same") for k, v in raw.items()}
+    pick = np.unique(np.linspace(0, every[-1], 2001).round().astype(int))
     csv_path = png.with_suffix(".csv")
-    _write_csv(csv_path, ["distance", *(c.spec for c in a.candidates)],
-               [[int(d), *(round(float(c[i]), 6) for c in curves.values())] for i, d in enumerate(dist)])  # fmt: skip
+    header = ["distance", *(c.spec for c in a.candidates), *(f"{c.spec} (mean over {width})" for c in a.candidates)]
+    _write_csv(csv_path, header, [[int(d), *(round(float(raw[k][d]), 6) for k in raw),
+                                   *(round(float(smooth[k][d]), 6) for k in raw)] for d in pick])  # fmt: skip
     fig, ax = plt.subplots(figsize=(8, 4.2))
-    for i, (label, c) in enumerate(curves.items()):
-        style = dict(lw=1.6, color="k") if i == a.advised else dict(lw=0.8)
-        ax.plot(dist, c, label=f"{label}{' (advised)' if i == a.advised else ''}: {a.candidates[i].spec}", **style)
+    for i, (label, c) in enumerate(smooth.items()):
+        style = dict(lw=2.0, color="k") if i == a.advised else dict(lw=1.0)
+        name = f"{label}{' (advised)' if i == a.advised else ''}: {a.candidates[i].spec}"
+        ax.plot(pick[pick >= width], c[pick[pick >= width]], label=name, **style)
     for x, name in ((a.trained_length, "L"), (a.target_length, "L′")):
         ax.axvline(x, color="gray", ls=":", lw=0.8)
-        ax.text(x, ax.get_ylim()[1], f" {name} = {x}", fontsize=7, va="top")
+        ax.annotate(f"{name} = {x}", (x, 0), xytext=(3, 3), textcoords="offset points", fontsize=7)
     ax.axhline(0, color="k", lw=0.4)
-    ax.set(xlabel="distance between query and key tokens", ylabel="attention score before softmax",
+    ax.set(xlabel="distance between query and key tokens",
+           ylabel=f"score before softmax, mean over {width} tokens",
            title=f"Score decay of all-ones q = k (d = {a.head_dim}, base {a.base:g}; dynamic NTK at L′)")  # fmt: skip
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
     _save(fig, png)
     plt.close(fig)
     return [png, csv_path]

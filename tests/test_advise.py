@@ -100,3 +100,13 @@ def test_advise_cli_table_and_figure(tmp_path, capsys):
 def test_advise_cli_bad_inputs(argv, word, capsys):
     assert main(argv) == 2
     assert word in capsys.readouterr().err
+
+
+def test_advise_reads_the_model(capsys):
+    """--model: head dim, rope_theta and trained length come from the model's config."""
+    from ropekit.models import load_model
+
+    config = load_model("tiny:llama").config
+    assert main(["advise", "--model", "tiny:llama", "--target-length", str(4 * config.max_position_embeddings)]) == 0
+    out = capsys.readouterr().out
+    assert f"trained at L = {config.max_position_embeddings}," in out and "factor=4" in out
