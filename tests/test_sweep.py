@@ -22,8 +22,8 @@ def saved_model(tmp_path_factory):
 
 
 def _argv(model, out, *extra):
-    return ["sweep", "--model", str(model), "--target-length", "256", "--methods", METHODS, "--n-ppl", "2",
-            "--n-fsr", "2", "--n-passkey", "2", "--out", str(out), *extra]  # fmt: skip
+    return ["sweep", "--model", str(model), "--target-length", "192", "--methods", METHODS, "--n-ppl", "2",
+            "--n-fsr", "1", "--n-passkey", "1", "--out", str(out), *extra]  # fmt: skip
 
 
 def _table(path):
