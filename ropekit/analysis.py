@@ -8,11 +8,15 @@
   (beta b)^(-2j/d) (ABF), as the finite sum and per rotary pair (C_d / (d/2)), with the paper's
   limits C_ABF ~ 1/(ln b + ln beta), C_PI ~ alpha / ln b.
 - ``base_lower_bound``: Men et al. 2024: the smallest base b with B(m) = sum_j cos(m theta_j) >= 0 for
-  every m <= L (found by bisection on log b).
+  every m <= L. The condition is not monotone in b (a base can pass while a slightly larger one fails),
+  so the search scans a log grid upwards and refines the first bracket where the condition flips.
+- ``bound_length``, ``granularity_per_pair``, ``full_period_pairs``: the same quantities for any
+  frequencies (a method's ``inv_freq64``), for ``ropekit.advise``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -27,6 +31,9 @@ __all__ = [
     "granularity_limit",
     "base_lower_bound",
     "bound_holds",
+    "bound_length",
+    "granularity_per_pair",
+    "full_period_pairs",
 ]
 
 # Fig. 4 / Fig. 5 variants at the paper's 7B scale (d = 128, base 10,000; PI for 4k -> 32k).
@@ -38,10 +45,14 @@ PAPER_VARIANTS = {
 }
 
 
-def attention_decay(spec: str, distances: np.ndarray, head_dim: int = 128) -> np.ndarray:
-    """Pre-softmax score of all-ones q and k (query after key by ``distances``), 1/sqrt(d) scaling."""
+def attention_decay(spec: str, distances: np.ndarray, head_dim: int = 128, seq_len: int | None = None) -> np.ndarray:
+    """Pre-softmax score of all-ones q and k (query after key by ``distances``), 1/sqrt(d) scaling.
+
+    ``seq_len`` is the current length for methods whose frequencies depend on it (dynamic NTK). The
+    rotation alone: YaRN's attention factor (q and k both scaled) would multiply the score by its square.
+    """
     method = parse(spec)
-    theta = method.inv_freq64(head_dim).numpy()
+    theta = method.inv_freq64(head_dim, seq_len).numpy()
     dist = np.asarray(distances, dtype=np.float64)[:, None]
     terms = 2 * np.cos(dist * theta[None, :])
     rate = method.xpos_rate(head_dim)
@@ -82,27 +93,81 @@ def granularity_limit(kind: str, factor: float, *, base: float = 10_000.0) -> fl
     raise ValueError(f"kind must be 'PI' or 'ABF'; got {kind!r}")
 
 
+def granularity_per_pair(inv_freq) -> float:
+    """Theorem 1's C_d / (d/2) for any frequencies: mean over pairs of sin(omega_j)."""
+    omega = np.asarray(inv_freq, dtype=np.float64)
+    return float(np.sin(omega).mean())
+
+
+def full_period_pairs(inv_freq, length: int) -> int:
+    """Rotary pairs whose wavelength 2 pi / omega_j fits within ``length`` tokens (a full period seen;
+    the pairs below Liu et al. 2023's critical dimension when ``length`` is the trained length)."""
+    omega = np.asarray(inv_freq, dtype=np.float64)
+    return int((2 * math.pi / omega <= length).sum())
+
+
+def bound_length(inv_freq, max_length: int, *, block: int = 2048) -> int:
+    """Largest L <= ``max_length`` with B(m) = sum_j cos(m omega_j) >= 0 for every 0 <= m <= L
+    (Men et al.'s condition for these frequencies); ``max_length`` when it holds throughout."""
+    omega = np.asarray(inv_freq, dtype=np.float64)
+    for start in range(0, max_length + 1, block):  # in blocks: (block, d/2) at a time; most failures come early
+        m = np.arange(start, min(max_length, start + block - 1) + 1, dtype=np.float64)
+        bad = np.flatnonzero(np.cos(m[:, None] * omega[None, :]).sum(axis=1) < 0)
+        if bad.size:
+            return int(m[bad[0]]) - 1
+    return max_length
+
+
 def bound_holds(base: float, length: int, head_dim: int) -> bool:
     """Men et al.'s condition: B(m) = sum_j cos(m theta_j) >= 0 for every integer 0 <= m <= length."""
     theta = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    for start in range(0, length + 1, 8192):  # in blocks: (8192, d/2) at a time
-        m = np.arange(start, min(length, start + 8191) + 1, dtype=np.float64)[:, None]
-        if (np.cos(m * theta[None, :]).sum(axis=1) < 0).any():
+    # From the far end first, in growing blocks: just below the bound the condition fails at large m.
+    end, size = length + 1, 128
+    while end > 0:
+        m = np.arange(max(0, end - size), end, dtype=np.float64)
+        if (np.cos(m[:, None] * theta[None, :]).sum(axis=1) < 0).any():
             return False
+        end, size = end - size, min(4 * size, 8192)
     return True
 
 
-def base_lower_bound(length: int, head_dim: int = 128, *, lo: float = 10.0, hi: float = 1e12, iters: int = 40) -> float:
-    """Smallest base (to ~1e-3 relative) for which ``bound_holds``; bisection on log(base)."""
+@functools.lru_cache(maxsize=128)  # a pure function of numbers, and seconds at 32k+
+def base_lower_bound(
+    length: int,
+    head_dim: int = 128,
+    *,
+    lo: float = 10.0,
+    hi: float = 1e12,
+    points_per_decade: int = 1000,
+    rtol: float = 1e-4,
+) -> float:
+    """Smallest base (to ``rtol``) for which ``bound_holds``, by a grid search refined where it flips.
+
+    The condition is not monotone in the base (d = 64, L = 8192: a dozen passing islands between
+    3.9e5 and 1.9e6, some under 1% wide), so bisection lands on any flip. Instead: a coarse scan (100
+    points a decade) upwards from ``lo`` finds a passing base g; a scan of ``points_per_decade`` points
+    a decade from g / 10 up to g finds the first passing grid base; the step below it, where the
+    condition flips, is scanned again on a finer grid until it is within ``rtol``. Returns the passing
+    end of that step. Exact for the grid: an island narrower than one fine step (0.23% at 1,000 a
+    decade) or lying more than a decade below g would be missed (tests/test_advise.py compares with
+    a dense scan).
+    """
     if not bound_holds(hi, length, head_dim):
         raise ValueError(f"even base {hi:g} does not satisfy the bound at length {length}")
-    a, b = math.log(lo), math.log(hi)
-    for _ in range(iters):
-        mid = 0.5 * (a + b)
-        if bound_holds(math.exp(mid), length, head_dim):
-            b = mid
-        else:
-            a = mid
-        if b - a < 1e-3:
-            break
-    return math.exp(b)
+
+    def first_passing(grid) -> int:  # the last grid point is known to pass
+        return next(i for i, b in enumerate(grid) if i == len(grid) - 1 or bound_holds(float(b), length, head_dim))
+
+    coarse = np.geomspace(lo, hi, int(math.ceil(math.log10(hi / lo) * 100)) + 1)
+    g = float(coarse[first_passing(coarse)])
+    start = max(lo, g / 10)
+    fine = np.geomspace(start, g, max(2, int(math.ceil(math.log10(g / start) * points_per_decade)) + 1))
+    k = first_passing(fine)
+    if k == 0:
+        return float(fine[0])
+    a, b = float(fine[k - 1]), float(fine[k])  # a fails, b passes
+    while b / a - 1 > rtol:
+        steps = np.geomspace(a, b, 17)[1:]  # (a, b]: the last one is b, known to pass
+        i = first_passing(steps)
+        a, b = (a if i == 0 else float(steps[i - 1])), float(steps[i])
+    return b

@@ -251,6 +251,81 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_rope(spec: str, device=None):
+    """(model, rotary dim, base, trained length) of a model spec; ValueError if it cannot be loaded."""
+    from ropekit.hf import head_and_rotary_dim, read_method
+    from ropekit.models import load_model
+
+    model = load_model(spec, device=device)  # a missing or unreachable model is a one-line ValueError
+    method = read_method(model.config)
+    return model, head_and_rotary_dim(model.config)[1], float(method.base), int(model.config.max_position_embeddings)
+
+
+def _advice_from_args(args: argparse.Namespace, model_info=None):
+    from ropekit.advise import advise
+
+    if model_info is not None:
+        _, head_dim, base, trained = model_info
+    else:
+        keys = ("head_dim", "base", "trained_length")
+        missing = [f"--{k.replace('_', '-')}" for k in keys if getattr(args, k) is None]
+        if missing:
+            need = "--model, or all of --head-dim --base --trained-length"
+            raise ValueError(f"advise needs {need} (missing {', '.join(missing)})")
+        head_dim, base, trained = args.head_dim, args.base, args.trained_length
+    return advise(head_dim, base, args.trained_length or trained, args.target_length)
+
+
+def _cmd_advise(args: argparse.Namespace) -> int:
+    from ropekit.advise import format_table
+    from ropekit.figures import draw_advice
+
+    info = _model_rope(args.model) if args.model else None
+    advice = _advice_from_args(args, info)
+    print(format_table(advice))
+    if args.plot:
+        for path in draw_advice(advice, args.plot):
+            print(path)
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from ropekit import data, sweep
+    from ropekit.models import load_tokenizer
+
+    if bool(args.methods) == bool(args.from_advise):
+        raise ValueError("sweep needs exactly one of --methods 'spec;spec;...' and --from-advise")
+    methods = sweep.parse_methods(args.methods) if args.methods else []
+    out = args.out or f"runs/sweep_{args.model.replace('/', '_').replace(':', '_')}.csv"
+    sweep.check_writable(out)  # before the model loads or anything runs
+    t0 = time.perf_counter()
+    info = _model_rope(args.model, device=args.device)
+    model, _, _, trained = info
+    settings = sweep.SweepSettings(
+        model=args.model, data=args.data, trained_length=args.trained_length or trained,
+        target_length=args.target_length, tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+        n_ppl=args.n_ppl, n_fsr=args.n_fsr, n_passkey=args.n_passkey, seed=args.seed,
+        val_fraction=args.val_fraction, split_seed=args.split_seed,
+    )  # fmt: skip
+    if args.from_advise:
+        advice = _advice_from_args(args, info)
+        methods = [c.spec for c in advice.candidates[1:]]
+        print(f"candidates from advise (advised: {advice.advised_candidate.spec}):", *methods, sep="\n  ")
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    docs = data.load_documents(args.data)
+    _, val = data.split_documents(docs, val_fraction=args.val_fraction, seed=args.split_seed)
+    summary = sweep.run_sweep(model, tokenizer, val, methods, settings, out, experiment=args.experiment)
+    print(sweep.format_summary(summary))
+    print(f"rows: {out}\nsummary: {sweep.summary_path(out)}")
+    if args.plot:
+        from ropekit.figures import draw_sweep
+
+        for path in draw_sweep(sweep.summary_path(out), args.plot):
+            print(path)
+    print(f"done in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with a user's mistake reported as one line (no usage block) and exit status 2."""
 
@@ -360,6 +435,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flash-attn-rotary", default=None, help="path to flash_attn/ops/triton/rotary.py")
     p.add_argument("--e2e", action="store_true", help="also time a ~100M Llama training step with/without the patch")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("advise", help="closed-form choice of base / factor per method for a target length")
+    p.add_argument("--model", default=None, help="model spec (reads head dim, rope_theta, trained length)")
+    p.add_argument("--target-length", type=int, required=True, help="the length L' to extend to")
+    p.add_argument("--head-dim", type=int, default=None, help="rotary dimension (without --model)")
+    p.add_argument("--base", type=float, default=None, help="the model's rope_theta (without --model)")
+    p.add_argument("--trained-length", type=int, default=None, help="the trained length L (overrides the model's)")
+    p.add_argument("--plot", default=None, help="PNG of the candidates' decay curves (a CSV is written beside it)")
+    p.set_defaults(func=_cmd_advise)
+
+    p = sub.add_parser("sweep", help="training-free evaluation of candidate methods against the model as it is")
+    p.add_argument("--model", required=True, help="tiny:<family>, smollm2-135m, a .gguf, a folder or hub id")
+    p.add_argument("--target-length", type=int, required=True, help="the length L' to extend to")
+    p.add_argument("--methods", default=None, help="';'-separated method specs")
+    p.add_argument("--from-advise", action="store_true", help="the candidates of `ropekit advise`")
+    p.add_argument("--trained-length", type=int, default=None, help="L (default: max_position_embeddings)")
+    p.add_argument("--head-dim", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--base", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--tasks", default="ppl,fsr,passkey", help="comma-separated subset of ppl, fsr, passkey")
+    p.add_argument("--n-ppl", type=int, default=4, help="windows of L' tokens (PPL at L' and at L)")
+    p.add_argument("--n-fsr", type=int, default=8, help="FSR prompts of L' tokens (teacher-forced)")
+    p.add_argument("--n-passkey", type=int, default=4, help="passkey prompts of L' tokens (evenly spread depths)")
+    p.add_argument("--data", default="shakespeare", help="'shakespeare', a folder of .txt/.txt.gz, or hf:<name>")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
+    p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="result CSV (resumed if it holds rows of the same sweep)")
+    p.add_argument("--experiment", default="sweep", help="experiment name in the rows")
+    p.add_argument("--plot", default=None, help="PNG of the ranked paired differences")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_cmd_sweep)
     return parser
 
 

@@ -18,7 +18,7 @@ from ropekit import analysis
 from ropekit.files import atomic_path, atomic_write_text
 from ropekit.results import read_rows
 
-__all__ = ["draw_analytic", "draw_results", "draw_all"]
+__all__ = ["draw_analytic", "draw_results", "draw_all", "draw_advice", "draw_sweep"]
 
 PAPER_NAMES = {"rope": "RoPE", "pi": "RoPE PI", "abf": "RoPE ABF", "xpos": "xPos ABF"}
 
@@ -252,3 +252,80 @@ def draw_all(out: str | Path, results: list[str | Path] = ()) -> list[Path]:
     for r in results:
         written += draw_results(r, out)
     return written
+
+
+# ---------------------------------------------------------------------------------------------
+# ropekit advise / ropekit sweep
+# ---------------------------------------------------------------------------------------------
+def draw_advice(advice, png: str | Path) -> list[Path]:
+    """Fig. 4-form decay curves of every advised candidate on one plot (0 .. 1.25 L'), as moving
+    averages (the raw curves oscillate too fast to tell apart), and their CSV (raw and averaged)."""
+    plt = _plt()
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    a = advice
+    every = np.arange(int(1.25 * a.target_length) + 1)
+    width = max(1, a.target_length // 128)
+    kernel = np.ones(width) / width
+    raw = {c.label: analysis.attention_decay(c.spec, every, a.head_dim, a.target_length) for c in a.candidates}
+    smooth = {k: np.convolve(v, kernel, mode="same") for k, v in raw.items()}
+    pick = np.unique(np.linspace(0, every[-1], 2001).round().astype(int))
+    csv_path = png.with_suffix(".csv")
+    header = ["distance", *(c.spec for c in a.candidates), *(f"{c.spec} (mean over {width})" for c in a.candidates)]
+    _write_csv(csv_path, header, [[int(d), *(round(float(raw[k][d]), 6) for k in raw),
+                                   *(round(float(smooth[k][d]), 6) for k in raw)] for d in pick])  # fmt: skip
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for i, (label, c) in enumerate(smooth.items()):
+        style = dict(lw=2.0, color="k") if i == a.advised else dict(lw=1.0)
+        name = f"{label}{' (advised)' if i == a.advised else ''}: {a.candidates[i].spec}"
+        ax.plot(pick[pick >= width], c[pick[pick >= width]], label=name, **style)
+    for x, name in ((a.trained_length, "L"), (a.target_length, "L′")):
+        ax.axvline(x, color="gray", ls=":", lw=0.8)
+        ax.annotate(f"{name} = {x}", (x, 0), xytext=(3, 3), textcoords="offset points", fontsize=7)
+    ax.axhline(0, color="k", lw=0.4)
+    ax.set(xlabel="distance between query and key tokens",
+           ylabel=f"score before softmax, mean over {width} tokens",
+           title=f"Score decay of all-ones q = k (d = {a.head_dim}, base {a.base:g}; dynamic NTK at L′)")  # fmt: skip
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
+    _save(fig, png)
+    plt.close(fig)
+    return [png, csv_path]
+
+
+def draw_sweep(summary_csv: str | Path, png: str | Path) -> list[Path]:
+    """One panel per metric of a sweep summary: each candidate's paired difference to the baseline with
+    its 95% interval, in rank order (filled markers: the interval excludes 0)."""
+    from ropekit.sweep import SAMPLE_METRICS
+
+    plt = _plt()
+    rows = read_rows(summary_csv)
+    if not rows:
+        raise ValueError(f"no summary rows in {summary_csv}")
+    val = {(r["variant"], r["metric"]): float(r["value"]) for r in rows}
+    ranked = [v for _, v in sorted((int(val[(v, "rank")]), v) for v, m in val if m == "rank")]
+    metrics = [m for m in SAMPLE_METRICS if any((v, f"delta:{m}") in val for v in ranked)]
+    if not metrics:
+        raise ValueError(f"no paired differences in {summary_csv}")
+    cands = [v for v in ranked if (v, f"delta:{metrics[0]}") in val]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 0.5 * len(cands) + 1.8), squeeze=False)
+    for ax, m in zip(axes[0], metrics, strict=True):
+        for y, v in enumerate(cands):
+            if (v, f"delta:{m}") not in val:
+                continue
+            d, lo, hi = (val[(v, f"{k}:{m}")] for k in ("delta", "delta_low", "delta_high"))
+            filled = bool(val.get((v, f"resolved:{m}")))
+            ax.errorbar([d], [y], xerr=[[d - lo], [hi - d]] if lo == lo else None, fmt="o",
+                        mfc="C0" if filled else "white", color="C0", capsize=3)  # fmt: skip
+        ax.axvline(0, color="k", lw=0.6)
+        ax.set_yticks(range(len(cands)), cands if ax is axes[0][0] else [""] * len(cands), fontsize=6)
+        ax.invert_yaxis()
+        better = "higher" if SAMPLE_METRICS[m][1] else "lower"
+        ax.set_title(f"Δ {SAMPLE_METRICS[m][2]} ({better} is better)", fontsize=8)
+    n = int(next(r["n"] for r in rows if r["metric"].startswith("delta:")))
+    fig.suptitle(f"{Path(summary_csv).stem}: paired difference to the model as it is, 95% bootstrap "
+                 f"interval (n = {n}); rank order top to bottom", fontsize=8)  # fmt: skip
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    _save(fig, png)
+    plt.close(fig)
+    return [png]

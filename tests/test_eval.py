@@ -293,3 +293,30 @@ def test_lm_eval_command_line_at_max_length_equal_to_the_task_length_keeps_every
     for target in targets:  # matched as a set: lm-eval reorders requests by length
         assert any(target in text for text in seen), target
     assert all(len(ids) <= L for ids in contexts)
+
+
+@pytest.mark.parametrize("rope", [None, "yarn:factor=2,original_max_position_embeddings=256", "dynamic:factor=2"])
+def test_one_prompt_forward_scores_and_generates_as_two_passes(corpus, saved_model, rope):
+    """score_and_generate reuses the prompt's KV cache: the same numbers as score_target + greedy_generate."""
+    import ropekit
+
+    model = load_model(str(saved_model))
+    if rope:
+        ropekit.patch(model, rope)
+    stop = retrieval._newline_ids(corpus.tok)
+    for s in retrieval.build_fsr_samples(corpus.val, corpus.tok, 300, n=2, seed=3):
+        kw = dict(max_new_tokens=12, stop_ids=stop)
+        acc, nll, gen = retrieval.score_and_generate(model, s.prompt_ids, s.target_ids, **kw)
+        acc2, nll2 = retrieval.score_target(model, s.prompt_ids, s.target_ids)
+        assert acc == acc2 and nll == pytest.approx(nll2, rel=1e-5, abs=1e-5)
+        assert gen == retrieval.greedy_generate(model, s.prompt_ids, **kw)
+
+
+def test_window_prefix_nll_equals_a_forward_of_the_prefix(corpus):
+    model = load_model("tiny:llama")
+    cache = data.tokenize_documents(corpus.val, corpus.tok)
+    windows = perplexity.select_windows(cache, 300, 2, 0)
+    long = perplexity.window_nll(model, cache, windows, 300, prefixes=(120,))
+    short = perplexity.window_nll(model, cache, windows, 120)
+    for a, b in zip(long, short, strict=True):
+        assert a[120] == pytest.approx(b[120], rel=1e-5) and a[300] != a[120]

@@ -23,7 +23,15 @@ import torch.nn.functional as F
 
 from ropekit.data import TokenCache
 
-__all__ = ["token_nll", "PPLResult", "perplexity_at_length", "sliding_window_nll", "bootstrap_ci", "select_windows"]
+__all__ = [
+    "token_nll",
+    "PPLResult",
+    "perplexity_at_length",
+    "sliding_window_nll",
+    "bootstrap_ci",
+    "select_windows",
+    "window_nll",
+]
 
 
 def _decoder_and_head(model):
@@ -139,6 +147,37 @@ def perplexity_at_length(
         bins=bins,
         windows=[(cache.names[d], s) for d, s in windows],
     )
+
+
+@torch.no_grad()
+def window_nll(
+    model,
+    cache: TokenCache,
+    windows: list[tuple[int, int]],
+    length: int,
+    *,
+    prefixes: tuple[int, ...] = (),
+    chunk: int = 1024,
+    progress=None,
+) -> list[dict[int, float]]:
+    """Per-window mean next-token NLL: for each (document index, start) in ``windows``, the window of
+    ``length`` tokens and each of its first ``p`` tokens (``p`` in ``prefixes``) from one forward.
+
+    Attention is causal, so the prefix scores are those of a forward of the prefix alone, for every
+    method whose frequencies do not depend on the length (not dynamic NTK: score its prefixes as
+    windows of their own). -> one {length or p: mean NLL} per window, in order.
+    """
+    if any(not 1 < p <= length for p in prefixes):
+        raise ValueError(f"prefix lengths must be in (1, {length}]; got {list(prefixes)}")
+    device = next(model.parameters()).device
+    out = []
+    for doc, start in windows:
+        ids = torch.from_numpy(cache.doc(doc)[start : start + length].astype(np.int64)).to(device)
+        nll = token_nll(model, ids, chunk=chunk).cpu()  # (length - 1,)
+        out.append({length: nll.mean().item(), **{p: nll[: p - 1].mean().item() for p in prefixes}})
+        if progress is not None:
+            progress.update(1)
+    return out
 
 
 @torch.no_grad()

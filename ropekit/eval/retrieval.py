@@ -15,7 +15,9 @@ Construction (ropekit's; the paper does not publish its prompt):
 - scores per sample: (a) ROUGE-L F1 x 100 (``rouge-score``) of the greedy generation, stopped at a
   newline or EOS or after 2 x target tokens + 8; (b) teacher-forced token accuracy and mean NLL of
   the target (" " + sentence) given the prompt, which separates methods even on models too small to
-  follow the instruction.
+  follow the instruction. Both come from one forward of the prompt (``score_and_generate``): the
+  target is teacher-forced on top of the prompt's KV cache, the cache is cut back to the prompt, and
+  generation continues from it.
 
 Passkey (Mohtashami & Jaggi 2023): a 5-digit key stated at a chosen depth of repeated filler text,
 then asked for; exact match of the generated digits and teacher-forced accuracy of the key tokens.
@@ -40,6 +42,7 @@ __all__ = [
     "build_fsr_samples",
     "score_target",
     "greedy_generate",
+    "score_and_generate",
     "rouge_l",
     "fsr_evaluate",
     "PasskeySample",
@@ -158,6 +161,68 @@ def greedy_generate(model, prompt_ids: list[int], *, max_new_tokens: int, stop_i
     return generated
 
 
+def _length_dependent(model) -> bool:
+    """Whether the model's frequencies change with the length (dynamic NTK): then a cache cut back to
+    the prompt is not the prompt's cache, and scoring and generation take a forward each."""
+    decoder = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    method = getattr(getattr(decoder, "rotary_emb", None), "method", None)
+    if method is not None:
+        return bool(getattr(method, "needs_seq_len", False))
+    params = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {}
+    return isinstance(params, dict) and params.get("rope_type", params.get("type")) == "dynamic"
+
+
+@torch.no_grad()
+def score_and_generate(
+    model,
+    prompt_ids: list[int],
+    target_ids: list[int],
+    *,
+    generate: bool = True,
+    max_new_tokens: int = 0,
+    stop_ids: set[int] = frozenset(),
+) -> tuple[float, float, list[int] | None]:
+    """Teacher-forced (token accuracy, mean NLL) of ``target_ids`` after ``prompt_ids`` and, if
+    ``generate``, the greedy continuation of the prompt, from one forward of the prompt.
+
+    The prompt is run once with a KV cache; the target (all but its last token) continues from that
+    cache; the cache is then cut back to the prompt and greedy decoding starts from the prompt's last
+    logits. Same numbers as ``score_target`` + ``greedy_generate`` (asserted in tests/test_eval.py).
+    Models with length-dependent frequencies (dynamic NTK) take those two calls instead.
+    """
+    if not generate:
+        acc, nll = score_target(model, prompt_ids, target_ids)
+        return acc, nll, None
+    if _length_dependent(model):
+        acc, nll = score_target(model, prompt_ids, target_ids)
+        return acc, nll, greedy_generate(model, prompt_ids, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+    device = next(model.parameters()).device
+    decoder, head = getattr(model, model.base_model_prefix), model.get_output_embeddings()
+    out = decoder(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
+    cache = out.past_key_values
+    first = head(out.last_hidden_state[0, -1:]).float()  # (1, V): predicts target[0] and the first new token
+    logits = [first]
+    if len(target_ids) > 1:
+        rest = decoder(input_ids=torch.tensor([target_ids[:-1]], device=device), past_key_values=cache, use_cache=True)
+        logits.append(head(rest.last_hidden_state[0]).float())
+        cache.crop(-(len(target_ids) - 1))  # back to the prompt's cache (drop the target's entries)
+    logits = torch.cat(logits)  # (T, V)
+    targets = torch.tensor(target_ids, device=device)
+    acc = (logits.argmax(-1) == targets).float().mean().item()
+    nll = F.cross_entropy(logits, targets).item()
+    generated, started = [], False
+    next_id = int(first[0].argmax())
+    for _ in range(max_new_tokens):
+        generated.append(next_id)
+        if next_id in stop_ids and started:
+            break
+        started = started or next_id not in stop_ids
+        out = model(input_ids=torch.tensor([[next_id]], device=device), past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        next_id = int(out.logits[0, -1].argmax())
+    return acc, nll, generated
+
+
 def _newline_ids(tokenizer) -> set[int]:
     """Token ids whose text contains a newline, plus EOS: where an answer stops."""
     texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
@@ -187,10 +252,12 @@ def fsr_evaluate(model, tokenizer, samples: list[FSRSample], *, generate: bool =
     stop = _newline_ids(tokenizer)
     per = []
     for s in samples:
-        acc, nll = score_target(model, s.prompt_ids, s.target_ids)
+        max_new = 2 * len(s.target_ids) + 8
+        acc, nll, gen = score_and_generate(
+            model, s.prompt_ids, s.target_ids, generate=generate, max_new_tokens=max_new, stop_ids=stop
+        )
         row = {"token_accuracy": acc, "target_nll": nll}
         if generate:
-            gen = greedy_generate(model, s.prompt_ids, max_new_tokens=2 * len(s.target_ids) + 8, stop_ids=stop)
             text = tokenizer.decode(gen, skip_special_tokens=True).strip().split("\n")[0].strip()
             row.update(rouge_l=rouge_l(text, s.target), generation=text)
         per.append(row)
@@ -239,23 +306,25 @@ def build_passkey_samples(
     return samples
 
 
-def passkey_evaluate(model, tokenizer, samples: list[PasskeySample], *, progress=None) -> dict:
-    """Exact match of the generated key and teacher-forced accuracy of its tokens, per depth and overall."""
+def passkey_evaluate(model, tokenizer, samples: list[PasskeySample], *, generate: bool = True, progress=None) -> dict:
+    """Exact match of the generated key (if ``generate``) and teacher-forced accuracy and NLL of its
+    tokens, per depth and overall; ``samples`` holds the per-prompt rows."""
     per = []
     for s in samples:
-        acc, _ = score_target(model, s.prompt_ids, s.key_ids)
-        gen = greedy_generate(model, s.prompt_ids, max_new_tokens=len(s.key_ids) + 2, stop_ids=set())
-        digits = re.sub(r"\D", "", tokenizer.decode(gen, skip_special_tokens=True))[:5]
-        per.append({"depth": s.depth, "exact_match": float(digits == s.key), "token_accuracy": acc})
+        acc, nll, gen = score_and_generate(
+            model, s.prompt_ids, s.key_ids, generate=generate, max_new_tokens=len(s.key_ids) + 2, stop_ids=set()
+        )
+        row = {"depth": s.depth, "token_accuracy": acc, "target_nll": nll}
+        if generate:
+            digits = re.sub(r"\D", "", tokenizer.decode(gen, skip_special_tokens=True))[:5]
+            row["exact_match"] = float(digits == s.key)
+        per.append(row)
         if progress is not None:
             progress.update(1)
+    keys = (["exact_match"] if generate else []) + ["token_accuracy", "target_nll"]
     by_depth = {}
     for d in sorted({r["depth"] for r in per}):
         rows = [r for r in per if r["depth"] == d]
-        by_depth[d] = {k: float(np.mean([r[k] for r in rows])) for k in ("exact_match", "token_accuracy")}
-    return {
-        "n": len(per),
-        "exact_match": float(np.mean([r["exact_match"] for r in per])),
-        "token_accuracy": float(np.mean([r["token_accuracy"] for r in per])),
-        "by_depth": by_depth,
-    }
+        by_depth[d] = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    means = {k: float(np.mean([r[k] for r in per])) for k in keys}
+    return {"n": len(per), **means, "by_depth": by_depth, "samples": per}
