@@ -148,8 +148,13 @@ def greedy_generate(model, prompt_ids: list[int], *, max_new_tokens: int, stop_i
     other token (a leading newline before the answer does not end it)."""
     device = next(model.parameters()).device
     out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
-    cache, generated, started = out.past_key_values, [], False
-    next_id = int(out.logits[0, -1].argmax())
+    return _continue_greedy(model, out.past_key_values, int(out.logits[0, -1].argmax()), max_new_tokens, stop_ids)
+
+
+def _continue_greedy(model, cache, next_id: int, max_new_tokens: int, stop_ids: set[int]) -> list[int]:
+    """Greedy tokens from ``next_id`` on, continuing ``cache`` (see ``greedy_generate`` for the stop rule)."""
+    device = next(model.parameters()).device
+    generated, started = [], False
     for _ in range(max_new_tokens):
         generated.append(next_id)
         if next_id in stop_ids and started:
@@ -210,17 +215,7 @@ def score_and_generate(
     targets = torch.tensor(target_ids, device=device)
     acc = (logits.argmax(-1) == targets).float().mean().item()
     nll = F.cross_entropy(logits, targets).item()
-    generated, started = [], False
-    next_id = int(first[0].argmax())
-    for _ in range(max_new_tokens):
-        generated.append(next_id)
-        if next_id in stop_ids and started:
-            break
-        started = started or next_id not in stop_ids
-        out = model(input_ids=torch.tensor([[next_id]], device=device), past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        next_id = int(out.logits[0, -1].argmax())
-    return acc, nll, generated
+    return acc, nll, _continue_greedy(model, cache, int(first[0].argmax()), max_new_tokens, stop_ids)
 
 
 def _newline_ids(tokenizer) -> set[int]:
