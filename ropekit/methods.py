@@ -41,6 +41,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from ropekit.typed import parse_typed
+
 __all__ = [
     "ABF",
     "PI",
@@ -147,10 +149,6 @@ class RopeMethod:
         if self.base is None:
             return dataclasses.replace(self, base=float(base))
         return self
-
-    @property
-    def is_resolved(self) -> bool:
-        return self.base is not None
 
     def _base(self) -> float:
         if self.base is None:
@@ -309,10 +307,6 @@ class DynamicNTK(RopeMethod):
         if m.original_max_position_embeddings is None and max_position_embeddings is not None:
             m = dataclasses.replace(m, original_max_position_embeddings=int(max_position_embeddings))
         return m
-
-    @property
-    def is_resolved(self) -> bool:
-        return self.base is not None and self.original_max_position_embeddings is not None
 
     def base_at(self, head_dim: int, seq_len: int | None) -> float:
         original = self.original_max_position_embeddings
@@ -744,30 +738,10 @@ def _format_value(value: Any) -> str:
 
 def _coerce(method: type[RopeMethod], key: str, text: str) -> Any:
     ftype = {f.name: f.type for f in dataclasses.fields(method)}[key]
-    if "bool" in str(ftype):
-        low = text.strip().lower()
-        if low in ("true", "1", "yes"):
-            return True
-        if low in ("false", "0", "no"):
-            return False
-        raise ValueError(f"{method.name}: value {text!r} for '{key}' is not a boolean; accepted: true, false")
-    if "tuple" in str(ftype):
-        items = [t.strip() for t in text.split("/")]
-        try:
-            return tuple(float(t) for t in items)
-        except ValueError:
-            raise ValueError(
-                f"{method.name}: value {text!r} for '{key}' is not a list of numbers joined by '/' (e.g. 1/1.5/2)"
-            ) from None
     try:
-        number = float(text)
-    except ValueError:
-        raise ValueError(f"{method.name}: value {text!r} for '{key}' is not a number") from None
-    if "int" in str(ftype) and "float" not in str(ftype):
-        if not number.is_integer():
-            raise ValueError(f"{method.name}: value {text!r} for '{key}' must be an integer")
-        return int(number)
-    return number
+        return parse_typed(text, str(ftype))
+    except ValueError as err:
+        raise ValueError(f"{method.name}: value {text!r} for '{key}': {err}") from None
 
 
 def parse(spec: str | RopeMethod) -> RopeMethod:

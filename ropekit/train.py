@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ropekit.files import atomic_folder, atomic_write_text
+from ropekit.typed import parse_typed
 
 __all__ = [
     "TrainConfig",
@@ -208,33 +209,6 @@ PRESETS = {
 }
 
 
-def _parse_value(text: str, annotation: str, key: str) -> Any:
-    kinds = [a.strip() for a in annotation.split("|")]
-    if "None" in kinds and text.lower() in ("none", "null", ""):
-        return None
-    for kind in kinds:
-        try:
-            if kind == "bool":
-                if text.lower() in ("true", "1", "yes"):
-                    return True
-                if text.lower() in ("false", "0", "no"):
-                    return False
-                continue
-            if kind == "int":
-                return int(text)
-            if kind == "float":
-                return float(text)
-            if kind == "str":
-                return text
-            if kind == "dict":
-                value = json.loads(text)
-                if isinstance(value, dict):
-                    return value
-        except ValueError:
-            continue
-    raise ValueError(f"override {key}={text!r}: expected {annotation}")
-
-
 def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
     """Apply ``key=value`` overrides, typed by the field; an unknown key is an error naming the accepted ones."""
     fields = {f.name: f for f in dataclasses.fields(config)}
@@ -246,7 +220,10 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
             raise ValueError(f"override {item!r} must be key=value")
         if key not in fields:
             raise ValueError(f"unknown config key {key!r}; accepted: {', '.join(fields)}")
-        changes[key] = _parse_value(text.strip(), str(fields[key].type), key)
+        try:
+            changes[key] = parse_typed(text.strip(), str(fields[key].type))
+        except ValueError as err:
+            raise ValueError(f"override {key}={text.strip()!r}: {err}") from None
     return dataclasses.replace(config, **changes)
 
 

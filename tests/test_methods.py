@@ -161,7 +161,7 @@ def test_paper_specs_print_their_defining_numbers():
 BAD = [
     ("foo", "unknown RoPE method"),
     ("pi:fctor=8", "unknown key"),
-    ("pi:factor=abc", "not a number"),
+    ("pi:factor=abc", "expected a number"),
     ("pi:factor", "malformed"),
     ("rope:base=0", "base"),
     ("abf:base=-5", "base"),
@@ -171,7 +171,7 @@ BAD = [
     ("xpos:scale_base=-1", "scale_base"),
     ("yarn:factor=8", "original_max_position_embeddings"),
     ("yarn:factor=8,original_max_position_embeddings=4096.5", "integer"),
-    ("yarn:factor=8,original_max_position_embeddings=4096,truncate=maybe", "boolean"),
+    ("yarn:factor=8,original_max_position_embeddings=4096,truncate=maybe", "true or false"),
     ("pi:factor=2,factor=3", "twice"),
     ("", "non-empty"),
     ("pi:factor=nan", "finite"),

@@ -208,7 +208,7 @@ def test_backward_is_the_transposed_rotation():
         (dict(rotary_dim="4"), "rotary_dim"),
         (dict(positions=["a", "b", "c", "d"]), "positions"),
         (dict(backend="cuda"), "backend"),
-        (dict(method="pi:factor=x"), "not a number"),
+        (dict(method="pi:factor=x"), "expected a number"),
     ],
 )
 def test_bad_inputs_are_refused(kwargs, word):

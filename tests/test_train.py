@@ -91,7 +91,7 @@ def test_continued_training_at_8x_length_with_a_method(tmp_path):
 def test_bad_inputs_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown config key 'lrate'"):
         apply_overrides(micro_config(), ["lrate=1"])
-    with pytest.raises(ValueError, match="expected int"):
+    with pytest.raises(ValueError, match="expected an integer"):
         apply_overrides(micro_config(), ["steps=ten"])
     with pytest.raises(ValueError, match="unknown text source"):
         train(micro_config(data=str(tmp_path / "nothing")), tmp_path / "o1")
