@@ -154,6 +154,24 @@ def set_rope_parameters(config, params: dict[str, Any], layer_type: str | None =
     config.rope_scaling = None if params.get("rope_type") == "default" and len(params) == 1 else params
 
 
+def _check_v4_reloadable(config, params: dict[str, Any], method) -> None:
+    """transformers 4.x validates ``rope_scaling`` per family (OLMo 2 takes only linear and dynamic): refuse,
+    before anything changes, a method whose saved config that family's ``from_pretrained`` would reject."""
+    candidate = config.to_dict()
+    candidate.pop("ropekit", None)
+    candidate["rope_theta"] = params["rope_theta"]
+    rest = {k: v for k, v in params.items() if k != "rope_theta"}
+    candidate["rope_scaling"] = None if rest == {"rope_type": "default"} else rest
+    try:
+        type(config).from_dict(candidate)
+    except (ValueError, KeyError, TypeError) as err:
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{method} cannot be saved for model_type {config.model_type!r} on transformers "
+            f"{transformers.__version__}: its config refuses it ({reason}); use transformers >= 5"
+        ) from None
+
+
 def _v4_rope_scaling(params: dict[str, Any]) -> dict[str, Any]:
     """4.x validates rope_scaling keys per type: keep only the ones it knows (the numbers stay the same)."""
     known = {
@@ -165,6 +183,8 @@ def _v4_rope_scaling(params: dict[str, Any]) -> dict[str, Any]:
     }.get(params.get("rope_type"))
     if known is None:
         return params
+    if params.get("rope_type") in ("linear", "dynamic"):  # the 4.x form every family accepts (OLMo 2: exactly this)
+        return {"type": params["rope_type"], "factor": params["factor"]}
     out = {"rope_type": params["rope_type"], **{k: v for k, v in params.items() if k in known}}
     if params.get("rope_type") == "yarn" and params.get("truncate") is False:
         raise ValueError("yarn with truncate=false has no transformers 4.x form; use transformers >= 5")
@@ -957,6 +977,7 @@ def patch(
                 new_params.setdefault("partial_rotary_factor", old_params["partial_rotary_factor"])
             if not _V5:
                 new_params = {"rope_theta": new_params.pop("rope_theta"), **_v4_rope_scaling(new_params)}
+                _check_v4_reloadable(config, new_params, m)
             set_rope_parameters(config, new_params, lt)
         if not any(isinstance(m, _methods.DynamicNTK) for m in resolved.values()):
             config.max_position_embeddings = target  # HF's dynamic reads max_position_embeddings as the original

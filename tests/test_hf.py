@@ -559,3 +559,21 @@ def test_bad_per_layer_type_specs_are_refused(spec, word):
 def test_per_layer_type_spec_on_a_model_with_one_rope_is_refused():
     with pytest.raises(ValueError, match="one RoPE for all its layers"):
         ropekit.patch(load_model("tiny:llama"), "pi:factor=2@full_attention")
+
+
+@pytest.mark.skipif(int(transformers.__version__.split(".")[0]) >= 5, reason="transformers 4.x config validation")
+def test_transformers_4_saves_only_what_the_family_reloads(tmp_path):
+    """4.x's OLMo 2 config takes only {type, factor}: pi round-trips through plain from_pretrained; yarn,
+    which it would refuse to load, is refused at patch time with the config unchanged."""
+    model = load_model("tiny:olmo2")
+    ropekit.patch(model, "pi:factor=4")
+    model.save_pretrained(tmp_path)
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path).eval()(x).logits, model(x).logits,
+                                   rtol=0, atol=ATOL)  # fmt: skip
+    fresh = load_model("tiny:olmo2")
+    before = fresh.config.to_dict()
+    with pytest.raises(ValueError, match="cannot be saved for model_type 'olmo2'"):
+        ropekit.patch(fresh, "yarn:factor=4,original_max_position_embeddings=256")
+    assert fresh.config.to_dict() == before and not isinstance(fresh.model.rotary_emb, hf.RopekitRotary)
