@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["rope_launch", "SUPPORTED_DTYPES"]
+__all__ = ["rope_launch", "launch_args", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -229,18 +229,49 @@ def rope_launch(
         q_out, k_out = torch.empty_like(q), torch.empty_like(k)
     if B * T == 0:
         return q_out, k_out
+    grid, args, meta = launch_args(q, k, q_out, k_out, positions, inv_freq, xpos_rate, interleaved=interleaved,
+                                   attention_factor=attention_factor, xpos_center=xpos_center,
+                                   conjugate=conjugate, inplace=inplace)  # fmt: skip
+    _rope_kernel[grid](*args, **meta)
+    return q_out, k_out
+
+
+def launch_args(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_out: torch.Tensor,
+    k_out: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    xpos_rate: torch.Tensor | None,
+    *,
+    interleaved: bool,
+    attention_factor: float,
+    xpos_center: int,
+    conjugate: bool,
+    inplace: bool,
+) -> tuple[tuple[int, int], tuple, dict]:
+    """(grid, positional args, constexpr/launch options) of ``_rope_kernel`` for these tensors.
+
+    ``rope_launch`` launches exactly this; ``ropekit.kernels.static`` binds it (on meta tensors) to
+    compile the kernel ahead of time with the specialisation a real launch gets.
+    """
+    B, HQ, T, D = q.shape
+    half = inv_freq.numel()
     tail = D - 2 * half
     sp_b, sp_t = (0, positions.stride(0)) if positions.dim() == 1 else positions.stride()
     block_p = triton.next_power_of_2(half)
     heads = max(HQ, k.shape[1])
     block_h = min(triton.next_power_of_2(heads), max(1, 4096 // block_p))  # a tile of <= 4096 pairs
     grid = (B * T, triton.cdiv(heads, block_h))
-    _rope_kernel[grid](
+    args = (
         q, k, q_out, k_out, positions, inv_freq, xpos_rate if xpos_rate is not None else inv_freq,
         T, HQ, k.shape[1], float(attention_factor), int(xpos_center),
         *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(), sp_b, sp_t,
+    )  # fmt: skip
+    meta = dict(
         HALF=half, TAIL=tail, BLOCK_P=block_p, BLOCK_TAIL=triton.next_power_of_2(max(tail, 1)),
         BLOCK_H=block_h, INTERLEAVED=bool(interleaved), CONJUGATE=bool(conjugate),
         HAS_XPOS=xpos_rate is not None, COPY_TAIL=(tail > 0 and not inplace),
     )  # fmt: skip
-    return q_out, k_out
+    return grid, args, meta
