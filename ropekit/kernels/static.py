@@ -630,36 +630,55 @@ def summarise(launch: Launch, arch: int, c: Compiled) -> dict:
 
 
 def _analyse_here(cases, archs=ARCHS, jobs=1, log=None, provider="ropekit-triton", path=None) -> list[dict]:
-    work = [(case, arch, provider, path) for case in cases for arch in archs]
-    if jobs > 1:
+    """Bind every case, compile each distinct specialisation once (cases that bind to the same
+    signature, constants, attributes and options run the same binary), and summarise every case."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    backends = {arch: make_backend(GPUTarget("cuda", arch, 32)) for arch in archs}
+    bound, keys, unique = [], [], {}
+    for case in cases:
+        for arch in archs:
+            try:
+                launch = ropekit_launch(case) if provider == "ropekit-triton" else PEERS[provider](case, path)
+                options, signature, constexprs, attrs = _specialise(launch.kernel, backends[arch], launch.args,
+                                                                    launch.meta)  # fmt: skip
+                key = repr((arch, signature, sorted(constexprs.items()), sorted(attrs.items()), options))
+            except Exception as err:  # noqa: BLE001 - a launcher that cannot be bound here is a result
+                launch, key = None, f"bind: {type(err).__name__}: {err}"
+            bound.append((case, arch, launch))
+            keys.append(key)
+            if launch is not None:
+                unique.setdefault(key, (case, arch, provider, path))
+    if jobs > 1 and len(unique) > 1:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(jobs) as pool:
-            results = list(pool.map(_one, work, chunksize=1))
+            compiled = dict(zip(unique, pool.map(_compile_one, unique.values(), chunksize=1), strict=True))
     else:
-        results = [_one(w) for w in work]
+        compiled = {k: _compile_one(w) for k, w in unique.items()}
+    results = []
+    for (case, arch, launch), key in zip(bound, keys, strict=True):
+        c = compiled.get(key) or Compiled(ok=False, error=key)
+        summary = summarise(launch, arch, c) if launch is not None else {"compiled": 0}
+        results.append({"case": asdict(case), "name": case.name, "arch": arch, "provider": provider,
+                        "error": c.error, "summary": summary, "ptx_qk_bits": c.ptx_qk_bits,
+                        "sass_mem_bits": c.sass_mem_bits, "hot": c.hot, "constexprs": c.constexprs,
+                        "signature": c.signature, "distinct_binaries": len(unique)})  # fmt: skip
     if log:
         for r in results:
             log(_fmt(r))
+        log(f"{provider}: {len(results)} case x arch, {len(unique)} distinct specialisations compiled")
     return results
 
 
 PEERS = {"liger": liger_launch, "flash-attn-triton": flash_attn_launch}
 
 
-def _one(work) -> dict:
+def _compile_one(work) -> Compiled:
     case, arch, provider, path = work
-    try:
-        launch = ropekit_launch(case) if provider == "ropekit-triton" else PEERS[provider](case, path)
-    except Exception as err:  # noqa: BLE001 - a peer launcher that cannot be bound here is a result
-        return {"case": asdict(case), "name": case.name, "arch": arch, "provider": provider,
-                "error": f"bind: {type(err).__name__}: {err}", "summary": {"compiled": 0}}  # fmt: skip
-    c = compile_launch(launch, arch)
-    summary = summarise(launch, arch, c)
-    return {"case": asdict(case), "name": case.name, "arch": arch, "provider": provider, "error": c.error,
-            "summary": summary,
-            "ptx_qk_bits": c.ptx_qk_bits, "sass_mem_bits": c.sass_mem_bits, "hot": c.hot,
-            "constexprs": c.constexprs, "signature": c.signature}  # fmt: skip
+    launch = ropekit_launch(case) if provider == "ropekit-triton" else PEERS[provider](case, path)
+    return compile_launch(launch, arch)
 
 
 def _fmt(r: dict) -> str:
@@ -719,6 +738,43 @@ def report_rows(results: list[dict], stage: str) -> list[dict]:
     return rows
 
 
+def summary(paths: list[str]) -> str:
+    """Ranges (min-max) of the headline figures per stage x provider x arch x layout x dtype class,
+    read back from report CSVs: what the README quotes."""
+    import collections
+
+    from ropekit.results import read_rows
+
+    groups: dict = collections.defaultdict(lambda: collections.defaultdict(list))
+    for path in paths:
+        for row in read_rows(path):
+            if row["experiment"] != "kernel_static":
+                continue
+            cfg = json.loads(row["config"])
+            bits = "fp32" if cfg["dtype"] == "float32" else "16-bit"
+            key = (cfg["stage"], cfg["provider"], cfg["arch"], cfg["layout"], bits)
+            groups[key][row["metric"]].append(float(row["value"]))
+    metrics = ("compiled", "registers", "spill_bytes", "local_bytes", "blocks_per_sm", "qk_access_bits_min",
+               "warp_instr_per_16B", "fp64_per_thread", "memory_trips", "issue_pct_needed",
+               "roofline_pct_of_copy")  # fmt: skip
+    lines = ["stage provider arch layout dtype cases | " + " | ".join(metrics)]
+    for key in sorted(groups):
+        g = groups[key]
+        cells = []
+        for m in metrics:
+            v = g.get(m, [])
+            if not v:
+                cells.append("-")
+            elif m == "compiled":
+                cells.append(f"{int(sum(v))}/{len(v)}")
+            else:
+                lo, hi = min(v), max(v)
+                fmt = (lambda x: f"{x:.2f}") if m == "warp_instr_per_16B" else (lambda x: f"{x:.0f}")
+                cells.append(fmt(lo) if lo == hi else f"{fmt(lo)}-{fmt(hi)}")
+        lines.append(" ".join(key) + f" {len(g.get('compiled', []))} | " + " | ".join(cells))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -730,7 +786,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--path", default=None, help="a peer's kernel file (liger_kernel/ops/rope.py, ...)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON line")
     p.add_argument("--stdin", action="store_true", help="read {cases, archs, jobs} as JSON from stdin")
+    p.add_argument("--summary", nargs="+", default=None, help="print ranges from report CSVs and exit")
     args = p.parse_args(argv)
+    if args.summary:
+        print(summary(args.summary))
+        return 0
     if args.stdin:
         spec = json.loads(sys.stdin.read())
         cases = [Case(**c) for c in spec["cases"]]
