@@ -291,11 +291,15 @@ def launch_args(
     tiles = max(tiles, triton.cdiv(HK, block_hk))
     grid = (B * T, tiles)
     # Warps: as many as keep every k access 16 bytes wide per thread (the k tile is the smaller one),
-    # more when a thread would hold over 32 q pairs (registers).
+    # more when a thread would hold too many q elements (registers).
     vec = 16 // q.element_size()
     k_elems = block_hk * (2 * block_p if interleaved else block_p)  # elements of one k access
     num_warps = max(1, min(4, _prev_power_of_2(k_elems // (32 * vec))))
-    while block_hq * block_p > 32 * 32 * num_warps and num_warps < 8:
+    # q elements a thread holds from its loads to its stores (tail included): <= 64, or <= 32 for half
+    # rows past 2^31 elements (64-bit row addresses); more keeps > 128 registers or spills (static report)
+    tail_block = triton.next_power_of_2(tail) if tail and not inplace else 0
+    per_thread = 64 if interleaved or q.numel() < 2**31 else 32
+    while block_hq * (2 * block_p + tail_block) > per_thread * 32 * num_warps and num_warps < 8:
         num_warps *= 2
     args = (
         q, k, q_out, k_out, positions, inv_freq, xpos_rate if xpos_rate is not None else inv_freq,
