@@ -300,3 +300,37 @@ def e2e_training_step(seq_len: int, *, patched: bool, steps: int = 3, device: st
     dt = (time.perf_counter() - t) / steps
     return {"seq_len": seq_len, "patched": patched, "tokens_per_s": seq_len / dt,
             "peak_gb": torch.cuda.max_memory_allocated() / 1e9}  # fmt: skip
+
+
+def run_static(out: str | None, *, stage: str, cases: str = "all", jobs: int = 1, liger_rope: str | None = None,
+               flash_attn_rotary: str | None = None, log=print) -> list[dict]:  # fmt: skip
+    """``ropekit bench --static``: compile every case for sm_80 and sm_90 on this machine (no GPU) and
+    write registers, blocks/SM, access widths, instructions per 16 B and the roofline *model* as rows.
+
+    Peers that read a cos/sin table are compiled too when their kernel file is given (``liger_rope``:
+    ``liger_kernel/ops/rope.py`` from the ``liger-kernel`` wheel; ``flash_attn_rotary``:
+    ``flash_attn/ops/triton/rotary.py`` from the flash-attn sdist); otherwise a line says why not.
+    """
+    from ropekit.kernels import static
+
+    reason = static.nvidia_backend_missing()
+    if reason:
+        log(f"static report skipped: {reason}")
+        return []
+    chosen = static.all_cases() if cases == "all" else static.ci_cases()
+    results = static.analyse(chosen, jobs=jobs, log=log)
+    peer_cases = [c for c in chosen if c in set(static.peer_cases())]
+    for provider, path, flag in (("liger", liger_rope, "--liger-rope"),
+                                 ("flash-attn-triton", flash_attn_rotary, "--flash-attn-rotary")):  # fmt: skip
+        if not path:
+            log(f"{provider}: skipped (pass its kernel file with {flag})")
+            continue
+        results += static.analyse(peer_cases, jobs=jobs, log=log, provider=provider, path=path)
+    log(static.model_assumptions())
+    rows = static.report_rows(results, stage)
+    if out:
+        from ropekit.results import append_rows
+
+        append_rows(out, rows)
+        log(f"{len(rows)} rows appended to {out}")
+    return rows

@@ -237,6 +237,10 @@ def _cmd_figures(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from ropekit import bench
 
+    if args.static:
+        bench.run_static(args.out, stage=args.stage, cases=args.cases, jobs=args.jobs, liger_rope=args.liger_rope,
+                         flash_attn_rotary=args.flash_attn_rotary)  # fmt: skip
+        return 0
     shapes = bench.SMOKE_SHAPES if args.smoke else bench.TRAINING_SHAPES
     rows = bench.run_benchmark(shapes, flash_attn_rotary=args.flash_attn_rotary)
     if args.out:
@@ -434,6 +438,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="PNG of GB/s against sequence length (needs --out)")
     p.add_argument("--flash-attn-rotary", default=None, help="path to flash_attn/ops/triton/rotary.py")
     p.add_argument("--e2e", action="store_true", help="also time a ~100M Llama training step with/without the patch")
+    p.add_argument("--static", action="store_true",
+                   help="no GPU needed: compile the kernel for sm_80/sm_90 and report registers, access widths,\n"
+                        "instructions per 16 B and a roofline model (static figures, not timings)")  # fmt: skip
+    p.add_argument("--stage", default="current", help="--static: label of the kernel version (before/after)")
+    p.add_argument("--cases", choices=("all", "ci"), default="all", help="--static: all 324 cases or the CI subset")
+    p.add_argument("--jobs", type=int, default=1, help="--static: compile processes")
+    p.add_argument("--liger-rope", default=None, help="--static: path to liger_kernel/ops/rope.py")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("advise", help="closed-form choice of base / factor per method for a target length")

@@ -12,12 +12,17 @@ way: e in float64, then exp(e) = 2^k * exp(f) with integer k and |f| <= ln2/2, s
 sees a small argument and 2^k is built exactly from its exponent bits.
 
 Layouts: pair j is (x[j], x[j + R/2]) for "half" (GPT-NeoX / HF) and (x[2j], x[2j+1]) for
-"interleaved" (GPT-J / Meta); channels R..D-1 are copied through (or left alone in place).
+"interleaved" (GPT-J / Meta); channels R..D-1 are copied through (or left alone in place). An
+interleaved row is loaded as one contiguous run and split into its pairs in registers (tl.split), so
+both layouts move q and k with 128-bit accesses.
 Backward is the same kernel with CONJUGATE (rotation by -angle, same scales).
 
-Grid: (token, head tile). A program rotates BLOCK_H query heads and BLOCK_H key heads of one token
-(b, t); BLOCK_H covers all heads up to 4096 pairs, so the angles of a token are computed once and
-reused across its heads.
+Grid: (token, head tile). A program rotates BLOCK_HQ query heads and BLOCK_HK key heads of one token
+(b, t): the k tile is sized to Hk, not to Hq, so GQA leaves no idle k lanes. It issues every load
+(position, q, k, tail) before the angle prologue, then stores, so q and k are in flight together. The
+launcher picks the warps so that the smaller (k) tile still gives each thread 16 bytes per access;
+fewer warps also mean fewer threads recomputing the same column's angle. `ropekit bench --static`
+(ropekit/kernels/static.py) compiles every specialisation for sm_80/sm_90 and reports the effect.
 All offsets are int64, so tensors past 2^31 elements are addressed correctly.
 """
 
@@ -27,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["rope_launch", "SUPPORTED_DTYPES"]
+__all__ = ["rope_launch", "launch_args", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -35,61 +40,66 @@ _TWO_PI = 6.283185307179586
 _INV_TWO_PI = 0.15915494309189535
 _LN2 = 0.6931471805599453
 _LOG2E = 1.4426950408889634
+_MAX_PAIRS = 4096  # rotary pairs of q per program: one head tile up to 64 heads x 128 dims
 _XPOS_MAX_EXPONENT = 80.0  # = ropekit.methods.XPOS_MAX_EXPONENT (kept literal: no imports in the kernel)
 
 
 @triton.jit
-def _rotate_heads(
-    X,
-    OUT,
-    n_heads,
-    h0,
-    b,
-    t,
-    sx_b,
-    sx_h,
-    sx_t,
-    sx_d,
-    so_b,
-    so_h,
-    so_t,
-    so_d,
-    cos,
-    sin,
-    scale,
-    HALF: tl.constexpr,
-    TAIL: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_TAIL: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    INTERLEAVED: tl.constexpr,
-    COPY_TAIL: tl.constexpr,
-):
-    # cos, sin, scale: (1, BLOCK_P) float32 for this token.
-    pairs = tl.arange(0, BLOCK_P)
-    pair_mask = pairs < HALF
-    if INTERLEAVED:
-        da = (2 * pairs).to(tl.int64)
-        db = da + 1
-    else:
-        da = pairs.to(tl.int64)
-        db = da + HALF
-    x_base = X + b * sx_b + t * sx_t
-    o_base = OUT + b * so_b + t * so_t
-    heads = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)
+def _load_pairs(
+    X, b, t, heads, n_heads, sx_b, sx_h, sx_t, sx_d,
+    HALF: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr,
+):  # fmt: skip
+    # -> (xa, xb): (BLOCK_H, BLOCK_P) float32, the two members of every rotary pair of these heads
+    row = X + b * sx_b + t * sx_t + heads[:, None] * sx_h
     head_mask = heads[:, None] < n_heads
-    mask = head_mask & pair_mask[None, :]
-    xa = tl.load(x_base + heads[:, None] * sx_h + da[None, :] * sx_d, mask=mask, other=0.0).to(tl.float32)
-    xb = tl.load(x_base + heads[:, None] * sx_h + db[None, :] * sx_d, mask=mask, other=0.0).to(tl.float32)
-    ya = (xa * cos - xb * sin) * scale
-    yb = (xb * cos + xa * sin) * scale
-    tl.store(o_base + heads[:, None] * so_h + da[None, :] * so_d, ya.to(OUT.dtype.element_ty), mask=mask)
-    tl.store(o_base + heads[:, None] * so_h + db[None, :] * so_d, yb.to(OUT.dtype.element_ty), mask=mask)
-    if COPY_TAIL:
-        tail = (2 * HALF + tl.arange(0, BLOCK_TAIL)).to(tl.int64)
-        tmask = head_mask & (tail[None, :] < 2 * HALF + TAIL)
-        xt = tl.load(x_base + heads[:, None] * sx_h + tail[None, :] * sx_d, mask=tmask, other=0.0)
-        tl.store(o_base + heads[:, None] * so_h + tail[None, :] * so_d, xt.to(OUT.dtype.element_ty), mask=tmask)
+    if INTERLEAVED:
+        # (x0, x1, x2, x3, ...) is one contiguous run: one wide load, then a register split into pairs
+        cols = tl.arange(0, 2 * BLOCK_P).to(tl.int64)
+        x = tl.load(row + cols[None, :] * sx_d, mask=head_mask & (cols[None, :] < 2 * HALF), other=0.0)
+        xa, xb = tl.split(tl.reshape(x, (BLOCK_H, BLOCK_P, 2)))
+    else:
+        pairs = tl.arange(0, BLOCK_P).to(tl.int64)
+        mask = head_mask & (pairs[None, :] < HALF)
+        xa = tl.load(row + pairs[None, :] * sx_d, mask=mask, other=0.0)
+        xb = tl.load(row + (pairs[None, :] + HALF) * sx_d, mask=mask, other=0.0)
+    return xa.to(tl.float32), xb.to(tl.float32)
+
+
+@triton.jit
+def _store_pairs(
+    OUT, b, t, heads, n_heads, so_b, so_h, so_t, so_d, ya, yb,
+    HALF: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr,
+):  # fmt: skip
+    row = OUT + b * so_b + t * so_t + heads[:, None] * so_h
+    head_mask = heads[:, None] < n_heads
+    ya = ya.to(OUT.dtype.element_ty)
+    yb = yb.to(OUT.dtype.element_ty)
+    if INTERLEAVED:
+        cols = tl.arange(0, 2 * BLOCK_P).to(tl.int64)
+        y = tl.reshape(tl.join(ya, yb), (BLOCK_H, 2 * BLOCK_P))
+        tl.store(row + cols[None, :] * so_d, y, mask=head_mask & (cols[None, :] < 2 * HALF))
+    else:
+        pairs = tl.arange(0, BLOCK_P).to(tl.int64)
+        mask = head_mask & (pairs[None, :] < HALF)
+        tl.store(row + pairs[None, :] * so_d, ya, mask=mask)
+        tl.store(row + (pairs[None, :] + HALF) * so_d, yb, mask=mask)
+
+
+@triton.jit
+def _load_tail(X, b, t, heads, n_heads, sx_b, sx_h, sx_t, sx_d, START: tl.constexpr, TAIL: tl.constexpr,
+               BLOCK_TAIL: tl.constexpr):  # fmt: skip
+    cols = (START + tl.arange(0, BLOCK_TAIL)).to(tl.int64)
+    mask = (heads[:, None] < n_heads) & (cols[None, :] < START + TAIL)
+    return tl.load(X + b * sx_b + t * sx_t + heads[:, None] * sx_h + cols[None, :] * sx_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tail(OUT, b, t, heads, n_heads, so_b, so_h, so_t, so_d, x, START: tl.constexpr, TAIL: tl.constexpr,
+                BLOCK_TAIL: tl.constexpr):  # fmt: skip
+    cols = (START + tl.arange(0, BLOCK_TAIL)).to(tl.int64)
+    mask = (heads[:, None] < n_heads) & (cols[None, :] < START + TAIL)
+    tl.store(OUT + b * so_b + t * so_t + heads[:, None] * so_h + cols[None, :] * so_d, x.to(OUT.dtype.element_ty),
+             mask=mask)  # fmt: skip
 
 
 @triton.jit
@@ -128,18 +138,30 @@ def _rope_kernel(
     TAIL: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_TAIL: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
     INTERLEAVED: tl.constexpr,
     CONJUGATE: tl.constexpr,
     HAS_XPOS: tl.constexpr,
     COPY_TAIL: tl.constexpr,
 ):
     # Q (B, HQ, T, D), K (B, HK, T, D), any strides; POS (B, T) or (T,) (sp_b = 0); INV_FREQ (HALF,) float64.
+    # A program: token (b, t), q heads [j*BLOCK_HQ, ...) and k heads [j*BLOCK_HK, ...), j = program_id(1).
     pid = tl.program_id(0).to(tl.int64)
-    h0 = tl.program_id(1) * BLOCK_H  # first head of this program's tile
+    j = tl.program_id(1)
     b = pid // T
     t = pid % T
+    qh = (j * BLOCK_HQ + tl.arange(0, BLOCK_HQ)).to(tl.int64)
+    kh = (j * BLOCK_HK + tl.arange(0, BLOCK_HK)).to(tl.int64)
+
+    # Every load first: a program reads and writes only its own token's rows, so no store of it can
+    # change what it loads (in place included), and q, k and the position travel in one memory trip.
     pos = tl.load(POS + b * sp_b + t * sp_t).to(tl.int64)
+    qa, qb = _load_pairs(Q, b, t, qh, HQ, sq_b, sq_h, sq_t, sq_d, HALF, BLOCK_P, BLOCK_HQ, INTERLEAVED)
+    ka, kb = _load_pairs(K, b, t, kh, HK, sk_b, sk_h, sk_t, sk_d, HALF, BLOCK_P, BLOCK_HK, INTERLEAVED)
+    if COPY_TAIL:
+        q_tail = _load_tail(Q, b, t, qh, HQ, sq_b, sq_h, sq_t, sq_d, 2 * HALF, TAIL, BLOCK_TAIL)
+        k_tail = _load_tail(K, b, t, kh, HK, sk_b, sk_h, sk_t, sk_d, 2 * HALF, TAIL, BLOCK_TAIL)
 
     pairs = tl.arange(0, BLOCK_P)
     pair_mask = pairs < HALF
@@ -167,18 +189,18 @@ def _rope_kernel(
         q_scale = q_scale * (tl.exp(f) * two_n)
         k_scale = k_scale * (tl.exp(-f) * two_minus_n)
 
-    cos2 = cos[None, :]
-    sin2 = sin[None, :]
-    _rotate_heads(
-        Q, QO, HQ, h0, b, t, sq_b, sq_h, sq_t, sq_d, sqo_b, sqo_h, sqo_t, sqo_d,
-        cos2, sin2, q_scale[None, :],
-        HALF, TAIL, BLOCK_P, BLOCK_TAIL, BLOCK_H, INTERLEAVED, COPY_TAIL,
-    )  # fmt: skip
-    _rotate_heads(
-        K, KO, HK, h0, b, t, sk_b, sk_h, sk_t, sk_d, sko_b, sko_h, sko_t, sko_d,
-        cos2, sin2, k_scale[None, :],
-        HALF, TAIL, BLOCK_P, BLOCK_TAIL, BLOCK_H, INTERLEAVED, COPY_TAIL,
-    )  # fmt: skip
+    # (ya, yb) = s * (xa cos - xb sin, xb cos + xa sin): the scale folded into cos and sin once per column
+    qc = (cos * q_scale)[None, :]
+    qs = (sin * q_scale)[None, :]
+    kc = (cos * k_scale)[None, :]
+    ks = (sin * k_scale)[None, :]
+    _store_pairs(QO, b, t, qh, HQ, sqo_b, sqo_h, sqo_t, sqo_d, qa * qc - qb * qs, qb * qc + qa * qs,
+                 HALF, BLOCK_P, BLOCK_HQ, INTERLEAVED)  # fmt: skip
+    _store_pairs(KO, b, t, kh, HK, sko_b, sko_h, sko_t, sko_d, ka * kc - kb * ks, kb * kc + ka * ks,
+                 HALF, BLOCK_P, BLOCK_HK, INTERLEAVED)  # fmt: skip
+    if COPY_TAIL:
+        _store_tail(QO, b, t, qh, HQ, sqo_b, sqo_h, sqo_t, sqo_d, q_tail, 2 * HALF, TAIL, BLOCK_TAIL)
+        _store_tail(KO, b, t, kh, HK, sko_b, sko_h, sko_t, sko_d, k_tail, 2 * HALF, TAIL, BLOCK_TAIL)
 
 
 def rope_launch(
@@ -229,18 +251,68 @@ def rope_launch(
         q_out, k_out = torch.empty_like(q), torch.empty_like(k)
     if B * T == 0:
         return q_out, k_out
+    grid, args, meta = launch_args(q, k, q_out, k_out, positions, inv_freq, xpos_rate, interleaved=interleaved,
+                                   attention_factor=attention_factor, xpos_center=xpos_center,
+                                   conjugate=conjugate, inplace=inplace)  # fmt: skip
+    _rope_kernel[grid](*args, **meta)
+    return q_out, k_out
+
+
+def launch_args(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_out: torch.Tensor,
+    k_out: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    xpos_rate: torch.Tensor | None,
+    *,
+    interleaved: bool,
+    attention_factor: float,
+    xpos_center: int,
+    conjugate: bool,
+    inplace: bool,
+) -> tuple[tuple[int, int], tuple, dict]:
+    """(grid, positional args, constexpr/launch options) of ``_rope_kernel`` for these tensors.
+
+    ``rope_launch`` launches exactly this; ``ropekit.kernels.static`` binds it (on meta tensors) to
+    compile the kernel ahead of time with the specialisation a real launch gets.
+    """
+    B, HQ, T, D = q.shape
+    half = inv_freq.numel()
     tail = D - 2 * half
     sp_b, sp_t = (0, positions.stride(0)) if positions.dim() == 1 else positions.stride()
     block_p = triton.next_power_of_2(half)
-    heads = max(HQ, k.shape[1])
-    block_h = min(triton.next_power_of_2(heads), max(1, 4096 // block_p))  # a tile of <= 4096 pairs
-    grid = (B * T, triton.cdiv(heads, block_h))
-    _rope_kernel[grid](
+    HK = k.shape[1]
+    max_heads = max(1, _MAX_PAIRS // block_p)
+    block_hq = min(triton.next_power_of_2(HQ), max_heads)
+    tiles = triton.cdiv(HQ, block_hq)
+    block_hk = min(triton.next_power_of_2(triton.cdiv(HK, tiles)), max_heads)  # sized to Hk: no idle k lanes
+    tiles = max(tiles, triton.cdiv(HK, block_hk))
+    grid = (B * T, tiles)
+    # Warps: as many as keep every k access 16 bytes wide per thread (the k tile is the smaller one),
+    # more when a thread would hold too many q elements (registers).
+    vec = 16 // q.element_size()
+    k_elems = block_hk * (2 * block_p if interleaved else block_p)  # elements of one k access
+    num_warps = max(1, min(4, _prev_power_of_2(k_elems // (32 * vec))))
+    # q elements a thread holds from its loads to its stores (tail included): <= 64, or <= 32 for half
+    # rows past 2^31 elements (64-bit row addresses); more keeps > 128 registers or spills (static report)
+    tail_block = triton.next_power_of_2(tail) if tail and not inplace else 0
+    per_thread = 64 if interleaved or q.numel() < 2**31 else 32
+    while block_hq * (2 * block_p + tail_block) > per_thread * 32 * num_warps and num_warps < 8:
+        num_warps *= 2
+    args = (
         q, k, q_out, k_out, positions, inv_freq, xpos_rate if xpos_rate is not None else inv_freq,
-        T, HQ, k.shape[1], float(attention_factor), int(xpos_center),
+        T, HQ, HK, float(attention_factor), int(xpos_center),
         *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(), sp_b, sp_t,
-        HALF=half, TAIL=tail, BLOCK_P=block_p, BLOCK_TAIL=triton.next_power_of_2(max(tail, 1)),
-        BLOCK_H=block_h, INTERLEAVED=bool(interleaved), CONJUGATE=bool(conjugate),
-        HAS_XPOS=xpos_rate is not None, COPY_TAIL=(tail > 0 and not inplace),
     )  # fmt: skip
-    return q_out, k_out
+    meta = dict(
+        HALF=half, TAIL=tail, BLOCK_P=block_p, BLOCK_TAIL=triton.next_power_of_2(max(tail, 1)),
+        BLOCK_HQ=block_hq, BLOCK_HK=block_hk, INTERLEAVED=bool(interleaved), CONJUGATE=bool(conjugate),
+        HAS_XPOS=xpos_rate is not None, COPY_TAIL=(tail > 0 and not inplace), num_warps=num_warps,
+    )  # fmt: skip
+    return grid, args, meta
+
+
+def _prev_power_of_2(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
