@@ -236,6 +236,11 @@ def _cmd_figures(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from ropekit import bench
+    from ropekit.files import check_writable
+
+    for path in (args.out, args.plot):
+        if path:
+            check_writable(path)  # before the benchmark, not after it
 
     if args.static:
         bench.run_static(args.out, stage=args.stage, cases=args.cases, jobs=args.jobs, liger_rope=args.liger_rope,

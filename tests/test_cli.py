@@ -23,6 +23,7 @@ CASES = [
 ]
 if sys.platform == "linux":
     CASES.append((["figures", "--out", "/proc/ropekit-figures"], "cannot write output '/proc/ropekit-figures'"))
+    CASES.append((["bench", "--smoke", "--out", "/proc/ropekit-bench.csv"], "cannot write output"))
 
 
 @pytest.mark.parametrize("argv,word", CASES, ids=[" ".join(a)[:50] for a, _ in CASES])
