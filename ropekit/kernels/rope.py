@@ -32,16 +32,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ropekit.methods import XPOS_MAX_EXPONENT
+
 __all__ = ["rope_launch", "launch_args", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-_TWO_PI = 6.283185307179586
-_INV_TWO_PI = 0.15915494309189535
-_LN2 = 0.6931471805599453
-_LOG2E = 1.4426950408889634
 _MAX_PAIRS = 4096  # rotary pairs of q per program: one head tile up to 64 heads x 128 dims
-_XPOS_MAX_EXPONENT = 80.0  # = ropekit.methods.XPOS_MAX_EXPONENT (kept literal: no imports in the kernel)
 
 
 @triton.jit
@@ -143,6 +140,7 @@ def _rope_kernel(
     INTERLEAVED: tl.constexpr,
     CONJUGATE: tl.constexpr,
     HAS_XPOS: tl.constexpr,
+    XPOS_MAX: tl.constexpr,  # xPos exponents are clamped to +-XPOS_MAX (ropekit.methods.XPOS_MAX_EXPONENT)
     COPY_TAIL: tl.constexpr,
 ):
     # Q (B, HQ, T, D), K (B, HK, T, D), any strides; POS (B, T) or (T,) (sp_b = 0); INV_FREQ (HALF,) float64.
@@ -179,7 +177,7 @@ def _rope_kernel(
     if HAS_XPOS:
         rate = tl.load(XPOS_RATE + pairs, mask=pair_mask, other=0.0)  # float64: ln(zeta_j) / scale_base
         e = (pos - xpos_center).to(tl.float64) * rate
-        e = tl.minimum(tl.maximum(e, -80.0), 80.0)
+        e = tl.minimum(tl.maximum(e, -XPOS_MAX), XPOS_MAX)
         # exp(e) = 2^n * exp(f), n = round(e / ln2), |f| <= ln2/2: exact 2^n from exponent bits
         n = tl.floor(e * 1.4426950408889634 + 0.5)
         f = (e - n * 0.6931471805599453).to(tl.float32)
@@ -309,7 +307,8 @@ def launch_args(
     meta = dict(
         HALF=half, TAIL=tail, BLOCK_P=block_p, BLOCK_TAIL=triton.next_power_of_2(max(tail, 1)),
         BLOCK_HQ=block_hq, BLOCK_HK=block_hk, INTERLEAVED=bool(interleaved), CONJUGATE=bool(conjugate),
-        HAS_XPOS=xpos_rate is not None, COPY_TAIL=(tail > 0 and not inplace), num_warps=num_warps,
+        HAS_XPOS=xpos_rate is not None, XPOS_MAX=XPOS_MAX_EXPONENT, COPY_TAIL=(tail > 0 and not inplace),
+        num_warps=num_warps,
     )  # fmt: skip
     return grid, args, meta
 
