@@ -51,6 +51,14 @@ TINY: dict[str, dict[str, Any]] = {
     "gemma": dict(model_type="gemma", head_dim=16, **_TINY_COMMON),
     "granite": dict(model_type="granite", **_TINY_COMMON),
     "olmo2": dict(model_type="olmo2", **_TINY_COMMON),
+    # a RoPE per layer type (sliding and full attention layers, as in Gemma 2/3/4 and OLMo 3)
+    "gemma3": dict(
+        model_type="gemma3_text",
+        head_dim=16,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+        **_TINY_COMMON,
+    ),  # fmt: skip
 }
 NAMED_MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 

@@ -14,7 +14,7 @@ from ropekit import models
 @pytest.mark.parametrize("family", list(models.TINY))
 def test_tiny_models_load_and_run(family):
     model = models.load_model(f"tiny:{family}")
-    assert model.config.model_type == family
+    assert model.config.model_type == models.TINY[family]["model_type"]
     out = model(torch.randint(0, 512, (1, 8))).logits
     assert out.shape == (1, 8, 512) and torch.isfinite(out).all()
 
