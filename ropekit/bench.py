@@ -16,8 +16,9 @@ Providers (each skipped with a note when it cannot run here):
 Times are p20/p50/p80 from ``triton.testing.do_bench`` on CUDA (a perf_counter loop elsewhere).
 GB/s counts the bytes that must move: q and k read and written once (plus any cos/sin table a
 provider reads). ``copy`` is ``torch.Tensor.copy_`` of the same byte count in the same run: the
-ratio to it is the fraction of achievable bandwidth. Rows go to a long-format CSV with the device,
-library versions and git sha; ``--plot`` draws GB/s against sequence length per provider.
+ratio to it is the fraction of achievable bandwidth. ``result_rows`` turns the measurements into
+result rows (``ropekit.results``: device, library versions, git sha); ``ropekit.figures.draw_bench``
+draws GB/s against sequence length per provider from that CSV.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Shape", "TRAINING_SHAPES", "SMOKE_SHAPES", "run_benchmark"]
+__all__ = ["Shape", "TRAINING_SHAPES", "SMOKE_SHAPES", "run_benchmark", "result_rows"]
 
 
 @dataclass(frozen=True)
@@ -231,40 +232,28 @@ def _row(prov, provider, op, shape, ms, nbytes, copy_p50):
     }
 
 
-def write_rows(path, rows: list[dict]) -> None:
-    import csv
-    import io
-
-    from ropekit.results import atomic_write_text, read_rows
-
-    existing = read_rows(path)
-    fields = list(rows[0]) if rows else []
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
-    w.writeheader()
-    w.writerows(existing + rows)
-    atomic_write_text(path, buf.getvalue())
+_RESULT_METRICS = ("ms_p20", "ms_p50", "ms_p80", "gb_per_s", "pct_of_copy")
 
 
-def plot(path_csv, path_png) -> None:
-    import matplotlib
+def result_rows(rows: list[dict]) -> list[dict]:
+    """Measurements as long-format result rows (``ropekit.results``), one value per row.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    variant = provider @ shape family (the shape without T), metric = "<op> <measure>", context_length = T,
+    so a figure groups by columns only; bytes moved and the full shape go in the config.
+    """
+    from ropekit.results import make_row
 
-    from ropekit.results import read_rows
-
-    rows = [r for r in read_rows(path_csv) if r["op"] in ("fwd", "copy") and "Hq=32,Hk=8,D=128,bfloat16" in r["shape"]]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for provider in sorted({r["provider"] for r in rows}):
-        pts = sorted((int(r["T"]), float(r["gb_per_s"])) for r in rows if r["provider"] == provider)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=provider)
-    ax.set(xscale="log", xlabel="sequence length (B=1, 32/8 heads, D=128, bf16)", ylabel="GB/s (forward)")
-    devices = sorted({r["device"] for r in rows})
-    ax.set_title(", ".join(devices), fontsize=8)
-    ax.legend(fontsize=7)
-    fig.savefig(path_png, dpi=130, bbox_inches="tight")
-    plt.close(fig)
+    prov_keys = ("git_sha", "device", "versions", "timestamp")
+    out = []
+    for r in rows:
+        family = ",".join(p for p in r["shape"].split(",") if not p.startswith("T="))
+        for measure in _RESULT_METRICS:
+            out.append(make_row(
+                experiment="kernel_bench", variant=f"{r['provider']} @ {family}", metric=f"{r['op']} {measure}",
+                context_length=r["T"], value=r[measure], n=1, seed=0,
+                config={"shape": r["shape"], "bytes": r["bytes"]}, prov={k: r[k] for k in prov_keys},
+            ))  # fmt: skip
+    return out
 
 
 def e2e_training_step(seq_len: int, *, patched: bool, steps: int = 3, device: str = "cuda") -> dict:

@@ -249,10 +249,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     shapes = bench.SMOKE_SHAPES if args.smoke else bench.TRAINING_SHAPES
     rows = bench.run_benchmark(shapes, flash_attn_rotary=args.flash_attn_rotary)
     if args.out:
-        bench.write_rows(args.out, rows)
-        print(f"{len(rows)} rows appended to {args.out}")
+        from ropekit.figures import draw_bench
+        from ropekit.results import append_rows
+
+        result = bench.result_rows(rows)
+        append_rows(args.out, result)
+        print(f"{len(result)} rows appended to {args.out}")
         if args.plot:
-            bench.plot(args.out, args.plot)
+            print(draw_bench(args.out, args.plot))
     if args.e2e:
         for seq_len in (8192, 32768):
             for patched in (False, True):

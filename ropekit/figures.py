@@ -18,7 +18,7 @@ from ropekit import analysis
 from ropekit.files import atomic_path, atomic_write_text
 from ropekit.results import read_rows
 
-__all__ = ["draw_analytic", "draw_results", "draw_all", "draw_advice", "draw_sweep"]
+__all__ = ["draw_analytic", "draw_results", "draw_all", "draw_bench", "draw_advice", "draw_sweep"]
 
 PAPER_NAMES = {"rope": "RoPE", "pi": "RoPE PI", "abf": "RoPE ABF", "xpos": "xPos ABF"}
 
@@ -329,3 +329,22 @@ def draw_sweep(summary_csv: str | Path, png: str | Path) -> list[Path]:
     _save(fig, png)
     plt.close(fig)
     return [png]
+
+
+def draw_bench(results: str | Path, png: str | Path, *, op: str = "fwd") -> Path:
+    """GB/s against sequence length, one line per provider and shape family, from ``ropekit bench`` rows."""
+    plt = _plt()
+    rows = [r for r in read_rows(results) if r["experiment"] == "kernel_bench"]
+    series = _series(rows, f"{op} gb_per_s")
+    if not series:
+        raise ValueError(f"no '{op} gb_per_s' kernel_bench rows in {results}")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for variant, pts in sorted(series.items()):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, label=variant)
+    ax.set(xscale="log", xlabel="sequence length T", ylabel=f"GB/s ({op})")
+    ax.set_title(", ".join(sorted({r["device"] for r in rows})), fontsize=8)
+    ax.legend(fontsize=6)
+    png = Path(png)
+    _save(fig, png)
+    plt.close(fig)
+    return png

@@ -16,6 +16,13 @@ def test_benchmark_smoke_rows_have_times_bandwidth_and_provenance(tmp_path):
     shape = bench.SMOKE_SHAPES[0]
     table = 2 * shape.T * shape.D * 4
     assert hf["bytes"] == 2 * (2 * shape.qk_bytes() + table)  # q, k read and written (twice for fwd+bwd) + table
-    bench.write_rows(tmp_path / "b.csv", rows)
-    bench.plot(tmp_path / "b.csv", tmp_path / "b.png")
-    assert (tmp_path / "b.png").stat().st_size > 1000
+    from ropekit.figures import draw_bench
+    from ropekit.results import append_rows, read_rows
+
+    append_rows(tmp_path / "b.csv", bench.result_rows(rows))  # the one result-row format, one value per row
+    stored = read_rows(tmp_path / "b.csv")
+    assert len(stored) == 5 * len(rows)
+    p50 = next(r for r in stored if r["variant"] == f"hf-eager @ {str(shape).replace(f'T={shape.T},', '')}"
+               and r["metric"] == "fwd+bwd ms_p50")  # fmt: skip
+    assert float(p50["value"]) == hf["ms_p50"] and p50["context_length"] == str(shape.T)
+    assert draw_bench(tmp_path / "b.csv", tmp_path / "b.png").stat().st_size > 1000
