@@ -133,7 +133,12 @@ def run(cfg: AblationConfig, out: str | Path, *, log=print) -> dict:
     from ropekit.train import train
 
     out = check_writable(out, kind="folder")
-    atomic_write_text(out / "ablation_config.json", json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
+    resolved = json.dumps(dataclasses.asdict(cfg), indent=1, default=str)
+    saved = out / "ablation_config.json"
+    if saved.is_file() and saved.read_text() != resolved:  # resuming must not mix two ablations' stages
+        raise ValueError(f"{out} holds another ablation (its ablation_config.json differs from this one); "
+                         "choose another --out, or run the same preset and data again to resume")  # fmt: skip
+    atomic_write_text(saved, resolved)
     times: dict[str, float] = {}
     t_all = time.perf_counter()
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ropekit.files import atomic_folder, atomic_path, atomic_write_text, cache_dir
+from ropekit.files import atomic_folder, atomic_path, atomic_write_text, cache_dir, locked
 
 __all__ = [
     "Corpus",
@@ -257,12 +257,12 @@ def load_or_train_tokenizer(docs: Sequence[Document], vocab_size: int, cache: Pa
     from transformers import PreTrainedTokenizerFast
 
     folder = (cache or cache_dir() / "tokenizers") / f"bpe{vocab_size}-{documents_fingerprint(docs)}"
-    if (folder / "tokenizer.json").is_file():
+    with locked(folder):  # one process trains (every torchrun rank asks at once); the others load its files
+        if not (folder / "tokenizer.json").is_file():
+            tok = train_tokenizer(docs, vocab_size)
+            with atomic_folder(folder) as tmp:
+                tok.save_pretrained(tmp)
         return PreTrainedTokenizerFast.from_pretrained(str(folder))
-    tok = train_tokenizer(docs, vocab_size)  # deterministic: a racing process writes the same files
-    with atomic_folder(folder) as tmp:
-        tok.save_pretrained(tmp)
-    return PreTrainedTokenizerFast.from_pretrained(str(folder))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -143,8 +143,10 @@ def read_rows(path: str | Path) -> list[dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         return []
-    with open(path, newline="", encoding="utf-8") as fh:
-        return [_upgrade(row) for row in csv.DictReader(fh)]
+    text = path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):  # an append in progress in another process: its last line is partial
+        text = text[: text.rfind("\n") + 1]
+    return [_upgrade(row) for row in csv.DictReader(io.StringIO(text, newline=""))]
 
 
 def _csv_text(rows: Iterable[dict[str, Any]], *, header: bool) -> str:

@@ -253,7 +253,7 @@ def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 
 # Keys that may differ on resume: they do not change what the run computes.
-_RESUME_FREE = {"steps", "eval_every", "save_every", "log_every", "device", "compile"}
+_RESUME_FREE = {"eval_every", "save_every", "log_every", "device", "compile"}  # not steps: it sets the schedule
 
 
 def _check_resume(saved: dict[str, Any], cfg: TrainConfig) -> None:

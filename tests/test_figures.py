@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ropekit import analysis, figures
-from ropekit.ablation import PRESETS, plan, run
+from ropekit.ablation import PRESETS, plan, run, with_data
 from ropekit.results import make_row, read_rows
 
 
@@ -140,3 +140,15 @@ def test_every_demo_preset_runs_its_pipeline_one_step_on_cpu(name, tmp_path):
     rows = read_rows(result["results"])
     assert {r["metric"] for r in rows} >= {"ppl", "fsr_target_nll", "position_loss"}
     assert {r["variant"] for r in rows} == {"abf:base=500000"}
+
+
+def test_an_ablation_folder_is_not_resumed_with_another_config(tmp_path):
+    import dataclasses
+    import json
+
+    cfg = PRESETS["micro"]()
+    (tmp_path / "ablation_config.json").write_text(
+        json.dumps(dataclasses.asdict(with_data(cfg, "/some/books")), indent=1, default=str)
+    )
+    with pytest.raises(ValueError, match="holds another ablation"):
+        run(cfg, tmp_path, log=lambda *_: None)

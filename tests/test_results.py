@@ -83,3 +83,13 @@ def test_per_position_rows_of_older_files_are_read_with_their_window(tmp_path):
             w.writerow({c: "" for c in old_columns} | old)
     rows = read_rows(path)
     assert [(r["context_length"], r["position"]) for r in rows] == [("256", "129"), ("2048", "129")]
+
+
+def test_a_partial_last_line_of_an_append_in_progress_is_not_read(tmp_path):
+    path = tmp_path / "rows.csv"
+    append_rows(path, [make_row(experiment="e", variant="v", metric="m", context_length=1, value=1.0, n=1, seed=0,
+                                prov=PROV)])  # fmt: skip
+    with open(path, "a") as fh:
+        fh.write("e,v,m,2,,,2.0,1,0,x,cpu,{},t,{")  # another process is half way through a line
+    rows = read_rows(path)
+    assert len(rows) == 1 and rows[0]["value"] == "1.0"

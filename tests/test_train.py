@@ -66,6 +66,9 @@ def test_resume_with_a_different_config_is_refused_naming_the_difference(tmp_pat
     train(micro_config(steps=3), tmp_path, stop_after=3)
     with pytest.raises(ValueError, match="lr: checkpoint 0.003 vs now 0.001"):
         train(micro_config(steps=6, lr=1e-3), tmp_path, resume=True)
+    # steps sets the cosine schedule's length: a resumed run with other steps would change its learning rates
+    with pytest.raises(ValueError, match="steps: checkpoint 3 vs now 6"):
+        train(micro_config(steps=6), tmp_path, resume=True)
 
 
 def test_a_corrupt_checkpoint_is_refused(tmp_path):
@@ -188,7 +191,7 @@ def test_a_run_without_resume_never_overwrites_checkpoints(tmp_path):
 
 
 def test_resume_refuses_pickled_code_in_a_checkpoint(tmp_path):
-    train(micro_config(steps=3), tmp_path, stop_after=3)
+    train(micro_config(steps=6), tmp_path, stop_after=3)
     ckpt = tmp_path / "checkpoint-0000003"
     marker = tmp_path / "pwned"
 
