@@ -34,21 +34,25 @@ def test_loss_goes_down_on_a_tiny_model(tmp_path):
     assert model.config.ropekit["method"] == "rope:base=10000"
 
 
-def test_resume_after_a_crash_gives_the_uninterrupted_losses(tmp_path, monkeypatch):
-    cfg = micro_config(steps=7, save_every=3)
-    whole = train(cfg, tmp_path / "a")["losses"]
-
+def crash_at_step_5(cfg, out, monkeypatch):
+    """Run ``cfg`` into ``out`` until an injected crash at step 5 (after the step-3 checkpoint)."""
     real_get_lr = train_mod.get_lr
 
-    def crash_at_step_5(step, c):
+    def get_lr(step, c):
         if step == 5:
             raise RuntimeError("injected crash")
         return real_get_lr(step, c)
 
-    monkeypatch.setattr(train_mod, "get_lr", crash_at_step_5)
+    monkeypatch.setattr(train_mod, "get_lr", get_lr)
     with pytest.raises(RuntimeError, match="injected"):
-        train(cfg, tmp_path / "b")
+        train(cfg, out)
     monkeypatch.setattr(train_mod, "get_lr", real_get_lr)
+
+
+def test_resume_after_a_crash_gives_the_uninterrupted_losses(tmp_path, monkeypatch):
+    cfg = micro_config(steps=7, save_every=3)
+    whole = train(cfg, tmp_path / "a")["losses"]
+    crash_at_step_5(cfg, tmp_path / "b", monkeypatch)
     resumed = train(cfg, tmp_path / "b", resume=True)  # from the step-3 checkpoint
     state = json.loads((tmp_path / "b" / "checkpoint-0000007" / "trainer_state.json").read_text())
     assert state["losses"] == resumed["losses"]
@@ -158,19 +162,9 @@ def test_fsdp2_on_two_gloo_processes_matches_one_process(tmp_path):
 def test_resume_without_a_usable_latest_pointer_scans_for_the_newest_checkpoint(tmp_path, monkeypatch):
     cfg = micro_config(steps=7, save_every=3)
     whole = train(cfg, tmp_path / "a")["losses"]
-    real_get_lr = train_mod.get_lr
-
-    def crash_at_step_5(step, c):
-        if step == 5:
-            raise RuntimeError("injected crash")
-        return real_get_lr(step, c)
-
     for pointer in (None, "garbage\n"):  # the pointer deleted, or overwritten with garbage
         out = tmp_path / f"b-{pointer is None}"
-        monkeypatch.setattr(train_mod, "get_lr", crash_at_step_5)
-        with pytest.raises(RuntimeError, match="injected"):
-            train(cfg, out)
-        monkeypatch.setattr(train_mod, "get_lr", real_get_lr)
+        crash_at_step_5(cfg, out, monkeypatch)
         if pointer is None:
             (out / "latest").unlink()
         else:
