@@ -3,7 +3,8 @@
 Which models: decided by mechanism, not by a list (``check_support``). A model is patchable when its
 modeling module follows transformers' standard rotary contract:
 
-- its decoder (``model.base_model``) owns a ``rotary_emb`` module holding ``inv_freq`` buffers (one, or
+- its decoder (``model.base_model``) owns a ``rotary_emb`` module (or a ``*RotaryEmbedding`` child under
+  another name, LFM2-MoE's ``pos_emb``) holding ``inv_freq`` buffers (one, or
   one per layer type: ``<layer_type>_inv_freq``) whose forward returns ``(cos, sin)``;
 - attention rotates q and k by calling a module-level ``apply_rotary_pos_emb(q, k, cos, sin, ...)``
   (or another module-level ``apply_rotary_pos_emb*`` function of that signature) with the
@@ -297,10 +298,13 @@ def _unwrap(fn):
 
 
 def _apply_functions(module) -> dict[str, Any]:
-    """Module-level ``apply_rotary_pos_emb*(q, k, cos, sin, ...)`` functions (originals, if dispatched)."""
+    """Module-level ``apply_rotary_pos_emb*(q, k, cos, sin, ...)`` functions (originals, if dispatched).
+
+    A ``*_vision`` one rotates a vision tower's patches with that tower's own cos/sin, never the text
+    decoder's, so it is neither dispatched nor required to have a standard layout."""
     found = {}
     for name, fn in vars(module).items():
-        if not name.startswith(_APPLY_PREFIX) or not callable(fn):
+        if not name.startswith(_APPLY_PREFIX) or name.endswith("_vision") or not callable(fn):
             continue
         fn = _MODULE_PATCHES.get(module.__name__, {}).get("originals", {}).get(name, fn)
         try:
@@ -455,13 +459,33 @@ def _rope_dicts(config) -> list:
     return [params, *(v for v in params.values() if isinstance(v, dict))] if isinstance(params, dict) else []
 
 
+def _rotary_name(decoder: nn.Module) -> str | None:
+    """The attribute of ``decoder`` that holds its rotary module: ``rotary_emb``, else a direct child named
+    otherwise whose class is a ``*RotaryEmbedding`` (or a ropekit patch of one)."""
+    if isinstance(getattr(decoder, "rotary_emb", None), nn.Module):
+        return "rotary_emb"
+    for name, child in decoder.named_children():
+        if isinstance(child, RopekitRotary) or type(child).__name__.endswith("RotaryEmbedding"):
+            return name
+    return None
+
+
+def rotary_of(decoder: nn.Module) -> nn.Module:
+    """The decoder's rotary module (``_rotary_name``)."""
+    return getattr(decoder, _rotary_name(decoder))
+
+
+def _set_rotary(decoder: nn.Module, rotary: nn.Module) -> None:
+    setattr(decoder, _rotary_name(decoder), rotary)
+
+
 def _decoder(model: nn.Module) -> nn.Module | None:
     candidates = [getattr(model, "base_model", None), getattr(model, "model", None), model]
     for c in list(candidates):
         if c is not None:
             candidates.append(getattr(c, "language_model", None))
     for candidate in candidates:
-        if isinstance(candidate, nn.Module) and isinstance(getattr(candidate, "rotary_emb", None), nn.Module):
+        if isinstance(candidate, nn.Module) and _rotary_name(candidate) is not None:
             return candidate
     return None
 
@@ -481,7 +505,7 @@ def _contract(model: nn.Module) -> _Contract:
         raise Unsupported(
             "no rotary_emb module on its decoder (RoPE, if any, is computed inside the attention layers or absent)"
         )
-    rotary = base_model.rotary_emb
+    rotary = rotary_of(base_model)
     original = rotary._original[0] if isinstance(rotary, RopekitRotary) else rotary
     buffers = _inv_freq_buffers(original)
     if not buffers:
@@ -818,12 +842,12 @@ class PatchHandle:
     def undo(self) -> None:
         if not self.active:
             return
-        if self._base_model.rotary_emb is not self._rotary:
+        if rotary_of(self._base_model) is not self._rotary:
             raise RuntimeError("this patch was patched over; undo the later patch first")
         for hook in self._hooks:
             hook.remove()
         self._finalizer.detach()
-        self._base_model.rotary_emb = self._previous
+        _set_rotary(self._base_model, self._previous)
         _restore_config(self.model.config, self._config_snapshot)
         _remove_all(self._modules)
         self.active = False
@@ -934,7 +958,7 @@ def patch(
     except Unsupported as err:
         raise Unsupported(f"ropekit.patch cannot patch model_type {model_type!r}: {err}") from None
     base_model, original = contract.base_model, contract.original
-    previous = base_model.rotary_emb
+    previous = rotary_of(base_model)
 
     requested = parse_layered(method)
     if layer_types is not None:
@@ -999,17 +1023,17 @@ def patch(
     if any(m is not None and m.needs_seq_len for m in resolved.values()):
 
         def pre_hook(mod, args, kwargs):
-            if mod.rotary_emb is rotary:
+            if rotary_of(mod) is rotary:
                 rotary._cache = kwargs.get("past_key_values")
 
         def post_hook(mod, args, kwargs, output):
-            if mod.rotary_emb is rotary:
+            if rotary_of(mod) is rotary:
                 rotary.commit_cache(getattr(output, "past_key_values", None))
                 rotary._cache = None
 
         hooks.append(base_model.register_forward_pre_hook(pre_hook, with_kwargs=True))
         hooks.append(base_model.register_forward_hook(post_hook, with_kwargs=True))
-    base_model.rotary_emb = rotary
+    _set_rotary(base_model, rotary)
     _install_all(contract.modules, contract.layouts)
     shown = resolved[None] if list(resolved) == [None] else format_layered({k: v for k, v in resolved.items() if v})
     return PatchHandle(model, base_model, rotary, previous, contract.modules, snapshot, hooks, shown)
@@ -1032,7 +1056,7 @@ def describe(model: nn.Module) -> dict[str, Any]:
     base_model = _decoder(model)
     if base_model is None:
         raise Unsupported(f"{type(model).__name__} has no rotary_emb module")
-    rotary = base_model.rotary_emb
+    rotary = rotary_of(base_model)
     if isinstance(rotary, RopekitRotary):
         m = rotary.method
         return {

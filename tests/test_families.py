@@ -115,6 +115,26 @@ TINY_SIZES = {
 }
 
 
+# Family-specific layout keys the generic sizes above cannot know, so that each family is built tiny
+# with attention layers that use RoPE (e.g. the hybrid state-space families put attention in one layer).
+_MAMBA = dict(mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=16)  # 8 x 16 = 2 x hidden
+# fmt: off
+FAMILY_SIZES = {
+    "bamba": dict(attn_layer_indices=[1], **_MAMBA),
+    "granitemoehybrid": dict(layer_types=["mamba", "attention"], position_embedding_type="rope",
+                             shared_intermediate_size=32, **_MAMBA),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
+    "dbrx": dict(attn_config={"kv_n_heads": 2, "rope_theta": 10_000.0, "clip_qkv": 8.0}),  # its attention reads both
+    "dots3_note_text": dict(per_layer_config={}, head_dim=16),  # head_dim = qk_nope + qk_rope for its SWA layers
+    "recurrent_gemma": dict(block_types=["recurrent", "attention"]),
+    "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=16,
+                           indexer_compress_ratio=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                           linear_num_key_heads=2, linear_num_value_heads=4, hc_lowrank=16, ple_embed_dim=16,
+                           ngram_vocab_size_base=256, split_ngram_parts=2),
+}
+# fmt: on
+
+
 def _has(config, key: str) -> bool:
     try:
         getattr(config, key)
@@ -163,7 +183,7 @@ def tiny_family_config(model_type: str, full_depth: bool = False):
     config_class = CONFIG_MAPPING[model_type]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        kwargs = _tiny_kwargs(config_class())
+        kwargs = {**_tiny_kwargs(config_class()), **FAMILY_SIZES.get(model_type, {})}
         if full_depth:  # hybrid models whose first layers have no attention: keep the family's own layers
             for key in ("num_hidden_layers", "n_layer", "layer_types"):
                 kwargs.pop(key, None)
@@ -201,6 +221,10 @@ def build(model_type: str, full_depth: bool = False):
 def greedy(model, prompt):
     """NEW_TOKENS greedy steps with the KV cache: (prompt + tokens, logits of each step (1, NEW_TOKENS, V))."""
     out = model(prompt, use_cache=True)
+    if not hasattr(out, "past_key_values"):  # a model that keeps its cache inside (recurrent_gemma)
+        run = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)  # fmt: skip
+        return run.sequences, torch.stack(run.logits, dim=1)
     cache, tokens, steps = out.past_key_values, prompt, []
     for _ in range(NEW_TOKENS):
         logits = out.logits[:, -1:]
@@ -209,6 +233,11 @@ def greedy(model, prompt):
         out = model(tokens[:, -1:], past_key_values=cache, use_cache=True)
         cache = out.past_key_values
     return tokens, torch.cat(steps, dim=1)
+
+
+def _rotary(model):
+    decoder = hf._decoder(model)
+    return hf.rotary_of(decoder) if decoder is not None else None
 
 
 def check_family(model_type: str) -> str:
@@ -228,16 +257,16 @@ def check_family(model_type: str) -> str:
     reason = hf.check_support(model)
     if reason is not None:
         config_before = model.config.to_dict()
-        rotary_before = getattr(hf._decoder(model), "rotary_emb", None)
+        rotary_before = _rotary(model)
         with pytest.raises(ValueError, match="ropekit.patch cannot patch") as err:
             ropekit.patch(model, "native")
         assert reason in str(err.value)
         assert model.config.to_dict() == config_before  # refused before anything changed
-        assert getattr(hf._decoder(model), "rotary_emb", None) is rotary_before
+        assert _rotary(model) is rotary_before
         return f"refused: {reason}"
     with torch.no_grad():
         handle = ropekit.patch(model, "native")
-        assert isinstance(hf._decoder(model).rotary_emb, hf.RopekitRotary)
+        assert isinstance(_rotary(model), hf.RopekitRotary)
         got = model(prompt).logits
         got_tokens, got_steps = greedy(model, prompt)
     handle.undo()

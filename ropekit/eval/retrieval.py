@@ -169,8 +169,10 @@ def _continue_greedy(model, cache, next_id: int, max_new_tokens: int, stop_ids: 
 def _length_dependent(model) -> bool:
     """Whether the model's frequencies change with the length (dynamic NTK): then a cache cut back to
     the prompt is not the prompt's cache, and scoring and generation take a forward each."""
-    decoder = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    method = getattr(getattr(decoder, "rotary_emb", None), "method", None)
+    from ropekit import hf
+
+    decoder = hf._decoder(model)
+    method = getattr(hf.rotary_of(decoder), "method", None) if decoder is not None else None
     if method is not None:
         return bool(getattr(method, "needs_seq_len", False))
     params = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {}
