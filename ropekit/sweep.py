@@ -34,6 +34,7 @@ import numpy as np
 
 from ropekit.methods import parse
 from ropekit.results import COLUMNS, append_rows, atomic_write_text, make_row, provenance, read_rows
+from ropekit.stats import paired_interval
 
 __all__ = [
     "TASKS",
@@ -125,32 +126,6 @@ def check_writable(out: str | Path) -> None:
 
     for p in (out, summary_path(out)):
         _check(p)
-
-
-def paired_interval(candidate, baseline, *, seed: int = 0, n_resamples: int = 2000) -> tuple[float, float, float]:
-    """Mean of candidate - baseline over paired samples and its 95% percentile bootstrap interval
-    (``scipy.stats.bootstrap``, paired). (mean, nan, nan) with fewer than two samples."""
-    a, b = np.asarray(candidate, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"paired samples differ in number: {a.shape} vs {b.shape}")
-    mean = float((a - b).mean())
-    if a.size < 2:
-        return mean, float("nan"), float("nan")
-    if np.ptp(a - b) == 0:  # every difference equal: the interval is that point
-        return mean, mean, mean
-    from scipy.stats import bootstrap
-
-    res = bootstrap(
-        (a, b),
-        lambda x, y, axis: (x - y).mean(axis=axis),
-        paired=True,
-        vectorized=True,
-        n_resamples=n_resamples,
-        method="percentile",
-        rng=np.random.default_rng(seed),
-    )
-    ci = res.confidence_interval
-    return mean, float(ci.low), float(ci.high)
 
 
 # ---------------------------------------------------------------------------------------------

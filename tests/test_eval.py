@@ -62,12 +62,6 @@ def test_sliding_window_scores_every_token_once_with_its_window():
     torch.testing.assert_close(slid[-10:], last[-10:])
 
 
-def test_bootstrap_interval_contains_the_mean():
-    values = [1.0, 2.0, 3.5, 0.5, 2.2, 1.9]
-    low, high = perplexity.bootstrap_ci(values, seed=1)
-    assert low <= sum(values) / len(values) <= high and low < high
-
-
 def test_length_beyond_every_document_is_refused(corpus):
     cache = data.tokenize_documents(corpus.val, corpus.tok)
     with pytest.raises(ValueError, match="longer than every validation document"):

@@ -53,13 +53,6 @@ def test_sweep_ranks_reproducibly_and_resumes(tmp_path, saved_model, capsys):
     assert "already in" in capsys.readouterr().out and len(read_rows(a)) == len(rows)
 
 
-def test_paired_interval_marks_a_consistent_difference():
-    mean, low, high = sweep.paired_interval([2.0, 3.0, 2.5, 2.2, 2.8], [1.0, 1.0, 1.1, 0.9, 1.2], seed=0)
-    assert mean == pytest.approx(1.46) and 0 < low <= mean <= high
-    assert sweep.paired_interval([1.0, 2.0], [1.0, 2.0]) == (0.0, 0.0, 0.0)
-    assert np.isnan(sweep.paired_interval([1.0], [0.0])[1])
-
-
 @pytest.mark.parametrize(
     "extra,word",
     [

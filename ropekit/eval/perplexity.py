@@ -22,13 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from ropekit.data import TokenCache
+from ropekit.stats import mean_interval
 
 __all__ = [
     "token_nll",
     "PPLResult",
     "perplexity_at_length",
     "sliding_window_nll",
-    "bootstrap_ci",
     "select_windows",
     "window_nll",
 ]
@@ -65,16 +65,6 @@ def token_nll(
             logits = torch.tanh(logits / cap) * cap
         out[start:end] = F.cross_entropy(logits, targets[start:end], reduction="none")
     return out
-
-
-def bootstrap_ci(values: list[float], *, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values``."""
-    arr = np.asarray(values, dtype=np.float64)
-    if len(arr) == 1:
-        return float(arr[0]), float(arr[0])
-    rng = np.random.default_rng(seed)
-    means = arr[rng.integers(0, len(arr), size=(n_boot, len(arr)))].mean(axis=1)
-    return float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))
 
 
 @dataclass
@@ -131,7 +121,9 @@ def perplexity_at_length(
             progress.update(1)
     stacked = torch.stack(rows)  # (n, L-1)
     mean_nll = stacked.mean().item()
-    low, high = bootstrap_ci(per_window, seed=seed)
+    _, low, high = mean_interval(per_window, seed=seed)
+    if math.isnan(low):  # one window: no interval
+        low = high = per_window[0]
     bins = []
     if bin_size:
         per_pos = stacked.mean(0)
