@@ -5,9 +5,24 @@ RoPE -> for each variant (rope, pi, abf, xpos-abf): patch the base checkpoint wi
 pretraining at 8L on the same token budget -> PPL vs length and FSR vs length on validation documents
 -> result CSV -> Table 5-form markdown and Fig. 5b-form figures.
 
+The instrument carries its controls, and compares on the same samples:
+
+- positive control: the base model, before any extension, evaluated at its own length L (it must
+  retrieve there, or the table cannot tell a method that works from one that does not);
+- negative control: the same base model at 8L with no extension (plain RoPE past its window: it must
+  fail there);
+- every variant (and the control) is scored on the same PPL windows and FSR prompts; each mean has a
+  95% bootstrap interval, and each variant's paired difference to the reference (RoPE ABF) has a
+  paired bootstrap interval (``ropekit.stats``); the table marks the differences that are resolved.
+
+At CPU scale the paper's regime is kept by scaling its RoPE base with the length ratio (10,000 x L /
+4,096; ``ropekit.analysis.regime_base`` prints the derivation), ABF at 50x that base, PI at 8, xPos at
+the ABF base with its scale base scaled alike (``regime_variants``).
+
 Presets are functions returning an ``AblationConfig``: ``micro`` (tests, seconds), ``tiny``
-(``ropekit demo``: two CPU cores, about ten minutes), ``small`` (one GPU), ``paper`` (Llama 2 7B on a
-node; ``--dry-run`` prints its plan anywhere). Running again resumes: finished stages are skipped.
+(``ropekit demo``: two CPU cores, about ten minutes), ``cpu`` (the same protocol, longer, on two CPU
+cores), ``small`` (one GPU), ``paper`` (Llama 2 7B on a node; ``--dry-run`` prints its plan
+anywhere). Running again resumes: finished stages are skipped.
 """
 
 from __future__ import annotations
@@ -20,12 +35,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ropekit.analysis import regime_variants
 from ropekit.train import PRESETS as TRAIN
 from ropekit.train import TrainConfig, model_of
 
-__all__ = ["AblationConfig", "PRESETS", "demo", "run", "plan"]
+__all__ = ["AblationConfig", "PRESETS", "CONTROL", "demo", "run", "plan", "summarize"]
 
 PAPER_VARIANTS = ("rope", "pi:factor=8", "abf:base=500000", "xpos:base=500000")
+CONTROL = "base"  # the variant name of the base model evaluated as it is (the controls' row)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,35 +51,47 @@ class AblationConfig:
     base: TrainConfig  # pretraining at the short length, plain RoPE
     extend: TrainConfig  # continued pretraining at 8x the length (method and init_from are filled per variant)
     variants: tuple[str, ...] = PAPER_VARIANTS
+    reference: str = "abf:base=500000"  # paired differences are taken against this variant
+    controls: bool = True  # evaluate the base model as it is (positive control at <= L, negative at 8L)
+    control_accuracy: float = 0.6  # the positive control passes when base FSR accuracy at <= L is >= this
     ppl_lengths: tuple[int, ...] = ()
     fsr_lengths: tuple[int, ...] = ()
     n_ppl: int = 4
     n_fsr: int = 8
-    bin_size: int = 64
+    bin_size: int = 64  # per-position loss at the target length, in bins of this many positions
     fsr_generate: bool = True
     model_params: str = ""  # for the plan printout
     pretrain_base: bool = True  # False: the base is extend.init_from, a released checkpoint (paper)
     needs_gpu: bool = False  # refused on a machine without CUDA (unless forced)
     notes: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.reference not in self.variants:
+            raise ValueError(f"reference {self.reference!r} is not one of the variants {list(self.variants)}")
+
 
 def _tiny() -> AblationConfig:
     """Two CPU cores, ~10 minutes: the ``tiny-base`` and ``tiny-extend`` training presets (a 4-layer,
     128-wide Llama, ~1.3M parameters with a 2,048-token BPE, 256 -> 2,048 tokens: the paper's 8x)."""
-    return AblationConfig(name="tiny", base=TRAIN["tiny-base"](), extend=TRAIN["tiny-extend"](),
-                          ppl_lengths=(256, 512, 1024, 2048, 4096), fsr_lengths=(256, 512, 1024, 2048), n_ppl=4,
-                          n_fsr=8, bin_size=128, model_params="~1.3M")  # fmt: skip
+    variants = regime_variants(256)
+    return AblationConfig(name="tiny", base=TRAIN["tiny-base"](), extend=TRAIN["tiny-extend"](), variants=variants,
+                          reference=variants[2], ppl_lengths=(256, 512, 1024, 2048, 4096),
+                          fsr_lengths=(128, 256, 512, 1024, 2048), n_ppl=8, n_fsr=32, bin_size=128,
+                          model_params="~1.3M")  # fmt: skip
 
 
 def _micro() -> AblationConfig:
     """Seconds: the plumbing of ``tiny`` with the micro model (2 layers, 32 wide), 32 -> 256 tokens."""
+    variants = regime_variants(32)
     base = dataclasses.replace(TRAIN["tiny-base"](), model_overrides=model_of("micro", 32), vocab_size=512,
+                               method=variants[0],
                                seq_len=32, steps=4, tokens_per_step=256, micro_batch=8, warmup_steps=1, eval_every=4,
                                save_every=4, eval_batches=1)  # fmt: skip
     extend = dataclasses.replace(base, seq_len=256, steps=2, tokens_per_step=256, micro_batch=1, eval_every=2,
                                  save_every=2)  # fmt: skip
-    return AblationConfig(name="micro", base=base, extend=extend, ppl_lengths=(32, 256, 512), fsr_lengths=(64, 256),
-                          n_ppl=2, n_fsr=2, bin_size=32, model_params="~40k")  # fmt: skip
+    return AblationConfig(name="micro", base=base, extend=extend, variants=variants, reference=variants[2],
+                          ppl_lengths=(32, 256, 512), fsr_lengths=(64, 256), n_ppl=2, n_fsr=3, bin_size=32,
+                          model_params="~40k")  # fmt: skip
 
 
 def _small() -> AblationConfig:
@@ -104,16 +133,24 @@ def plan(cfg: AblationConfig, world_size: int = 1) -> str:
     lines = [f"ablation '{cfg.name}': model {cfg.model_params} parameters"]
     if cfg.pretrain_base:
         lines.append(f"  base: {b.steps} steps x {b.tokens_per_step:,} tokens = {b.steps * b.tokens_per_step:,} tokens "
-                     f"at {b.seq_len} (plain RoPE)")  # fmt: skip
+                     f"at {b.seq_len} ({b.method})")  # fmt: skip
     else:
         lines.append(f"  base: {cfg.notes.get('base', e.init_from)}")
     lines.append(f"  extend x{len(cfg.variants)} ({', '.join(cfg.variants)}): {e.steps} steps x {e.tokens_per_step:,} "
                  f"tokens = {e.steps * e.tokens_per_step:,} tokens each at {e.seq_len}; lr {e.lr}, warm-up "
                  f"{e.warmup_steps}, accumulation {e.accumulation(world_size)} x micro-batch {e.micro_batch} "
                  f"on {world_size} rank(s)")  # fmt: skip
-    lines.append(
-        f"  eval: PPL at {list(cfg.ppl_lengths)} (n={cfg.n_ppl}); FSR at {list(cfg.fsr_lengths)} (n={cfg.n_fsr})"
-    )
+    lines.append(f"  eval: PPL at {list(cfg.ppl_lengths)} (n={cfg.n_ppl} windows); FSR at {list(cfg.fsr_lengths)} "
+                 f"(n={cfg.n_fsr} prompts); the same samples for every variant, paired differences to "
+                 f"{cfg.reference}")  # fmt: skip
+    if cfg.controls:
+        lines.append(f"  controls: the base model as it is: FSR accuracy >= {cfg.control_accuracy} at <= {b.seq_len} "
+                     f"(positive), and at {e.seq_len} with no extension (negative)")  # fmt: skip
+    if cfg.variants == regime_variants(b.seq_len):
+        from ropekit.analysis import regime_derivation
+
+        m = b.model_overrides
+        lines.append(regime_derivation(m["hidden_size"] // m["num_attention_heads"], b.seq_len))
     if cfg.name == "paper":
         lines.append("  memory per GPU (8 x 80 GB, FSDP2 + activation checkpointing, bf16): "
                      "~13.5 GB weights+grads+AdamW "
@@ -175,7 +212,31 @@ def run(cfg: AblationConfig, out: str | Path, *, log=print) -> dict:
             log(f"  final loss {r['losses'][-1]:.3f}, {r.get('tokens_per_s', 0):.0f} tokens/s")
 
     results = out / "results.csv"
-    done = {(r["variant"], r["metric"]) for r in read_rows(results)}
+    done = _done(read_rows(results))
+    experiment = f"pe_ablation_{cfg.name}"
+    tokenizer, target = corpus.tokenizer, cfg.extend.seq_len
+
+    def evaluate(variant: str, model_folder) -> None:
+        """Per-sample rows of one model on the same windows and prompts as every other variant."""
+        model = load_model(str(model_folder))
+        config = {"ablation": cfg.name, "method": model.config.ropekit["method"]}
+        common = dict(experiment=experiment, variant=variant, config=config)
+        rows = []
+        if (variant, "ppl") not in done:
+            rows += ev.eval_ppl_samples(model, tokenizer, corpus.val_docs, list(cfg.ppl_lengths), n=cfg.n_ppl,
+                                        bin_length=target, bin_size=cfg.bin_size, tokens=corpus.val_tokens,
+                                        **common)  # fmt: skip
+        if (variant, "fsr") not in done:
+            rows += ev.eval_fsr_samples(model, tokenizer, corpus.val_docs, list(cfg.fsr_lengths), n=cfg.n_fsr,
+                                        generate=cfg.fsr_generate, **common)  # fmt: skip
+        if rows:
+            append_rows(results, rows)
+        else:
+            log("  done earlier: skipped")
+
+    if cfg.controls:  # the base model as it is: retrieval at <= L (positive), at 8L without extension (negative)
+        with stage("eval base (controls)"):
+            evaluate(CONTROL, base_final)
     for spec in cfg.variants:
         folder = out / _slug(spec)
         with stage(f"extend {spec}"):
@@ -186,27 +247,13 @@ def run(cfg: AblationConfig, out: str | Path, *, log=print) -> dict:
                 r = train(ecfg, folder, resume=True, corpus=corpus)
                 log(f"  final loss {r['losses'][-1]:.3f}, {r.get('tokens_per_s', 0):.0f} tokens/s")
         with stage(f"eval {spec}"):
-            model = load_model(str(folder / "final"))
-            variant = model.config.ropekit["method"]
-            config = {"ablation": cfg.name, "variant_spec": spec}
-            common = dict(experiment=f"pe_ablation_{cfg.name}", variant=variant, config=config)
-            rows = []
-            if (variant, "ppl") not in done:
-                rows += ev.eval_ppl(model, corpus.tokenizer, corpus.val_docs, list(cfg.ppl_lengths), n=cfg.n_ppl,
-                                    bin_size=cfg.bin_size, tokens=corpus.val_tokens, **common)  # fmt: skip
-            if (variant, "fsr_target_nll") not in done:
-                rows += ev.eval_fsr(model, corpus.tokenizer, corpus.val_docs, list(cfg.fsr_lengths), n=cfg.n_fsr,
-                                    generate=cfg.fsr_generate, **common)  # fmt: skip
-            if rows:
-                append_rows(results, rows)
-            else:
-                log("  done earlier: skipped")
+            evaluate(spec, folder / "final")
 
     with stage("table and figures"):
-        target = cfg.extend.seq_len
-        table = figures.table5(results, target)
-        atomic_write_text(out / "table5.md", table)
-        written = figures.draw_results(results, out / "figures", prefix=f"pe_ablation_{cfg.name}")
+        summary = summarize(results, cfg, experiment=experiment)
+        table = figures.ablation_table(summary, cfg)
+        atomic_write_text(out / "table.md", table)
+        written = figures.draw_ablation(summary, cfg, out / "figures", prefix=experiment)
         log(table)
     times["total"] = time.perf_counter() - t_all
     log("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
@@ -214,9 +261,63 @@ def run(cfg: AblationConfig, out: str | Path, *, log=print) -> dict:
     return {
         "times": times,
         "results": str(results),
-        "table": str(out / "table5.md"),
+        "summary": str(out / "summary.csv"),
+        "table": str(out / "table.md"),
         "figures": [str(p) for p in written],
     }
+
+
+# Per-sample metric -> the task that writes it (a finished task is not evaluated again on resume)
+TASK_OF = {"window_nll": "ppl", "position_nll": "ppl", "fsr_sample_token_accuracy": "fsr",
+           "fsr_sample_target_nll": "fsr", "fsr_sample_rouge_l": "fsr"}  # fmt: skip
+
+
+def _done(rows) -> set[tuple[str, str]]:
+    return {(r["variant"], TASK_OF[r["metric"]]) for r in rows if r["metric"] in TASK_OF}
+
+
+def summarize(results: str | Path, cfg: AblationConfig, *, experiment: str | None = None) -> list[dict]:
+    """Summary rows from the per-sample rows: for every (metric, length, position) and variant the mean
+    with its interval (``mean:``, ``low:``, ``high:``) and the paired difference to ``cfg.reference``
+    (``delta:``, ``delta_low:``, ``delta_high:``, ``resolved:``); written to ``summary.csv`` beside
+    ``results`` (rewritten each run) and returned."""
+    import csv
+    import io
+
+    from ropekit import stats
+    from ropekit.files import atomic_write_text
+    from ropekit.results import COLUMNS, make_row, provenance, read_rows
+
+    results = Path(results)
+    rows = [
+        r
+        for r in read_rows(results)
+        if r["metric"] in TASK_OF and (experiment is None or r["experiment"] == experiment)
+    ]
+    groups: dict[tuple[str, str, str], dict[str, dict[int, float]]] = {}
+    for r in rows:
+        sample = json.loads(r["config"] or "{}")["sample"]
+        key = (r["metric"], r["context_length"], r["position"])
+        groups.setdefault(key, {}).setdefault(r["variant"], {})[int(sample)] = float(r["value"])
+    prov = provenance()
+    cfg_row = {"ablation": cfg.name, "reference": cfg.reference,
+               "interval": "95% percentile bootstrap (scipy.stats.bootstrap); deltas paired by sample"}  # fmt: skip
+    summary = []
+    for (metric, length, position), samples in sorted(groups.items()):
+        for variant, values in stats.compare(samples, cfg.reference).items():
+            for kind, value in values.items():
+                if kind == "n":
+                    continue
+                summary.append(make_row(experiment=rows[0]["experiment"], variant=variant,
+                                        metric=f"{kind}:{metric}", context_length=int(length),
+                                        position=int(position) if position else None, value=value,
+                                        n=int(values["n"]), seed=0, config=cfg_row, prov=prov))  # fmt: skip
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(summary)
+    atomic_write_text(results.with_name("summary.csv"), buf.getvalue())
+    return summary
 
 
 def demo(

@@ -34,6 +34,10 @@ __all__ = [
     "bound_length",
     "granularity_per_pair",
     "full_period_pairs",
+    "PAPER_REGIME",
+    "regime_mismatch",
+    "regime_base",
+    "regime_variants",
 ]
 
 # Fig. 4 / Fig. 5 variants at the paper's 7B scale (d = 128, base 10,000; PI for 4k -> 32k).
@@ -171,3 +175,78 @@ def base_lower_bound(
         i = first_passing(steps)
         a, b = (a if i == 0 else float(steps[i - 1])), float(steps[i])
     return b
+
+
+# The paper's 7B run (Section 4.1): d = 128, trained at 4,096, extended 8x to 32,768; RoPE base 10,000.
+PAPER_REGIME = {"head_dim": 128, "trained_length": 4096, "base": 10_000.0}
+
+
+def regime_mismatch(spec: str, head_dim: int, trained_length: int, reference_spec: str | None = None) -> float:
+    """How far a model at (``head_dim``, ``trained_length``) with ``spec`` sits from the paper's 7B run
+    on Fig. 4's curve, distances measured in trained lengths: the mean over Delta = 16, 32, ..., 8 x 4,096
+    of |score_ref(Delta) / sqrt(128) - score(Delta x L / 4,096) / sqrt(d)| (scores normalised to 1 at 0;
+    at L = 256 the small model's distances are 1, 2, ..., 2,048).
+    ``reference_spec``: the paper's method to compare with (default plain RoPE at base 10,000)."""
+    ref = PAPER_REGIME
+    step = ref["trained_length"] // 256
+    distances = np.arange(step, 8 * ref["trained_length"] + 1, step, dtype=np.float64)
+    ref_spec = reference_spec or f"rope:base={ref['base']:g}"
+    ref_curve = attention_decay(ref_spec, distances, ref["head_dim"]) / math.sqrt(ref["head_dim"])
+    ratio = trained_length / ref["trained_length"]
+    curve = attention_decay(spec, distances * ratio, head_dim) / math.sqrt(head_dim)
+    return float(np.abs(ref_curve - curve).mean())
+
+
+def regime_base(head_dim: int, trained_length: int, *, grid=None) -> dict:
+    """The RoPE base that puts a small model where the paper's 7B run sits relative to its length.
+
+    The rule: scale the paper's base by the length ratio, b = 10,000 x L / 4,096, which keeps the
+    slowest pair's wavelength (~2 pi b) the same multiple of the trained length. The check: the
+    ``regime_mismatch`` of that base against a log grid of bases (the best grid base is reported, so
+    the rule's cost is visible). -> {"base", "mismatch", "best_base", "best_mismatch", "table"}."""
+    ref = PAPER_REGIME
+    base = ref["base"] * trained_length / ref["trained_length"]
+    grid = np.geomspace(base / 16, base * 16, 33) if grid is None else np.asarray(grid, dtype=np.float64)
+    table = [(float(b), regime_mismatch(f"rope:base={b:g}", head_dim, trained_length)) for b in grid]
+    best = min(table, key=lambda t: t[1])
+    return {
+        "base": base,
+        "mismatch": regime_mismatch(f"rope:base={base:g}", head_dim, trained_length),
+        "best_base": best[0],
+        "best_mismatch": best[1],
+        "table": table,
+    }
+
+
+def regime_variants(trained_length: int, factor: int = 8) -> tuple[str, ...]:
+    """The paper's four variants at a model trained at ``trained_length``: RoPE at the base of the
+    paper's regime (``analysis.regime_base``: 10,000 x L / 4,096), PI by ``factor``, ABF at 50x that
+    base (the paper's 500,000 / 10,000), xPos at the ABF base with its scale base 512 scaled alike."""
+    ratio = trained_length / PAPER_REGIME["trained_length"]
+    base = PAPER_REGIME["base"] * ratio
+    abf = 50 * base
+    return (f"rope:base={base:g}", f"pi:factor={factor},base={base:g}", f"abf:base={abf:g}",
+            f"xpos:base={abf:g},scale_base={512 * ratio:g}")  # fmt: skip
+
+
+def regime_derivation(head_dim: int, trained_length: int) -> str:
+    """The printed derivation of ``regime_variants`` for a model of ``head_dim`` trained at ``trained_length``."""
+    ref = PAPER_REGIME
+    r = regime_base(head_dim, trained_length)
+    rope, _, abf, xpos = regime_variants(trained_length)
+    ratio = trained_length / ref["trained_length"]
+    paper_xpos = f"xpos:base={50 * ref['base']:g},scale_base=512"
+    unscaled = xpos.split(",scale_base=")[0] + ",scale_base=512"
+    return "\n".join([
+        f"  regime (the paper's 7B run: d={ref['head_dim']}, L={ref['trained_length']:,}, base {ref['base']:,.0f}; "
+        f"here d={head_dim}, L={trained_length:,}; distances compared at the same multiple of L):",
+        f"    RoPE base {r['base']:g} = {ref['base']:,.0f} x {trained_length} / {ref['trained_length']}: Fig. 4 "
+        f"curve mismatch {r['mismatch']:.3f} (best base on a 33-point grid: {r['best_base']:.0f}, "
+        f"{r['best_mismatch']:.3f})",
+        f"    ABF {abf.split('=')[1]} = 50 x the base (500,000 / 10,000): mismatch "
+        f"{regime_mismatch(abf, head_dim, trained_length, 'abf:base=500000'):.3f} against the paper's ABF",
+        f"    PI factor 8 (the paper's 4k -> 32k); xPos at the ABF base, scale base {512 * ratio:g} = 512 x "
+        f"{trained_length} / {ref['trained_length']}: mismatch "
+        f"{regime_mismatch(xpos, head_dim, trained_length, paper_xpos):.3f} "
+        f"(at 512: {regime_mismatch(unscaled, head_dim, trained_length, paper_xpos):.3f})",
+    ])  # fmt: skip

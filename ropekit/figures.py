@@ -18,7 +18,16 @@ from ropekit import analysis
 from ropekit.files import atomic_path, atomic_write_text
 from ropekit.results import read_rows
 
-__all__ = ["draw_analytic", "draw_results", "draw_all", "draw_bench", "draw_advice", "draw_sweep"]
+__all__ = [
+    "draw_analytic",
+    "draw_results",
+    "draw_all",
+    "draw_bench",
+    "draw_advice",
+    "draw_sweep",
+    "ablation_table",
+    "draw_ablation",
+]
 
 PAPER_NAMES = {"rope": "RoPE", "pi": "RoPE PI", "abf": "RoPE ABF", "xpos": "xPos ABF"}
 
@@ -252,6 +261,160 @@ def draw_all(out: str | Path, results: list[str | Path] = ()) -> list[Path]:
     for r in results:
         written += draw_results(r, out)
     return written
+
+
+# ---------------------------------------------------------------------------------------------
+# The positional-encoding ablation (ropekit demo): from its summary rows (ropekit.ablation.summarize)
+# ---------------------------------------------------------------------------------------------
+# metric -> (label, higher is better, shown as perplexity)
+ABLATION_METRICS = {
+    "fsr_sample_token_accuracy": ("FSR teacher-forced token accuracy", True, False),
+    "fsr_sample_rouge_l": ("FSR ROUGE-L F1 x 100 (greedy generation)", True, False),
+    "window_nll": ("perplexity", False, True),
+}
+
+
+def _ablation_values(summary) -> dict[tuple[str, str, int, int | None], float]:
+    """{(variant, kind:metric, length, position): value} from summary rows (dicts or CSV rows)."""
+    out = {}
+    for r in summary:
+        pos = r["position"]
+        out[(r["variant"], r["metric"], int(r["context_length"]), int(pos) if pos not in (None, "") else None)] = float(
+            r["value"]
+        )
+    return out
+
+
+def _variant_label(variant: str, cfg) -> str:
+    from ropekit.ablation import CONTROL
+
+    if variant == CONTROL:
+        return f"base model, no extension ({cfg.base.method}; control)"
+    return _label(variant) + (" (reference)" if variant == cfg.reference else "")
+
+
+def ablation_table(summary, cfg) -> str:
+    """Markdown: the controls' verdict, then per metric a variant x length table of means with 95%
+    intervals and each variant's paired difference to the reference (bold: the interval excludes 0)."""
+    from ropekit.ablation import CONTROL
+
+    val = _ablation_values(summary)
+    L, target = cfg.base.seq_len, cfg.extend.seq_len
+    variants = [v for v in [CONTROL, *cfg.variants] if any(k[0] == v for k in val)]
+    acc = "fsr_sample_token_accuracy"
+    lines = []
+    short = sorted(n for (v, m, n, p) in val if v == CONTROL and m == f"mean:{acc}" and n <= L)
+    if short:
+        worst = min(val[(CONTROL, f"mean:{acc}", n, None)] for n in short)
+        verdict = "passes" if worst >= cfg.control_accuracy else "FAILS: the comparison below cannot see retrieval"
+        lines.append(f"- **Positive control** {verdict}: the base model's FSR accuracy at {', '.join(map(str, short))} "
+                     f"tokens (<= its length {L}) is >= {worst:.2f} (threshold {cfg.control_accuracy}).")  # fmt: skip
+    if (CONTROL, f"mean:{acc}", target, None) in val:
+        far = val[(CONTROL, f"mean:{acc}", target, None)]
+        lo, hi = val[(CONTROL, f"low:{acc}", target, None)], val[(CONTROL, f"high:{acc}", target, None)]
+        lines.append(f"- **Negative control**: the same model at {target} tokens with no extension: {far:.2f} "
+                     f"[{lo:.2f}, {hi:.2f}].")  # fmt: skip
+    for metric, (label, higher, as_ppl) in ABLATION_METRICS.items():
+        lengths = sorted({n for (v, m, n, p) in val if m == f"mean:{metric}" and p is None})
+        if not lengths:
+            continue
+        f = math.exp if as_ppl else (lambda x: x)
+        lines += ["", f"**{label}** (mean [95% interval]; Δ: paired difference to {_label(cfg.reference)}"
+                  f"{' in NLL' if as_ppl else ''}, {'higher' if higher else 'lower'} is better; **bold**: resolved)",
+                  "", "| variant | " + " | ".join(str(n) for n in lengths) + " |",
+                  "|---|" + "---|" * len(lengths)]  # fmt: skip
+        for v in variants:
+            cells = []
+            for n in lengths:
+                key = (v, f"mean:{metric}", n, None)
+                if key not in val:
+                    cells.append("")
+                    continue
+                lo, hi = val[(v, f"low:{metric}", n, None)], val[(v, f"high:{metric}", n, None)]
+                cell = f"{f(val[key]):.2f} [{f(lo):.2f}, {f(hi):.2f}]"
+                if (v, f"delta:{metric}", n, None) in val:
+                    d, dlo, dhi = (val[(v, f"{k}:{metric}", n, None)] for k in ("delta", "delta_low", "delta_high"))
+                    delta = f"Δ {d:+.3f} [{dlo:+.3f}, {dhi:+.3f}]"
+                    cell += f"<br>{'**' + delta + '**' if val[(v, f'resolved:{metric}', n, None)] else delta}"
+                cells.append(cell)
+            lines.append(f"| {_variant_label(v, cfg)} | " + " | ".join(cells) + " |")
+    n_fsr = next((int(r["n"]) for r in summary if r["metric"] == f"mean:{acc}"), 0)
+    n_ppl = next((int(r["n"]) for r in summary if r["metric"] == "mean:window_nll"), 0)
+    lines += ["", f"FSR: {n_fsr} prompts per length, PPL: {n_ppl} windows per length, the same for every variant; "
+              "intervals: 95% percentile bootstrap (scipy.stats.bootstrap), deltas paired by sample."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def draw_ablation(summary, cfg, out: str | Path, *, prefix: str) -> list[Path]:
+    """``<prefix>_fsr.png`` (teacher-forced accuracy and ROUGE-L against length, the control dashed),
+    ``<prefix>_ppl.png`` and ``<prefix>_position_loss.png`` (at the target length only), each with 95%
+    intervals, and ``<prefix>_summary.csv`` (the rows they were drawn from)."""
+    from ropekit.ablation import CONTROL
+    from ropekit.results import COLUMNS
+
+    plt = _plt()
+    val = _ablation_values(summary)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    L, target = cfg.base.seq_len, cfg.extend.seq_len
+    variants = [v for v in [CONTROL, *cfg.variants] if any(k[0] == v for k in val)]
+    device = ", ".join(sorted({r["device"] for r in summary}))
+
+    def curve(ax, metric, *, by_position=False, transform=lambda x: x):
+        for i, v in enumerate(variants):
+            xs = sorted(p if by_position else n for (vv, m, n, p) in val
+                        if vv == v and m == f"mean:{metric}" and (p is not None) == by_position
+                        and (not by_position or n == target))  # fmt: skip
+            if not xs:
+                continue
+            key = (lambda x: (target, x)) if by_position else (lambda x: (x, None))
+            y = [transform(val[(v, f"mean:{metric}", *key(x))]) for x in xs]
+            lo = [transform(val[(v, f"low:{metric}", *key(x))]) for x in xs]
+            hi = [transform(val[(v, f"high:{metric}", *key(x))]) for x in xs]
+            style = dict(color="k", ls="--", marker="s") if v == CONTROL else dict(color=f"C{i - 1}", marker="o")
+            ax.plot(xs, y, ms=3, label=_variant_label(v, cfg), **style)
+            ax.fill_between(xs, lo, hi, alpha=0.15, color=style["color"])
+        if not by_position:
+            ax.set_xscale("log", base=2)
+            ax.axvline(L, color="grey", lw=0.6, ls=":")
+            ax.set_xlabel(f"context length (tokens); dotted: the base model's length {L}")
+        ax.legend(fontsize=6)
+
+    written = []
+    panels = [("fsr", [("fsr_sample_token_accuracy", "teacher-forced token accuracy"),
+                       ("fsr_sample_rouge_l", "ROUGE-L F1 x 100")]),
+              ("ppl", [("window_nll", "perplexity")])]  # fmt: skip
+    for name, metrics in panels:
+        metrics = [(m, y) for m, y in metrics if any(k[1] == f"mean:{m}" for k in val)]
+        if not metrics:
+            continue
+        fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+        for ax, (m, ylabel) in zip(axes[0], metrics, strict=True):
+            curve(ax, m, transform=math.exp if m == "window_nll" else (lambda x: x))
+            ax.set_ylabel(ylabel)
+            ax.set_title(ABLATION_METRICS[m][0] if m != "window_nll" else "validation perplexity", fontsize=9)
+            if m == "window_nll":
+                ax.set_yscale("log")
+        fig.suptitle(f"{prefix}: mean and 95% bootstrap interval; {device}", fontsize=8)
+        _save(fig, out / f"{prefix}_{name}.png")
+        plt.close(fig)
+        written.append(out / f"{prefix}_{name}.png")
+    if any(k[1] == "mean:position_nll" for k in val):
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        curve(ax, "position_nll", by_position=True)
+        ax.axvline(L, color="grey", lw=0.6, ls=":")
+        ax.set(xlabel=f"position in a {target}-token window (bins; dotted: {L})", ylabel="mean NLL in bin")
+        ax.set_title(f"per-position loss at the target length {target}", fontsize=9)
+        fig.suptitle(f"{prefix}: mean and 95% bootstrap interval over windows; {device}", fontsize=8)
+        _save(fig, out / f"{prefix}_position_loss.png")
+        plt.close(fig)
+        written.append(out / f"{prefix}_position_loss.png")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(summary)
+    atomic_write_text(out / f"{prefix}_summary.csv", buf.getvalue())
+    return [*written, out / f"{prefix}_summary.csv"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ropekit.analysis import regime_variants
 from ropekit.files import atomic_folder, atomic_write_text
 from ropekit.typed import parse_typed
 
@@ -153,7 +154,8 @@ def model_of(size: str, seq_len: int) -> dict[str, int]:
 def _tiny_base() -> TrainConfig:
     """A tiny Llama from scratch at 256 tokens on the built-in text: the demo's base model."""
     return TrainConfig(
-        model="tiny:llama", model_overrides=model_of("tiny", 256), data="shakespeare", vocab_size=2048,
+        model="tiny:llama", model_overrides=model_of("tiny", 256), method=regime_variants(256)[0],
+        data="shakespeare", vocab_size=2048,
         seq_len=256, steps=150, tokens_per_step=8192, micro_batch=8, lr=3e-3, warmup_steps=15,
         eval_every=50, save_every=50,
     )  # fmt: skip

@@ -86,22 +86,43 @@ def test_result_figures_and_table_render_from_a_csv(tmp_path):
 
 
 def test_demo_plumbing_on_the_micro_preset_and_resume(tmp_path):
+    import json
+
+    from ropekit.ablation import CONTROL
+
+    cfg = PRESETS["micro"]()
     logs = []
-    result = run(PRESETS["micro"](), tmp_path, log=logs.append)
+    result = run(cfg, tmp_path, log=logs.append)
     rows = read_rows(result["results"])
-    variants = {r["variant"] for r in rows}
-    assert variants == {"rope:base=10000", "pi:base=10000,factor=8", "abf:base=500000",
-                        "xpos:base=500000,scale_base=512,center=128"}  # fmt: skip
-    metrics = {(r["variant"], r["metric"], r["context_length"]) for r in rows}
-    assert ("abf:base=500000", "ppl", "512") in metrics and ("pi:base=10000,factor=8", "fsr_rouge_l", "256") in metrics
-    assert "| PE | PPL at 256 |" in (tmp_path / "table5.md").read_text()
-    assert any(p.endswith("pe_ablation_micro_fsr.png") for p in result["figures"])
-    assert set(result["times"]) >= {"data", "pretrain base", "extend rope", "eval rope", "total"}
+    assert {r["variant"] for r in rows} == {CONTROL, *cfg.variants}  # the controls' row and the four variants
+    assert cfg.variants == ("rope:base=78.125", "pi:factor=8,base=78.125", "abf:base=3906.25",
+                            "xpos:base=3906.25,scale_base=4")  # the paper's regime at L = 32  # fmt: skip
+    # every variant is scored on the same samples (windows, prompts): the comparison is paired
+    samples = {}
+    for r in rows:
+        key = (r["metric"], r["context_length"], r["position"])
+        samples.setdefault(key, {}).setdefault(r["variant"], set()).add(json.loads(r["config"])["sample"])
+    for key, by_variant in samples.items():
+        assert len({frozenset(v) for v in by_variant.values()}) == 1 and len(by_variant) == 5, key
+    assert {r["context_length"] for r in rows if r["metric"] == "position_nll"} == {"256"}  # the target length only
+    summary = read_rows(result["summary"])
+    deltas = {(r["variant"], r["context_length"]) for r in summary if r["metric"] == "delta:fsr_sample_token_accuracy"}
+    assert deltas == {(v, n) for v in (CONTROL, *cfg.variants) if v != cfg.reference for n in ("64", "256")}
+    table = (tmp_path / "table.md").read_text()
+    assert "Negative control" in table and "(reference)" in table and "Δ" in table
+    assert {p.rsplit("_", 1)[-1] for p in result["figures"]} == {"fsr.png", "ppl.png", "loss.png", "summary.csv"}
+    assert set(result["times"]) >= {"data", "pretrain base", "eval base (controls)", "extend " + cfg.variants[0]}
     # a second run resumes: nothing is trained or evaluated again
     logs.clear()
-    run(PRESETS["micro"](), tmp_path, log=logs.append)
-    assert sum("done earlier" in line for line in logs) == 1 + 2 * 4
+    run(cfg, tmp_path, log=logs.append)
+    assert sum("done earlier" in line for line in logs) == 1 + 1 + 2 * 4
     assert len(read_rows(result["results"])) == len(rows)
+
+
+def test_the_plan_prints_the_regime_derivation_and_the_controls():
+    text = plan(PRESETS["tiny"]())
+    assert "RoPE base 625 = 10,000 x 256 / 4096" in text and "scale base 32 = 512 x 256 / 4096" in text
+    assert "controls: the base model as it is" in text and "paired differences to abf:base=31250" in text
 
 
 def test_paper_preset_dry_run_plan():
@@ -138,8 +159,8 @@ def test_every_demo_preset_runs_its_pipeline_one_step_on_cpu(name, tmp_path):
         init_from = train(base, tmp_path / "released")["final"]
     result = run(_shrunk(PRESETS[name](), init_from), tmp_path / "run", log=lambda *_: None)
     rows = read_rows(result["results"])
-    assert {r["metric"] for r in rows} >= {"ppl", "fsr_target_nll", "position_loss"}
-    assert {r["variant"] for r in rows} == {"abf:base=500000"}
+    assert {r["metric"] for r in rows} >= {"window_nll", "fsr_sample_token_accuracy", "position_nll"}
+    assert {r["variant"] for r in rows} == {"base", PRESETS[name]().reference}
 
 
 def test_an_ablation_folder_is_not_resumed_with_another_config(tmp_path):

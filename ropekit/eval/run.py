@@ -12,7 +12,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ropekit.data import Document, TokenCache, tokenize_documents
-from ropekit.eval.perplexity import perplexity_at_length, select_windows, sliding_window_nll
+from ropekit.eval.perplexity import perplexity_at_length, select_windows, sliding_window_nll, token_nll
 from ropekit.eval.retrieval import (
     DEFAULT_FSR_TEMPLATE,
     build_fsr_samples,
@@ -22,7 +22,7 @@ from ropekit.eval.retrieval import (
 )
 from ropekit.results import make_row, provenance
 
-__all__ = ["eval_ppl", "eval_ppl_sliding", "eval_fsr", "eval_passkey"]
+__all__ = ["eval_ppl", "eval_ppl_sliding", "eval_fsr", "eval_passkey", "eval_ppl_samples", "eval_fsr_samples"]
 
 
 def _variant(model) -> str:
@@ -189,3 +189,80 @@ def eval_passkey(
             for d, v in r["by_depth"].items():
                 metrics.append((f"passkey_exact_match@depth={d:g}", L, v["exact_match"], n, {"depth": d}))
     return _rows(model, experiment, variant or _variant(model), seed, config or {}, metrics)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-sample rows: the same windows and prompts for every variant, for paired comparisons
+# ---------------------------------------------------------------------------------------------
+def eval_ppl_samples(
+    model,
+    tokenizer,
+    docs: list[Document],
+    lengths: list[int],
+    *,
+    n: int = 8,
+    seed: int = 0,
+    bin_length: int | None = None,
+    bin_size: int | None = None,
+    experiment: str = "eval",
+    variant: str | None = None,
+    config: dict[str, Any] | None = None,
+    tokens: TokenCache | None = None,
+) -> list[dict]:
+    """Rows ``window_nll`` (mean next-token NLL of one window; ``sample`` = its index, the same windows
+    for every model at a seed), and at ``bin_length`` one ``position_nll`` row per (window, bin of
+    ``bin_size`` positions; ``position`` = the bin's first predicted position)."""
+    import torch
+
+    _check(lengths, n, bin_size=bin_size)
+    if (bin_length is None) != (bin_size is None) or (bin_length is not None and bin_length not in lengths):
+        raise ValueError(f"bin_length ({bin_length}) must be one of the lengths {lengths} and come with a bin_size")
+    cache = tokens if tokens is not None else tokenize_documents(docs, tokenizer)
+    device = next(model.parameters()).device
+    metrics = []
+    with tqdm(total=len(lengths) * n, desc="ppl", leave=False) as bar:
+        for L in lengths:
+            for i, (doc, start) in enumerate(select_windows(cache, L, n, seed)):
+                ids = torch.from_numpy(cache.doc(doc)[start : start + L].astype("int64")).to(device)
+                nll = token_nll(model, ids).cpu()
+                where = {"sample": i, "document": cache.names[doc], "start": int(start)}
+                metrics.append(("window_nll", L, nll.mean().item(), 1, where))
+                if L == bin_length:
+                    for s in range(0, nll.numel(), bin_size):
+                        value = nll[s : s + bin_size].mean().item()
+                        metrics.append(
+                            ("position_nll", L, value, 1, {**where, "position": s + 1, "bin_size": bin_size})
+                        )
+                bar.update(1)
+    return _rows(model, experiment, variant or _variant(model), seed, config or {}, metrics)
+
+
+def eval_fsr_samples(
+    model,
+    tokenizer,
+    docs: list[Document],
+    lengths: list[int],
+    *,
+    n: int = 20,
+    seed: int = 0,
+    template: str = DEFAULT_FSR_TEMPLATE,
+    generate: bool = True,
+    experiment: str = "eval",
+    variant: str | None = None,
+    config: dict[str, Any] | None = None,
+) -> list[dict]:
+    """Rows per prompt (``sample`` = its index, the same prompts for every model at a seed):
+    ``fsr_sample_token_accuracy``, ``fsr_sample_target_nll`` and, if ``generate``, ``fsr_sample_rouge_l``."""
+    _check(lengths, n)
+    metrics = []
+    with tqdm(total=len(lengths) * n, desc="fsr", leave=False) as bar:
+        for L in lengths:
+            samples = build_fsr_samples(docs, tokenizer, L, n=n, seed=seed, template=template)
+            r = fsr_evaluate(model, tokenizer, samples, generate=generate, progress=bar)
+            for i, (s, v) in enumerate(zip(samples, r["samples"], strict=True)):
+                where = {"sample": i, "document": s.document, "char_offset": s.char_offset}
+                metrics.append(("fsr_sample_token_accuracy", L, v["token_accuracy"], 1, where))
+                metrics.append(("fsr_sample_target_nll", L, v["target_nll"], 1, where))
+                if generate:
+                    metrics.append(("fsr_sample_rouge_l", L, v["rouge_l"], 1, where))
+    return _rows(model, experiment, variant or _variant(model), seed, {**(config or {}), "template": template}, metrics)
