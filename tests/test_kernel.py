@@ -142,6 +142,31 @@ def test_partial_rotary_tail_untouched_for_non_power_of_two_dims():
     assert torch.equal(oq[..., 48:], q[..., 48:]) and torch.equal(ok[..., 48:], k[..., 48:])
 
 
+def test_q_heads_split_over_programs_with_k_in_the_first_only():
+    # GQA 32/8 with a tail to copy: the launcher splits the q heads over programs and keeps every k head
+    # in the first tile (programs past it have masked k lanes); each must still write only its own rows
+    from ropekit.kernels import rope as kernel
+    from ropekit.rotary import rope_params
+
+    q = torch.randn(1, 2, 32, 80, device=DEVICE).transpose(1, 2).requires_grad_()
+    k = torch.randn(1, 2, 8, 80, device=DEVICE).transpose(1, 2).requires_grad_()
+    pos = torch.tensor([3, 70_000], device=DEVICE)
+    spec = "xpos:base=500000,scale_base=512,center=5000"
+    params = rope_params(parse(spec), 48, pos)
+    grid, _, meta = kernel.launch_args(q, k, torch.empty_like(q), torch.empty_like(k), pos, params.inv_freq,
+                                       params.xpos_rate, interleaved=False, attention_factor=1.0,
+                                       xpos_center=5000, conjugate=False, inplace=False)  # fmt: skip
+    assert grid[1] > 1 and meta["BLOCK_HK"] == 8 and meta["BLOCK_HQ"] * grid[1] >= 32
+    oq, ok = apply_rope(q, k, pos, spec, rotary_dim=48, backend="triton")
+    q2, k2 = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
+    rq, rk = apply_rope(q2, k2, pos, spec, rotary_dim=48, backend="torch")
+    assert_kernel_matches(oq, ok, rq, rk)
+    gq, gk = torch.randn_like(rq), torch.randn_like(rk)
+    torch.autograd.backward((oq, ok), (gq, gk))
+    torch.autograd.backward((rq, rk), (gq, gk))
+    assert_kernel_matches(q.grad, k.grad, q2.grad, k2.grad)
+
+
 def test_float64_is_refused_by_the_kernel_with_a_clear_error():
     q = torch.randn(1, 1, 2, 8, dtype=torch.float64, device=DEVICE)
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):

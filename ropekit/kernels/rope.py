@@ -283,22 +283,23 @@ def launch_args(
     block_p = triton.next_power_of_2(half)
     HK = k.shape[1]
     max_heads = max(1, _MAX_PAIRS // block_p)
-    block_hq = min(triton.next_power_of_2(HQ), max_heads)
-    tiles = triton.cdiv(HQ, block_hq)
-    block_hk = min(triton.next_power_of_2(triton.cdiv(HK, tiles)), max_heads)  # sized to Hk: no idle k lanes
-    tiles = max(tiles, triton.cdiv(HK, block_hk))
-    grid = (B * T, tiles)
-    # Warps: as many as keep every k access 16 bytes wide per thread (the k tile is the smaller one),
-    # more when a thread would hold too many q elements (registers).
+    # The k tile holds every k head (up to max_heads): its accesses set the warps, as many as keep each
+    # thread's k access 16 bytes wide. Programs past the k tiles rotate q only (their k lanes are masked).
+    block_hk = min(triton.next_power_of_2(HK), max_heads)
     vec = 16 // q.element_size()
     k_elems = block_hk * (2 * block_p if interleaved else block_p)  # elements of one k access
     num_warps = max(1, min(4, _prev_power_of_2(k_elems // (32 * vec))))
-    # q elements a thread holds from its loads to its stores (tail included): <= 64, or <= 32 for half
-    # rows past 2^31 elements (64-bit row addresses); more keeps > 128 registers or spills (static report)
+    # The q tile is then split over programs (never more warps, which would narrow the k accesses) until
+    # a thread holds <= 64 q elements from its loads to its stores, or <= 32 for half rows past 2^31
+    # elements (64-bit row addresses) or with a tail to copy; more keeps > 128 registers or spills
+    # (ropekit bench --static).
     tail_block = triton.next_power_of_2(tail) if tail and not inplace else 0
-    per_thread = 64 if interleaved or q.numel() < 2**31 else 32
-    while block_hq * (2 * block_p + tail_block) > per_thread * 32 * num_warps and num_warps < 8:
-        num_warps *= 2
+    per_thread = 64 if (interleaved or q.numel() < 2**31) and not tail_block else 32
+    block_hq = min(triton.next_power_of_2(HQ), max_heads)
+    while block_hq > 1 and block_hq * (2 * block_p + tail_block) > per_thread * 32 * num_warps:
+        block_hq //= 2
+    tiles = max(triton.cdiv(HQ, block_hq), triton.cdiv(HK, block_hk))
+    grid = (B * T, tiles)
     args = (
         q, k, q_out, k_out, positions, inv_freq, xpos_rate if xpos_rate is not None else inv_freq,
         T, HQ, HK, float(attention_factor), int(xpos_center),
