@@ -30,11 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ropekit.methods import parse
 from ropekit.results import COLUMNS, append_rows, atomic_write_text, make_row, provenance, read_rows
-from ropekit.stats import paired_interval
+from ropekit.stats import compare, paired_interval
 
 __all__ = [
     "TASKS",
@@ -282,12 +280,11 @@ def summarize(out: str | Path, settings: SweepSettings, *, experiment: str = "sw
                 continue
             length = settings.trained_length if metric.endswith("@trained") else settings.target_length
             keys = sorted(cand)
-            mean = float(np.mean([cand[k] for k in keys]))
-            vals = [("mean", mean)]
-            if variant != BASELINE and base and set(keys) <= set(base):
-                d, lo, hi = paired_interval([cand[k] for k in keys], [base[k] for k in keys], seed=settings.seed)
-                resolved = float(not (math.isnan(lo) or lo <= 0 <= hi))
-                vals += [("delta", d), ("delta_low", lo), ("delta_high", hi), ("resolved", resolved)]
+            paired = variant != BASELINE and base and set(keys) <= set(base)
+            row = compare({variant: cand, **({BASELINE: base} if paired else {})}, BASELINE if paired else None,
+                          seed=settings.seed)[variant]  # fmt: skip
+            mean = row["mean"]
+            vals = [(k, row[k]) for k in ("mean", "delta", "delta_low", "delta_high", "resolved") if k in row]
             for kind, value in vals:
                 summary.append(
                     make_row(

@@ -18,11 +18,13 @@ both layouts move q and k with 128-bit accesses.
 Backward is the same kernel with CONJUGATE (rotation by -angle, same scales).
 
 Grid: (token, head tile). A program rotates BLOCK_HQ query heads and BLOCK_HK key heads of one token
-(b, t): the k tile is sized to Hk, not to Hq, so GQA leaves no idle k lanes. It issues every load
-(position, q, k, tail) before the angle prologue, then stores, so q and k are in flight together. The
-launcher picks the warps so that the smaller (k) tile still gives each thread 16 bytes per access;
-fewer warps also mean fewer threads recomputing the same column's angle. `ropekit bench --static`
-(ropekit/kernels/static.py) compiles every specialisation for sm_80/sm_90 and reports the effect.
+(b, t): the k tile is sized to Hk, not to Hq, so GQA leaves no idle k lanes in it. It issues every
+load (position, q, k, tail) before the angle prologue, then stores, so q and k are in flight
+together. The launcher picks the warps so that the k tile (every k head) gives each thread 16 bytes
+per access, then splits the q heads over more programs where a thread would hold too many q elements
+(those programs rotate q only); fewer warps also mean fewer threads recomputing the same column's
+angle. `ropekit bench --static` (ropekit/kernels/static.py) compiles every specialisation for
+sm_80/sm_90 and reports the effect.
 All offsets are int64, so tensors past 2^31 elements are addressed correctly.
 """
 
