@@ -317,11 +317,14 @@ def flash_attn_launch(case: Case, path: str) -> Launch:
     cos = torch.empty(case.T, case.R // 2, device="meta", dtype=q.dtype)
     x = q.transpose(1, 2)  # flash-attention takes (B, T, H, D)
     wrap = getattr(torch.library, "wrap_triton", None)  # some versions launch through it: launch the recorder
+    cuda_device = torch.cuda.device  # it enters torch.cuda.device(x.device.index): None on meta tensors
     try:
         if wrap is not None:
             torch.library.wrap_triton = lambda kernel: kernel
+        torch.cuda.device = lambda index: contextlib.nullcontext()
         mod.apply_rotary(x, cos, cos, interleaved=False, inplace=False, conjugate=case.conjugate)
     finally:
+        torch.cuda.device = cuda_device
         if wrap is not None:
             torch.library.wrap_triton = wrap
     grid, args, meta = rec.calls[-1]
