@@ -618,6 +618,7 @@ class RopekitRotary(nn.Module):
         original: nn.Module,
         backend: str = "auto",
         layer_of_cache: list[str] | None = None,
+        cache_layout: str = "half",
     ):
         super().__init__()
         self.methods = dict(methods)
@@ -626,6 +627,7 @@ class RopekitRotary(nn.Module):
         self.config = getattr(original, "config", None)
         self._original = [original]  # a list so the HF module is not registered as a child (state_dict unchanged)
         self._layer_of_cache = layer_of_cache  # layer type of each cache layer (per-layer-type models)
+        self._cache_layout = cache_layout  # the pair layout of the cached keys ("-": rotated by -angle)
         self._params: dict[tuple, RopeParams] = {}
         self._cache = None  # the KV cache of the forward in flight (set by the model pre-hook)
         self._pending: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -723,10 +725,11 @@ class RopekitRotary(nn.Module):
             return
         # Rotations of one pair compose by adding angles: R(m*new) = R(m*(new - old)) R(m*old).
         angles = rope_angles(positions, inv_freq - old_inv_freq)[:, None]  # (B, 1, T, R/2)
-        cos, sin = torch.cos(angles).float(), torch.sin(angles).float()
+        layout, negated = self._cache_layout.rstrip("-"), self._cache_layout.endswith("-")
+        cos, sin = torch.cos(angles).float(), torch.sin(-angles if negated else angles).float()
         for keys in _cached_keys(cache, layer_type, self._layer_of_cache):
             t = keys.shape[-2]
-            keys.copy_(rotate(keys, cos[..., :t, :], sin[..., :t, :], layout="half"))
+            keys.copy_(rotate(keys, cos[..., :t, :], sin[..., :t, :], layout=layout))
 
     def commit_cache(self, cache) -> None:
         """After a forward: the cache now holds keys at the recorded positions, rotated with ``inv_freq``."""
@@ -1018,7 +1021,13 @@ def patch(
     config.ropekit = {"method": saved}
 
     layer_of_cache = getattr(config, "layer_types", None) if list(resolved) != [None] else None
-    rotary = RopekitRotary(resolved, contract.rotary_dims, original, backend=backend, layer_of_cache=layer_of_cache)
+    # Keys enter the cache after apply_rotary_pos_emb: in its output layout (DeepSeek's MLA puts out halves).
+    cache_layouts = {lay.replace("deinterleave", "half") for lay in contract.layouts.values()}
+    if any(m is not None and m.needs_seq_len for m in resolved.values()) and len(cache_layouts) > 1:
+        raise Unsupported(f"ropekit.patch cannot patch model_type {model_type!r} with a length-dependent method: "
+                          f"its cached keys come in several layouts {sorted(cache_layouts)}")  # fmt: skip
+    rotary = RopekitRotary(resolved, contract.rotary_dims, original, backend=backend, layer_of_cache=layer_of_cache,
+                           cache_layout=next(iter(cache_layouts)))  # fmt: skip
     hooks = []
     if any(m is not None and m.needs_seq_len for m in resolved.values()):
 

@@ -126,6 +126,21 @@ def test_kv_cache_decoding_equals_full_forward(spec):
     assert max(decode_errors(model, ids(batch=2, length=30, seed=3))) <= 2e-6
 
 
+# interleaved pairs (GLM: partial rotary too); transformers 4.x's Cohere config refuses a dynamic rope_scaling
+@pytest.mark.parametrize("model_type", [pytest.param("cohere", marks=REQUIRES_V5), "glm"])
+def test_dynamic_ntk_re_rotates_cached_keys_in_the_models_own_pair_layout(model_type):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, max_position_embeddings=16)  # fmt: skip
+    config = AutoConfig.for_model(model_type, pad_token_id=0, bos_token_id=1, eos_token_id=2, **sizes)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert set(hf._contract(model).layouts.values()) == {"interleaved"}
+    ropekit.patch(model, "dynamic:factor=4")
+    assert max(decode_errors(model, ids(batch=2, length=30, seed=3))) <= 2e-6
+
+
 def test_dynamic_ntk_cache_is_closer_to_full_forward_than_transformers_own():
     model = load_model("tiny:llama", max_position_embeddings=16)
     ropekit.patch(model, "dynamic:factor=4")
