@@ -46,6 +46,9 @@ __all__ = [
     "TokenCache",
     "tokenize_documents",
     "pack",
+    "RetrievalExamples",
+    "retrieval_examples",
+    "mix_retrieval",
 ]
 
 
@@ -410,3 +413,82 @@ def positions_for(window: np.ndarray, eos_id: int, reset: bool) -> np.ndarray:
     idx = np.arange(L)
     last_start = np.maximum.accumulate(np.where(starts, idx, 0))
     return (idx - last_start).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrieval-format examples in the training mix (the same for every variant of an ablation)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class RetrievalExamples:
+    """FIRST-SENTENCE-RETRIEVAL examples from training documents, in the evaluation's format."""
+
+    contexts: list[list[int]]  # text from a paragraph start, up to max_context tokens
+    answers: list[list[int]]  # " " + the paragraph's first sentence
+    question: list[int]  # the evaluation template's text after the context
+
+
+def retrieval_examples(docs: Sequence[Document], tokenizer, *, max_context: int, seed: int = 0,
+                       pool_tokens: int = 1_000_000) -> RetrievalExamples:  # fmt: skip
+    """Examples from ``docs`` (the training documents): paragraph starts chosen as the evaluation chooses
+    them (``eval.retrieval.fsr_candidates``), a seeded sample of at most ``pool_tokens / max_context``."""
+    from ropekit.eval.retrieval import DEFAULT_FSR_TEMPLATE, _template_parts, first_sentence, fsr_candidates
+
+    candidates = fsr_candidates(list(docs))
+    if not candidates:
+        raise ValueError("no paragraph start in the training documents has a first sentence of 4-40 words")
+    random.Random(seed).shuffle(candidates)
+    candidates = candidates[: max(64, pool_tokens // max_context)]
+    texts = [docs[di].text[s : s + 6 * max_context] for di, s in candidates]  # ~4 characters a token
+    contexts = [ids[:max_context] for ids in tokenizer(texts, add_special_tokens=False).input_ids]
+    answers = tokenizer([" " + first_sentence(t) for t in texts], add_special_tokens=False).input_ids
+    question = tokenizer(_template_parts(DEFAULT_FSR_TEMPLATE)[1], add_special_tokens=False).input_ids
+    keep = [i for i, (c, a) in enumerate(zip(contexts, answers, strict=True)) if len(c) > len(a) and len(c) >= 16]
+    return RetrievalExamples([contexts[i] for i in keep], [answers[i] for i in keep], question)
+
+
+def mix_retrieval(
+    text: Iterator[tuple[np.ndarray, np.ndarray]],
+    examples: RetrievalExamples,
+    *,
+    seq_len: int,
+    share: float,
+    min_context: int,
+    max_context: int,
+    eos_id: int,
+    seed: int = 0,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(tokens, positions, loss weights) rows: a ``share`` of them packed with retrieval examples, the
+    rest the ``text`` stream's windows (weight 1 on every next-token prediction).
+
+    An example is ``context + question + answer + EOS`` with a context of uniformly drawn length in
+    [min_context, max_context]; its positions start at 0, so with no attention mask transformers keeps
+    each example to itself (packed sequences), as an evaluation prompt is alone. Only the answer and
+    its EOS carry loss (weight 1); the row's unused end is text, with weight 1. ``weights[i]`` weighs
+    the prediction of ``tokens[i + 1]``."""
+    rng = random.Random(seed)
+    q = examples.question
+    while True:
+        if rng.random() >= share:
+            window, positions = next(text)
+            yield window, positions, np.r_[np.ones(seq_len - 1, np.float32), 0.0].astype(np.float32)
+            continue
+        ids: list[int] = []
+        pos: list[int] = []
+        w: list[float] = []
+        for _ in range(64):  # examples until one does not fit
+            i = rng.randrange(len(examples.contexts))
+            ctx, ans = examples.contexts[i], examples.answers[i]
+            n = min(rng.randint(min_context, max_context), len(ctx))
+            if n <= len(ans) or len(ids) + n + len(q) + len(ans) + 1 > seq_len:
+                break
+            ex = ctx[:n] + q + ans + [eos_id]
+            ids += ex
+            pos += range(len(ex))
+            w += [0.0] * (n + len(q) - 1) + [1.0] * (len(ans) + 1) + [0.0]
+        pad = seq_len - len(ids)
+        if pad:
+            window, _ = next(text)
+            ids += window[:pad].tolist()
+            pos += range(pad)
+            w += [1.0] * (pad - 1) + [0.0]
+        yield np.asarray(ids, np.int64), np.asarray(pos, np.int64), np.asarray(w, np.float32)

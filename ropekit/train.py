@@ -68,6 +68,11 @@ class TrainConfig:
     reset_positions: bool = False  # positions restart after each EOS (per-document) or run on
     upsample_long: float = 1.0  # repeat documents longer than long_threshold this many times
     long_threshold: int | None = None
+    # a share of rows packed with FIRST-SENTENCE-RETRIEVAL examples from the training documents (loss on
+    # their answers only; ropekit.data.mix_retrieval), contexts of min..max tokens (max: seq_len - 64)
+    retrieval_share: float = 0.0
+    retrieval_min_context: int = 16
+    retrieval_max_context: int | None = None
     # optimisation
     steps: int = 100
     tokens_per_step: int = 8192  # global batch in tokens (seq_len x micro_batch x accumulation x ranks)
@@ -101,6 +106,11 @@ class TrainConfig:
             "vocab_size": (self.vocab_size >= 300, ">= 300 (256 bytes + merges)"),
             "val_fraction": (0 < self.val_fraction < 1, "in (0, 1)"),
             "upsample_long": (self.upsample_long >= 1, ">= 1"),
+            "retrieval_share": (0 <= self.retrieval_share <= 1, "in [0, 1]"),
+            "retrieval_min_context": (
+                16 <= self.retrieval_min_context <= self.retrieval_context_max,
+                f">= 16 and <= retrieval_max_context ({self.retrieval_context_max})",
+            ),
             "lr": (self.lr > 0, "> 0"),
             "min_lr_ratio": (0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
             "warmup_steps": (self.warmup_steps >= 0, ">= 0"),
@@ -124,6 +134,10 @@ class TrainConfig:
         from ropekit.methods import parse
 
         parse(self.method)  # a malformed method spec fails here, not after the data is prepared
+
+    @property
+    def retrieval_context_max(self) -> int:
+        return self.retrieval_max_context or self.seq_len - 64
 
     def accumulation(self, world_size: int = 1) -> int:
         per_step = self.seq_len * self.micro_batch * world_size
@@ -486,19 +500,29 @@ def build_optimizer(run: _Run, model) -> torch.optim.Optimizer:
     return optimizer
 
 
-def _batch(rows: list[tuple[np.ndarray, np.ndarray]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens, positions) rows -> input_ids and position_ids, (B, T) int64 on ``device``."""
+def _batch(rows: list[tuple[np.ndarray, ...]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(tokens, positions[, loss weights]) rows -> input_ids, position_ids (B, T) int64 and weights (B, T)
+    float32 (None when no row has any) on ``device``."""
     ids = torch.from_numpy(np.stack([r[0] for r in rows])).to(device)
     pos = torch.from_numpy(np.stack([r[1] for r in rows])).to(device)
-    return ids, pos
+    weights = None
+    if any(len(r) > 2 for r in rows):
+        ones = np.r_[np.ones(ids.shape[1] - 1, np.float32), 0.0].astype(np.float32)
+        weights = torch.from_numpy(np.stack([r[2] if len(r) > 2 else ones for r in rows])).to(device)
+    return ids, pos, weights
 
 
-def loss_of(model, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of a (B, T) batch; bf16 autocast on CUDA, float32 elsewhere."""
+def loss_of(model, ids: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy of a (B, T) batch, weighted by ``weights[:, :-1]`` when given (each
+    the weight of predicting the next token); bf16 autocast on CUDA, float32 elsewhere."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if ids.is_cuda else contextlib.nullcontext()
     with autocast:
         logits = model(input_ids=ids, position_ids=pos).logits
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    if weights is None:
+        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    w = weights[:, :-1].reshape(-1)
+    return (ce * w).sum() / w.sum().clamp_min(1e-6)
 
 
 def train_step(run: _Run, model, optimizer, stream, step: int) -> tuple[float, float]:
@@ -511,8 +535,8 @@ def train_step(run: _Run, model, optimizer, stream, step: int) -> tuple[float, f
     total = 0.0
     for _ in range(run.accumulation):
         rows = [next(stream) for _ in range(cfg.micro_batch * run.world)]
-        ids, pos = _batch(rows[run.rank :: run.world], run.device)  # each rank its share of the global batch
-        loss = loss_of(model, ids, pos) / run.accumulation
+        ids, pos, weights = _batch(rows[run.rank :: run.world], run.device)  # each rank its share of the batch
+        loss = loss_of(model, ids, pos, weights) / run.accumulation
         loss.backward()
         total += loss.item()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -525,7 +549,7 @@ def train_step(run: _Run, model, optimizer, stream, step: int) -> tuple[float, f
 def validate(model, batches, device) -> float:
     """Mean loss over the fixed validation sequences."""
     model.eval()
-    losses = [loss_of(model, *_batch([b], device)).item() for b in batches]
+    losses = [loss_of(model, *_batch([b], device)).item() for b in batches]  # plain text: no weights
     model.train()
     return float(np.mean(losses))
 
@@ -590,6 +614,12 @@ def train(
     stream = data_mod.pack(corpus.train_tokens, cfg.seq_len, eos_id=eos, seed=cfg.seed,
                            reset_positions=cfg.reset_positions, upsample_long=cfg.upsample_long,
                            long_threshold=cfg.long_threshold)  # fmt: skip
+    if cfg.retrieval_share:
+        examples = data_mod.retrieval_examples(corpus.train_docs, tokenizer, max_context=cfg.retrieval_context_max,
+                                               seed=cfg.seed)  # fmt: skip
+        stream = data_mod.mix_retrieval(stream, examples, seq_len=cfg.seq_len, share=cfg.retrieval_share,
+                                        min_context=cfg.retrieval_min_context, max_context=cfg.retrieval_context_max,
+                                        eos_id=eos, seed=cfg.seed)  # fmt: skip
     for _ in range(run.state["sequences"]):
         next(stream)
     val_stream = data_mod.pack(corpus.val_tokens, cfg.seq_len, eos_id=eos, seed=cfg.seed + 1)

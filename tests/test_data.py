@@ -132,3 +132,37 @@ def test_upsampling_repeats_long_documents():
     long_tokens = np.isin(flat, cache.doc(1)).sum()
     short_tokens = np.isin(flat, cache.doc(0)).sum()
     assert long_tokens / 200 > 2.0 * short_tokens / 10  # the long document is seen ~3x as often
+
+
+def test_retrieval_mix_rows_train_on_first_sentences_of_training_documents_only():
+    from ropekit.eval.retrieval import first_sentence
+
+    docs = [data.Document(f"d{i}", "".join(f"Paragraph {i}.{j} starts with these few words. Then more text follows "
+                                            f"here and on, {'and on, ' * 30}until it ends.\n" for j in range(6)))
+            for i in range(4)]  # fmt: skip
+    tok = data.train_tokenizer(docs, vocab_size=300)
+    examples = data.retrieval_examples(docs, tok, max_context=48)
+    text = data.pack(data.tokenize_documents(docs, tok), 128, eos_id=tok.eos_token_id)
+    mix = data.mix_retrieval(text, examples, seq_len=128, share=0.5, min_context=16, max_context=48,
+                             eos_id=tok.eos_token_id, seed=3)  # fmt: skip
+    rows = [next(mix) for _ in range(40)]
+    again = data.mix_retrieval(data.pack(data.tokenize_documents(docs, tok), 128, eos_id=tok.eos_token_id), examples,
+                               seq_len=128, share=0.5, min_context=16, max_context=48, eos_id=tok.eos_token_id,
+                               seed=3)  # fmt: skip
+    assert all(np.array_equal(a, b) for r, s in zip(rows, [next(again) for _ in range(40)], strict=False) for a, b in zip(r, s, strict=False))
+    answers = {first_sentence(p) for d in docs for p in d.text.splitlines()}
+    mixed = 0
+    for ids, pos, w in rows:
+        assert len(ids) == len(pos) == len(w) == 128 and w[-1] == 0
+        if w.all() or (w[:-1] == 1).all():
+            continue  # a text window
+        mixed += 1
+        starts = np.flatnonzero(pos == 0)
+        for a, b in zip(starts, [*starts[1:], 128], strict=False):  # each segment: an example (or the text at the end)
+            seg_w = w[a:b]
+            if (seg_w[:-1] == 1).all():
+                continue
+            answer = tok.decode(ids[a:b][np.flatnonzero(seg_w)[:-1] + 1]).strip()
+            assert answer in answers, answer  # loss only on the answer (and its EOS)
+            assert ids[a:b][np.flatnonzero(seg_w)[-1] + 1] == tok.eos_token_id
+    assert 10 <= mixed <= 30  # about half the rows

@@ -38,6 +38,7 @@ from ropekit.data import Document
 __all__ = [
     "DEFAULT_FSR_TEMPLATE",
     "first_sentence",
+    "fsr_candidates",
     "FSRSample",
     "build_fsr_samples",
     "score_target",
@@ -70,6 +71,18 @@ class FSRSample:
     char_offset: int
 
 
+def fsr_candidates(docs: list[Document]) -> list[tuple[int, int]]:
+    """(document index, character offset) of every paragraph start whose first sentence has 4-40 words:
+    where an FSR context may begin (evaluation prompts here, training examples in ``ropekit.data``)."""
+    out = []
+    for di, doc in enumerate(docs):
+        starts = [0] + [m.end() for m in re.finditer("\n", doc.text) if m.end() < len(doc.text)]
+        for s in starts:
+            if 4 <= len(first_sentence(doc.text[s : s + 600]).split()) <= 40:
+                out.append((di, s))
+    return out
+
+
 def _template_parts(template: str) -> tuple[str, str]:
     if template.count("{context}") != 1:
         raise ValueError(f"the FSR template must contain '{{context}}' exactly once; got {template!r}")
@@ -93,13 +106,7 @@ def build_fsr_samples(
     if budget < 16:
         raise ValueError(f"FSR length {length} leaves {budget} context tokens after the prompt template")
     rng = random.Random(seed * 7919 + length)
-    candidates = []  # (doc index, char offset of a paragraph start)
-    for di, doc in enumerate(docs):
-        starts = [0] + [m.end() for m in re.finditer("\n", doc.text) if m.end() < len(doc.text)]
-        for s in starts:
-            words = len(first_sentence(doc.text[s : s + 600]).split())
-            if 4 <= words <= 40:
-                candidates.append((di, s))
+    candidates = fsr_candidates(docs)
     rng.shuffle(candidates)
     samples: list[FSRSample] = []
     for di, s in candidates:
