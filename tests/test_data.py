@@ -149,7 +149,8 @@ def test_retrieval_mix_rows_train_on_first_sentences_of_training_documents_only(
     again = data.mix_retrieval(data.pack(data.tokenize_documents(docs, tok), 128, eos_id=tok.eos_token_id), examples,
                                seq_len=128, share=0.5, min_context=16, max_context=48, eos_id=tok.eos_token_id,
                                seed=3)  # fmt: skip
-    assert all(np.array_equal(a, b) for r, s in zip(rows, [next(again) for _ in range(40)], strict=False) for a, b in zip(r, s, strict=False))
+    repeated = [next(again) for _ in range(40)]
+    assert all(np.array_equal(a, b) for r, s in zip(rows, repeated, strict=True) for a, b in zip(r, s, strict=True))
     answers = {first_sentence(p) for d in docs for p in d.text.splitlines()}
     mixed = 0
     for ids, pos, w in rows:
