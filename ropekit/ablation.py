@@ -80,6 +80,13 @@ def _tiny() -> AblationConfig:
                           model_params="~1.3M")  # fmt: skip
 
 
+def _cpu() -> AblationConfig:
+    """The ``tiny`` protocol longer, on two CPU cores within an hour: ``cpu-base`` (10x the base tokens) and
+    ``cpu-extend`` (2.5x per variant), more windows and prompts, and the stricter positive control (0.8)."""
+    return dataclasses.replace(_tiny(), name="cpu", base=TRAIN["cpu-base"](), extend=TRAIN["cpu-extend"](),
+                               n_ppl=12, n_fsr=48, control_accuracy=0.8)  # fmt: skip
+
+
 def _micro() -> AblationConfig:
     """Seconds: the plumbing of ``tiny`` with the micro model (2 layers, 32 wide), 32 -> 256 tokens."""
     variants = regime_variants(32)
@@ -114,7 +121,7 @@ def _paper() -> AblationConfig:
                           notes={"base": "the released Llama 2 7B checkpoint (no pretraining stage)"})  # fmt: skip
 
 
-PRESETS = {"micro": _micro, "tiny": _tiny, "small": _small, "paper": _paper}
+PRESETS = {"micro": _micro, "tiny": _tiny, "cpu": _cpu, "small": _small, "paper": _paper}
 
 
 def with_data(cfg: AblationConfig, data: str) -> AblationConfig:
