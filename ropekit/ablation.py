@@ -62,12 +62,22 @@ class AblationConfig:
     fsr_generate: bool = True
     model_params: str = ""  # for the plan printout
     pretrain_base: bool = True  # False: the base is extend.init_from, a released checkpoint (paper)
+    base_length: int | None = None  # the base model's trained length L (default base.seq_len)
     needs_gpu: bool = False  # refused on a machine without CUDA (unless forced)
     notes: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.reference not in self.variants:
             raise ValueError(f"reference {self.reference!r} is not one of the variants {list(self.variants)}")
+        if self.extend.seq_len not in self.ppl_lengths:  # the per-position loss is drawn at the target length
+            raise ValueError(
+                f"ppl_lengths {list(self.ppl_lengths)} must include the target length {self.extend.seq_len}"
+            )
+
+    @property
+    def trained_length(self) -> int:
+        """L: the length the base model was trained at (the controls are read at <= L and at the target)."""
+        return self.base_length or self.base.seq_len
 
 
 def _tiny() -> AblationConfig:
@@ -88,14 +98,15 @@ def _cpu() -> AblationConfig:
 
 
 def _micro() -> AblationConfig:
-    """Seconds: the plumbing of ``tiny`` with the micro model (2 layers, 32 wide), 32 -> 256 tokens."""
+    """Seconds: the plumbing of ``tiny`` with the micro model (2 layers, 32 wide), 32 -> 256 tokens (no
+    retrieval examples fit 32 tokens: the mix is in the extension only)."""
     variants = regime_variants(32)
     base = dataclasses.replace(TRAIN["tiny-base"](), model_overrides=model_of("micro", 32), vocab_size=512,
-                               method=variants[0],
+                               method=variants[0], retrieval_share=0.0,
                                seq_len=32, steps=4, tokens_per_step=256, micro_batch=8, warmup_steps=1, eval_every=4,
                                save_every=4, eval_batches=1)  # fmt: skip
     extend = dataclasses.replace(base, seq_len=256, steps=2, tokens_per_step=256, micro_batch=1, eval_every=2,
-                                 save_every=2)  # fmt: skip
+                                 save_every=2, retrieval_share=0.6)  # fmt: skip
     return AblationConfig(name="micro", base=base, extend=extend, variants=variants, reference=variants[2],
                           ppl_lengths=(32, 256, 512), fsr_lengths=(64, 256), n_ppl=2, n_fsr=3, bin_size=32,
                           model_params="~40k")  # fmt: skip
@@ -117,7 +128,7 @@ def _paper() -> AblationConfig:
                           ppl_lengths=(4096, 8192, 16384, 32768),
                           fsr_lengths=(256, 1024, 2048, 4096, 8192, 10240, 12288, 14336, 16384, 20480, 24576, 28672,
                                        30720), n_ppl=50, n_fsr=50, bin_size=500, model_params="6.74B",
-                          pretrain_base=False, needs_gpu=True,
+                          pretrain_base=False, needs_gpu=True, base_length=4096,
                           notes={"base": "the released Llama 2 7B checkpoint (no pretraining stage)"})  # fmt: skip
 
 
@@ -151,8 +162,9 @@ def plan(cfg: AblationConfig, world_size: int = 1) -> str:
                  f"(n={cfg.n_fsr} prompts); the same samples for every variant, paired differences to "
                  f"{cfg.reference}")  # fmt: skip
     if cfg.controls:
-        lines.append(f"  controls: the base model as it is: FSR accuracy >= {cfg.control_accuracy} at <= {b.seq_len} "
-                     f"(positive), and at {e.seq_len} with no extension (negative)")  # fmt: skip
+        lines.append(f"  controls: the base model as it is: FSR accuracy >= {cfg.control_accuracy} at <= "
+                     f"{cfg.trained_length} (positive), and at {max(cfg.fsr_lengths)} with no extension "
+                     "(negative)")  # fmt: skip
     if cfg.variants == regime_variants(b.seq_len):
         from ropekit.analysis import regime_derivation
 
@@ -225,8 +237,11 @@ def run(cfg: AblationConfig, out: str | Path, *, log=print) -> dict:
 
     def evaluate(variant: str, model_folder) -> None:
         """Per-sample rows of one model on the same windows and prompts as every other variant."""
+        if {(variant, "ppl"), (variant, "fsr")} <= done:
+            log("  done earlier: skipped")
+            return
         model = load_model(str(model_folder))
-        config = {"ablation": cfg.name, "method": model.config.ropekit["method"]}
+        config = {"ablation": cfg.name, "method": ev._variant(model)}  # a released base has no config.ropekit
         common = dict(experiment=experiment, variant=variant, config=config)
         rows = []
         if (variant, "ppl") not in done:
@@ -236,10 +251,7 @@ def run(cfg: AblationConfig, out: str | Path, *, log=print) -> dict:
         if (variant, "fsr") not in done:
             rows += ev.eval_fsr_samples(model, tokenizer, corpus.val_docs, list(cfg.fsr_lengths), n=cfg.n_fsr,
                                         generate=cfg.fsr_generate, **common)  # fmt: skip
-        if rows:
-            append_rows(results, rows)
-        else:
-            log("  done earlier: skipped")
+        append_rows(results, rows)
 
     if cfg.controls:  # the base model as it is: retrieval at <= L (positive), at 8L without extension (negative)
         with stage("eval base (controls)"):
@@ -306,7 +318,7 @@ def summarize(results: str | Path, cfg: AblationConfig, *, experiment: str | Non
         sample = json.loads(r["config"] or "{}")["sample"]
         key = (r["metric"], r["context_length"], r["position"])
         groups.setdefault(key, {}).setdefault(r["variant"], {})[int(sample)] = float(r["value"])
-    prov = provenance()
+    prov = {**provenance(), "device": ", ".join(sorted({r["device"] for r in rows}))}  # where it was evaluated
     cfg_row = {"ablation": cfg.name, "reference": cfg.reference,
                "interval": "95% percentile bootstrap (scipy.stats.bootstrap); deltas paired by sample"}  # fmt: skip
     summary = []

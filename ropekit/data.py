@@ -443,6 +443,8 @@ def retrieval_examples(docs: Sequence[Document], tokenizer, *, max_context: int,
     answers = tokenizer([" " + first_sentence(t) for t in texts], add_special_tokens=False).input_ids
     question = tokenizer(_template_parts(DEFAULT_FSR_TEMPLATE)[1], add_special_tokens=False).input_ids
     keep = [i for i, (c, a) in enumerate(zip(contexts, answers, strict=True)) if len(c) > len(a) and len(c) >= 16]
+    if not keep:
+        raise ValueError("no retrieval example from the training documents has 16+ tokens of context")
     return RetrievalExamples([contexts[i] for i in keep], [answers[i] for i in keep], question)
 
 
@@ -479,7 +481,9 @@ def mix_retrieval(
             i = rng.randrange(len(examples.contexts))
             ctx, ans = examples.contexts[i], examples.answers[i]
             n = min(rng.randint(min_context, max_context), len(ctx))
-            if n <= len(ans) or len(ids) + n + len(q) + len(ans) + 1 > seq_len:
+            if n <= len(ans):
+                continue  # a context no longer than its answer: draw another
+            if len(ids) + n + len(q) + len(ans) + 1 > seq_len:
                 break
             ex = ctx[:n] + q + ans + [eos_id]
             ids += ex

@@ -299,7 +299,7 @@ def ablation_table(summary, cfg) -> str:
     from ropekit.ablation import CONTROL
 
     val = _ablation_values(summary)
-    L, target = cfg.base.seq_len, cfg.extend.seq_len
+    L = cfg.trained_length
     variants = [v for v in [CONTROL, *cfg.variants] if any(k[0] == v for k in val)]
     acc = "fsr_sample_token_accuracy"
     lines = []
@@ -309,10 +309,11 @@ def ablation_table(summary, cfg) -> str:
         verdict = "passes" if worst >= cfg.control_accuracy else "FAILS: the comparison below cannot see retrieval"
         lines.append(f"- **Positive control** {verdict}: the base model's FSR accuracy at {', '.join(map(str, short))} "
                      f"tokens (<= its length {L}) is >= {worst:.2f} (threshold {cfg.control_accuracy}).")  # fmt: skip
-    if (CONTROL, f"mean:{acc}", target, None) in val:
-        far = val[(CONTROL, f"mean:{acc}", target, None)]
-        lo, hi = val[(CONTROL, f"low:{acc}", target, None)], val[(CONTROL, f"high:{acc}", target, None)]
-        lines.append(f"- **Negative control**: the same model at {target} tokens with no extension: {far:.2f} "
+    longest = max((n for (v, m, n, p) in val if v == CONTROL and m == f"mean:{acc}"), default=0)
+    if longest > L:  # the longest FSR length (the target, where the lengths reach it)
+        far = val[(CONTROL, f"mean:{acc}", longest, None)]
+        lo, hi = val[(CONTROL, f"low:{acc}", longest, None)], val[(CONTROL, f"high:{acc}", longest, None)]
+        lines.append(f"- **Negative control**: the same model at {longest} tokens with no extension: {far:.2f} "
                      f"[{lo:.2f}, {hi:.2f}].")  # fmt: skip
     for metric, (label, higher, as_ppl) in ABLATION_METRICS.items():
         lengths = sorted({n for (v, m, n, p) in val if m == f"mean:{metric}" and p is None})
@@ -331,10 +332,10 @@ def ablation_table(summary, cfg) -> str:
                     cells.append("")
                     continue
                 lo, hi = val[(v, f"low:{metric}", n, None)], val[(v, f"high:{metric}", n, None)]
-                cell = f"{f(val[key]):.2f} [{f(lo):.2f}, {f(hi):.2f}]"
+                cell = f"{f(val[key]):.2f}" + ("" if math.isnan(lo) else f" [{f(lo):.2f}, {f(hi):.2f}]")
                 if (v, f"delta:{metric}", n, None) in val:
                     d, dlo, dhi = (val[(v, f"{k}:{metric}", n, None)] for k in ("delta", "delta_low", "delta_high"))
-                    delta = f"Δ {d:+.3f} [{dlo:+.3f}, {dhi:+.3f}]"
+                    delta = f"Δ {d:+.3f}" + ("" if math.isnan(dlo) else f" [{dlo:+.3f}, {dhi:+.3f}]")
                     cell += f"<br>{'**' + delta + '**' if val[(v, f'resolved:{metric}', n, None)] else delta}"
                 cells.append(cell)
             lines.append(f"| {_variant_label(v, cfg)} | " + " | ".join(cells) + " |")
@@ -356,12 +357,12 @@ def draw_ablation(summary, cfg, out: str | Path, *, prefix: str) -> list[Path]:
     val = _ablation_values(summary)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    L, target = cfg.base.seq_len, cfg.extend.seq_len
+    L, target = cfg.trained_length, cfg.extend.seq_len
     variants = [v for v in [CONTROL, *cfg.variants] if any(k[0] == v for k in val)]
     device = ", ".join(sorted({r["device"] for r in summary}))
 
     def curve(ax, metric, *, by_position=False, transform=lambda x: x):
-        for i, v in enumerate(variants):
+        for v in variants:
             xs = sorted(p if by_position else n for (vv, m, n, p) in val
                         if vv == v and m == f"mean:{metric}" and (p is not None) == by_position
                         and (not by_position or n == target))  # fmt: skip
@@ -371,7 +372,8 @@ def draw_ablation(summary, cfg, out: str | Path, *, prefix: str) -> list[Path]:
             y = [transform(val[(v, f"mean:{metric}", *key(x))]) for x in xs]
             lo = [transform(val[(v, f"low:{metric}", *key(x))]) for x in xs]
             hi = [transform(val[(v, f"high:{metric}", *key(x))]) for x in xs]
-            style = dict(color="k", ls="--", marker="s") if v == CONTROL else dict(color=f"C{i - 1}", marker="o")
+            style = (dict(color="k", ls="--", marker="s") if v == CONTROL
+                     else dict(color=f"C{cfg.variants.index(v)}", marker="o"))  # fmt: skip
             ax.plot(xs, y, ms=3, label=_variant_label(v, cfg), **style)
             ax.fill_between(xs, lo, hi, alpha=0.15, color=style["color"])
         if not by_position:

@@ -465,7 +465,10 @@ def _rotary_name(decoder: nn.Module) -> str | None:
     if isinstance(getattr(decoder, "rotary_emb", None), nn.Module):
         return "rotary_emb"
     for name, child in decoder.named_children():
-        if isinstance(child, RopekitRotary) or type(child).__name__.endswith("RotaryEmbedding"):
+        kind = type(child).__name__
+        if isinstance(child, RopekitRotary) or (
+            kind.endswith("RotaryEmbedding") and not any(w in kind for w in ("Vision", "Audio"))
+        ):
             return name
     return None
 
@@ -484,8 +487,13 @@ def _decoder(model: nn.Module) -> nn.Module | None:
     for c in list(candidates):
         if c is not None:
             candidates.append(getattr(c, "language_model", None))
+    candidates = [c for c in candidates if isinstance(c, nn.Module)]
+    # a text decoder's own rotary_emb first: a multimodal wrapper may hold another rotary under another name
     for candidate in candidates:
-        if isinstance(candidate, nn.Module) and _rotary_name(candidate) is not None:
+        if isinstance(getattr(candidate, "rotary_emb", None), nn.Module):
+            return candidate
+    for candidate in candidates:
+        if _rotary_name(candidate) is not None:
             return candidate
     return None
 

@@ -18,6 +18,7 @@ __all__ = ["CONFIDENCE", "mean_interval", "paired_interval", "compare"]
 
 CONFIDENCE = 0.95
 N_RESAMPLES = 2000
+MIN_RESOLVED = 5  # fewer paired samples never count as resolved (a bootstrap of 2-4 points says little)
 
 
 def _bootstrap(data: tuple[np.ndarray, ...], statistic, *, paired: bool, seed: int) -> tuple[float, float]:
@@ -61,7 +62,7 @@ def paired_interval(candidate, baseline, *, seed: int = 0) -> tuple[float, float
 def compare(samples: dict[str, dict], reference: str | None, *, seed: int = 0) -> dict[str, dict[str, float]]:
     """Per variant: ``mean``, ``low``, ``high``, ``n`` and, against ``reference`` on the samples both
     have (refused unless the reference has every sample of the variant), ``delta``, ``delta_low``,
-    ``delta_high`` and ``resolved`` (1.0 when the paired interval excludes 0)."""
+    ``delta_high`` and ``resolved`` (1.0 when the paired interval excludes 0 and n >= ``MIN_RESOLVED``)."""
     out = {}
     for variant, values in samples.items():
         keys = sorted(values)
@@ -73,7 +74,7 @@ def compare(samples: dict[str, dict], reference: str | None, *, seed: int = 0) -
             if missing:
                 raise ValueError(f"{variant!r} has samples {sorted(missing)[:5]} that {reference!r} lacks: not paired")
             d, dlo, dhi = paired_interval([values[k] for k in keys], [ref[k] for k in keys], seed=seed)
-            resolved = float(not (math.isnan(dlo) or dlo <= 0 <= dhi))
+            resolved = float(len(keys) >= MIN_RESOLVED and not (math.isnan(dlo) or dlo <= 0 <= dhi))
             row.update(delta=d, delta_low=dlo, delta_high=dhi, resolved=resolved)
         out[variant] = row
     return out

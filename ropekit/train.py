@@ -108,8 +108,8 @@ class TrainConfig:
             "upsample_long": (self.upsample_long >= 1, ">= 1"),
             "retrieval_share": (0 <= self.retrieval_share <= 1, "in [0, 1]"),
             "retrieval_min_context": (
-                16 <= self.retrieval_min_context <= self.retrieval_context_max,
-                f">= 16 and <= retrieval_max_context ({self.retrieval_context_max})",
+                not self.retrieval_share or 16 <= self.retrieval_min_context <= self.retrieval_context_max,
+                f">= 16 and <= the longest retrieval context ({self.retrieval_context_max})",
             ),
             "lr": (self.lr > 0, "> 0"),
             "min_lr_ratio": (0 <= self.min_lr_ratio <= 1, "in [0, 1]"),

@@ -222,8 +222,8 @@ def greedy(model, prompt):
     """NEW_TOKENS greedy steps with the KV cache: (prompt + tokens, logits of each step (1, NEW_TOKENS, V))."""
     out = model(prompt, use_cache=True)
     if not hasattr(out, "past_key_values"):  # a model that keeps its cache inside (recurrent_gemma)
-        run = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True)  # fmt: skip
+        run = model.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)  # fmt: skip
         return run.sequences, torch.stack(run.logits, dim=1)
     cache, tokens, steps = out.past_key_values, prompt, []
     for _ in range(NEW_TOKENS):

@@ -142,7 +142,8 @@ def _shrunk(cfg, init_from=None):
                                    data="shakespeare", vocab_size=512, seq_len=seq_len, tokens_per_step=seq_len,
                                    micro_batch=1, steps=1,
                                    warmup_steps=0, eval_batches=1, device="cpu", fsdp=False, compile=False,
-                                   activation_checkpointing=False, init_from=init_from)  # fmt: skip
+                                   activation_checkpointing=False, init_from=init_from,
+                                   retrieval_share=t.retrieval_share if seq_len >= 128 else 0.0)  # fmt: skip
 
     return dataclasses.replace(cfg, base=one_step(cfg.base, 32), extend=one_step(cfg.extend, 128),
                                variants=cfg.variants[2:3], ppl_lengths=(64, 128), fsr_lengths=(128,), n_ppl=1,
