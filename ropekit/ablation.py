@@ -86,13 +86,13 @@ def _tiny() -> AblationConfig:
     variants = regime_variants(256)
     return AblationConfig(name="tiny", base=TRAIN["tiny-base"](), extend=TRAIN["tiny-extend"](), variants=variants,
                           reference=variants[2], ppl_lengths=(256, 512, 1024, 2048, 4096),
-                          fsr_lengths=(128, 256, 512, 1024, 2048), n_ppl=8, n_fsr=32, bin_size=128,
+                          fsr_lengths=(128, 256, 512, 1024, 2048), n_ppl=6, n_fsr=32, bin_size=128,
                           model_params="~1.3M")  # fmt: skip
 
 
 def _cpu() -> AblationConfig:
-    """The ``tiny`` protocol longer, on two CPU cores within an hour: ``cpu-base`` (10x the base tokens) and
-    ``cpu-extend`` (2.5x per variant), more windows and prompts, and the stricter positive control (0.8)."""
+    """The ``tiny`` protocol longer, on two CPU cores in about an hour: ``cpu-base`` (12x the base tokens) and
+    ``cpu-extend`` (3x per variant), more prompts, and the stricter positive control (0.8)."""
     return dataclasses.replace(_tiny(), name="cpu", base=TRAIN["cpu-base"](), extend=TRAIN["cpu-extend"](),
                                n_ppl=12, n_fsr=48, control_accuracy=0.8)  # fmt: skip
 

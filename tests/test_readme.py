@@ -61,3 +61,12 @@ def test_the_readme_test_command_is_what_ci_runs():
     assert setup.strip().endswith("ropekit demo")
     ci = (ROOT / ".ci" / "run").read_text()
     assert test.strip() in ci, "the README's test command must be the line .ci/run runs"
+
+
+def test_result_tables_the_readme_quotes_are_the_committed_ones():
+    # a table an ablation run wrote (figures/pe_ablation_<preset>_table.md) appears in the README verbatim
+    tables = sorted((ROOT / "figures").glob("pe_ablation_*_table.md"))
+    quoted = [t for t in tables if t.name in README]
+    assert quoted, "the README quotes no committed ablation table"
+    for table in quoted:
+        assert table.read_text().strip() in README, f"the README's copy of {table.name} differs from the file"
