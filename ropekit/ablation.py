@@ -185,25 +185,36 @@ def run(cfg: AblationConfig, out: str | Path, *, log=print) -> dict:
     from ropekit.eval import run as ev
     from ropekit.files import atomic_write_text, check_writable
     from ropekit.models import load_model
-    from ropekit.results import append_rows, read_rows
+    from ropekit.results import _git_sha, append_rows, read_rows
     from ropekit.train import train
 
     out = check_writable(out, kind="folder")
+    _git_sha()  # read now: the rows of a long run record the commit it started from, not a later one
     resolved = json.dumps(dataclasses.asdict(cfg), indent=1, default=str)
     saved = out / "ablation_config.json"
     if saved.is_file() and saved.read_text() != resolved:  # resuming must not mix two ablations' stages
         raise ValueError(f"{out} holds another ablation (its ablation_config.json differs from this one); "
                          "choose another --out, or run the same preset and data again to resume")  # fmt: skip
     atomic_write_text(saved, resolved)
+    # each stage's wall time; a stage done by an earlier run keeps the time that run recorded
+    wall = out / "wall_times.json"
+    earlier = json.loads(wall.read_text()) if wall.is_file() else {}
     times: dict[str, float] = {}
-    t_all = time.perf_counter()
+    skipped: set[str] = set()
+    current = [""]
+
+    def skip() -> None:
+        skipped.add(current[0])
+        log("  done earlier: skipped")
 
     @contextlib.contextmanager
     def stage(name):
-        t = time.perf_counter()
+        t, current[0] = time.perf_counter(), name
         log(f"[{name}] ...")
         yield
         times[name] = time.perf_counter() - t
+        if name in skipped and name in earlier:
+            times[name] = earlier[name]
         log(f"[{name}] {times[name]:.1f}s")
 
     with stage("data"):  # read, split and tokenise once; every stage below shares it
@@ -225,7 +236,7 @@ def run(cfg: AblationConfig, out: str | Path, *, log=print) -> dict:
             base_final = cfg.extend.init_from
             log(f"  starting from {base_final}")
         elif base_final.is_dir():
-            log("  done earlier: skipped")
+            skip()
         else:
             r = train(cfg.base, out / "base", resume=True, corpus=corpus)
             log(f"  final loss {r['losses'][-1]:.3f}, {r.get('tokens_per_s', 0):.0f} tokens/s")
@@ -238,7 +249,7 @@ def run(cfg: AblationConfig, out: str | Path, *, log=print) -> dict:
     def evaluate(variant: str, model_folder) -> None:
         """Per-sample rows of one model on the same windows and prompts as every other variant."""
         if {(variant, "ppl"), (variant, "fsr")} <= done:
-            log("  done earlier: skipped")
+            skip()
             return
         model = load_model(str(model_folder))
         config = {"ablation": cfg.name, "method": ev._variant(model)}  # a released base has no config.ropekit
@@ -260,7 +271,7 @@ def run(cfg: AblationConfig, out: str | Path, *, log=print) -> dict:
         folder = out / _slug(spec)
         with stage(f"extend {spec}"):
             if (folder / "final").is_dir():
-                log("  done earlier: skipped")
+                skip()
             else:  # the same base checkpoint and token budget for every variant; only the method differs
                 ecfg = dataclasses.replace(cfg.extend, init_from=str(base_final), method=spec)
                 r = train(ecfg, folder, resume=True, corpus=corpus)
@@ -274,9 +285,9 @@ def run(cfg: AblationConfig, out: str | Path, *, log=print) -> dict:
         atomic_write_text(out / "table.md", table)
         written = figures.draw_ablation(summary, cfg, out / "figures", prefix=experiment)
         log(table)
-    times["total"] = time.perf_counter() - t_all
+    times["total"] = sum(times.values())  # of the stages: the wall time of the run that did each
     log("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
-    atomic_write_text(out / "wall_times.json", json.dumps(times, indent=1))
+    atomic_write_text(wall, json.dumps(times, indent=1))
     return {
         "times": times,
         "results": str(results),

@@ -48,7 +48,8 @@ COLUMNS = [
 
 @functools.lru_cache(maxsize=1)
 def _git_sha() -> str:
-    """The checkout's commit, read once per process (a run that outlives a commit keeps its own sha)."""
+    """The checkout's commit, read once per process (a run that outlives a commit keeps its own sha:
+    long runs call this when they start)."""
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True)
