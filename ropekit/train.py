@@ -69,7 +69,7 @@ class TrainConfig:
     upsample_long: float = 1.0  # repeat documents longer than long_threshold this many times
     long_threshold: int | None = None
     # a share of rows packed with FIRST-SENTENCE-RETRIEVAL examples from the training documents (loss on
-    # their answers only; ropekit.data.mix_retrieval), contexts of min..max tokens (max: seq_len - 64)
+    # their answers only; ropekit.data.mix_retrieval), contexts of min..max tokens (max: seq_len - 64, >= 16)
     retrieval_share: float = 0.0
     retrieval_min_context: int = 16
     retrieval_max_context: int | None = None
@@ -137,7 +137,7 @@ class TrainConfig:
 
     @property
     def retrieval_context_max(self) -> int:
-        return self.retrieval_max_context or self.seq_len - 64
+        return self.retrieval_max_context or max(16, self.seq_len - 64)
 
     def accumulation(self, world_size: int = 1) -> int:
         per_step = self.seq_len * self.micro_batch * world_size
@@ -528,31 +528,43 @@ def _batch(rows: list[tuple[np.ndarray, ...]], device) -> tuple[torch.Tensor, to
     return ids, pos, weights
 
 
-def loss_of(model, ids: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean next-token cross-entropy of a (B, T) batch, weighted by ``weights[:, :-1]`` when given (each
-    the weight of predicting the next token); bf16 autocast on CUDA, float32 elsewhere."""
+def loss_of(
+    model, ids: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor | None = None, *, reduction: str = "mean"
+) -> torch.Tensor:
+    """Next-token cross-entropy of a (B, T) batch, weighted by ``weights[:, :-1]`` when given (each the
+    weight of predicting the next token): the weighted mean, or with ``reduction="sum"`` the weighted
+    sum; bf16 autocast on CUDA, float32 elsewhere."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if ids.is_cuda else contextlib.nullcontext()
     with autocast:
         logits = model(input_ids=ids, position_ids=pos).logits
-    if weights is None:
-        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-    w = weights[:, :-1].reshape(-1)
-    return (ce * w).sum() / w.sum().clamp_min(1e-6)
+    w = torch.ones_like(ce) if weights is None else weights[:, :-1].reshape(-1)
+    total = (ce * w).sum()
+    return total if reduction == "sum" else total / w.sum().clamp_min(1e-6)
+
+
+def _loss_weight(row: tuple[np.ndarray, ...]) -> float:
+    """How many next-token predictions of a (tokens, positions[, weights]) row carry loss (weighted)."""
+    return float(row[2][:-1].sum()) if len(row) > 2 else float(len(row[0]) - 1)
 
 
 def train_step(run: _Run, model, optimizer, stream, step: int) -> tuple[float, float]:
-    """One optimizer step over ``accumulation`` micro-batches; returns (mean loss across ranks, grad norm)."""
+    """One optimizer step over ``accumulation`` micro-batches; returns (mean loss across ranks, grad norm).
+
+    The loss is the weighted mean over the whole global batch (every micro-batch of every rank): each
+    micro-batch contributes its weighted sum over the global weight, times the ranks whose gradients
+    FSDP averages, so rows with few weighted tokens (retrieval examples) count as much on any layout."""
     from ropekit import parallel
 
     cfg = run.cfg
     for group in optimizer.param_groups:
         group["lr"] = get_lr(step, cfg)
+    steps = [[next(stream) for _ in range(cfg.micro_batch * run.world)] for _ in range(run.accumulation)]
+    weight = max(1e-6, sum(_loss_weight(r) for rows in steps for r in rows))
     total = 0.0
-    for _ in range(run.accumulation):
-        rows = [next(stream) for _ in range(cfg.micro_batch * run.world)]
+    for rows in steps:
         ids, pos, weights = _batch(rows[run.rank :: run.world], run.device)  # each rank its share of the batch
-        loss = loss_of(model, ids, pos, weights) / run.accumulation
+        loss = loss_of(model, ids, pos, weights, reduction="sum") * run.world / weight
         loss.backward()
         total += loss.item()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
