@@ -1,22 +1,26 @@
 """Training-free sweep: each candidate method on the user's model and text, against the model as it is.
 
 For a model trained at L and a target L', every candidate (a method spec) is patched in turn and
-scored on the same samples as the unpatched model (``native``, the baseline):
+scored on the same samples as the unpatched model (``native``, the baseline). A forward of L'
+tokens is the cost that matters (on two CPU cores, 2-3 minutes for a 135M model at 16k), so each
+serves as many tasks as it can:
 
-- ``ppl``: the mean next-token NLL of each of ``n_ppl`` windows of L' tokens and of the first L tokens
-  of the same windows (the in-window cost); one forward per window, since attention is causal, except
-  for methods whose frequencies depend on the length (dynamic NTK), which score the L prefix apart;
-- ``fsr``: FIRST-SENTENCE-RETRIEVAL prompts of L' tokens, teacher-forced token accuracy and NLL of
-  the first sentence (one forward per prompt; no generation);
+- FSR prompts of L' tokens (``ropekit.eval.retrieval``: natural validation text from a paragraph
+  start, then the question) are run once each, with the target teacher-forced. That forward gives
+  ``fsr`` (token accuracy and NLL of the first sentence) and ``ppl``: the mean next-token NLL over
+  the prompt's context, a window of natural text of L' minus the question's tokens, and over its
+  first L tokens (the in-window cost). Attention is causal, so the first L tokens score the same as
+  a forward of L tokens, except for methods whose frequencies depend on the length (dynamic NTK),
+  which take that forward. ``n_ppl`` and ``n_fsr`` count the prompts used for each task.
 - ``passkey``: passkey prompts of L' tokens at evenly spread depths, teacher-forced accuracy and NLL
-  of the key tokens.
+  of the key tokens (one forward each; its filler is not natural text).
 
-Per-sample values are result rows (``ropekit.results``), appended after each (candidate, task), so
-an interrupted sweep resumes where it stopped: a (candidate, task) whose rows exist for the same
-sweep settings is skipped. From the per-sample rows the sweep computes, for every candidate, the
-mean paired difference to the baseline with a 95% bootstrap interval (``scipy.stats.bootstrap``,
-paired, percentile), marks the differences whose interval excludes 0, ranks the candidates by NLL at
-L', and writes these as rows of ``<out>_summary.csv`` (rewritten each run) for the table and figure.
+Per-sample values are result rows (``ropekit.results``), appended after each prompt, so an
+interrupted sweep resumes at the prompt where it stopped (rows of the same sweep settings are
+reused). From the per-sample rows the sweep computes, for every candidate, the mean paired
+difference to the baseline with a 95% bootstrap interval (``ropekit.stats``), marks the differences
+whose interval excludes 0, ranks the candidates by NLL at L', and writes these as rows of
+``<out>_summary.csv`` (rewritten each run) for the table and figure.
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ class SweepSettings:
     seed: int = 0
     val_fraction: float = 0.15
     split_seed: int = 0
+    protocol: int = 2  # raised when what a sample is changes (2: PPL windows are the FSR contexts)
 
     def __post_init__(self) -> None:
         bad = [t for t in self.tasks if t not in TASKS]
@@ -129,7 +134,8 @@ def check_writable(out: str | Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------
-def _done(out: Path, experiment: str, sweep_id: str) -> set[tuple[str, str]]:
+def _done(out: Path, experiment: str, sweep_id: str) -> set[tuple[str, str, int]]:
+    """(variant, metric, sample) of every per-sample row ``out`` holds for this sweep."""
     done = set()
     for r in read_rows(out):
         if r["experiment"] != experiment or r["metric"] not in SAMPLE_METRICS:
@@ -139,42 +145,63 @@ def _done(out: Path, experiment: str, sweep_id: str) -> set[tuple[str, str]]:
         except json.JSONDecodeError:
             continue
         if cfg.get("sweep_id") == sweep_id:
-            done.add((r["variant"], SAMPLE_METRICS[r["metric"]][0]))
+            done.add((r["variant"], r["metric"], int(cfg["sample"])))
     return done
 
 
-def _task_samples(model, tokenizer, docs, settings: SweepSettings, task: str, length_dependent: bool, cache):
-    """Per-sample values of one task for the model as it is now: [(metric, length, index, value, extra)]."""
-    from ropekit.eval import perplexity, retrieval
+def _metrics(task: str) -> list[str]:
+    return [m for m, (t, _, _) in SAMPLE_METRICS.items() if t == task]
 
-    L, Lp, seed = settings.trained_length, settings.target_length, settings.seed
+
+def _work(settings: SweepSettings) -> list[tuple[str, int, tuple[str, ...]]]:
+    """What one variant needs, one forward each: ("text", i, tasks) for FSR prompt i, whose context
+    is PPL window i and whose target is FSR sample i; ("passkey", i, ("passkey",)) for passkey prompt i."""
+    work = []
+    for i in range(max(settings.n_ppl if "ppl" in settings.tasks else 0,
+                       settings.n_fsr if "fsr" in settings.tasks else 0)):  # fmt: skip
+        tasks = tuple(t for t, n in (("ppl", settings.n_ppl), ("fsr", settings.n_fsr)) if t in settings.tasks and i < n)
+        work.append(("text", i, tasks))
+    if "passkey" in settings.tasks:
+        work += [("passkey", i, ("passkey",)) for i in range(settings.n_passkey)]
+    return work
+
+
+def _text_values(model, sample, tasks, settings: SweepSettings, length_dependent: bool):
+    """PPL window and FSR scores of one FSR prompt, from one forward of prompt + target."""
+    import torch
+
+    from ropekit.eval.perplexity import token_nll
+
+    L, Lp = settings.trained_length, settings.target_length
+    device = next(model.parameters()).device
+    ids = torch.tensor(sample.prompt_ids + sample.target_ids, device=device)
+    nll, hits = (t.cpu() for t in token_nll(model, ids, with_hits=True))
+    extra = {"document": sample.document, "char_offset": sample.char_offset}
     out = []
-    if task == "ppl":
-        windows = perplexity.select_windows(cache, Lp, settings.n_ppl, seed)
-        full = perplexity.window_nll(model, cache, windows, Lp, prefixes=() if length_dependent else (L,))
+    if "ppl" in tasks:  # nll[i] scores token i + 1: the window is the context, the question excluded
         if length_dependent:  # its frequencies at L differ from those at L': a forward of L tokens
-            short = perplexity.window_nll(model, cache, windows, L)
-            full = [{**f, **s} for f, s in zip(full, short, strict=True)]
-        for i, ((doc, start), v) in enumerate(zip(windows, full, strict=True)):
-            extra = {"document": cache.names[doc], "start": int(start)}
-            out.append(("window_nll@target", Lp, i, v[Lp], extra))
-            out.append(("window_nll@trained", L, i, v[L], extra))
-    elif task == "fsr":
-        samples = retrieval.build_fsr_samples(docs, tokenizer, Lp, n=settings.n_fsr, seed=seed)
-        r = retrieval.fsr_evaluate(model, tokenizer, samples, generate=False)
-        for i, (s, v) in enumerate(zip(samples, r["samples"], strict=True)):
-            extra = {"document": s.document, "char_offset": s.char_offset}
-            out.append(("fsr_sample_target_nll", Lp, i, v["target_nll"], extra))
-            out.append(("fsr_sample_token_accuracy", Lp, i, v["token_accuracy"], extra))
-    else:
-        depths = tuple((i + 0.5) / settings.n_passkey for i in range(settings.n_passkey))
-        samples = retrieval.build_passkey_samples(tokenizer, Lp, depths=depths, n=1, seed=seed)
-        r = retrieval.passkey_evaluate(model, tokenizer, samples, generate=False)
-        for i, (s, v) in enumerate(zip(samples, r["samples"], strict=True)):
-            extra = {"depth": s.depth}
-            out.append(("passkey_sample_target_nll", Lp, i, v["target_nll"], extra))
-            out.append(("passkey_sample_token_accuracy", Lp, i, v["token_accuracy"], extra))
+            at_L = token_nll(model, ids[:L]).mean().item()
+        else:  # causal attention: the first L tokens scored alone score the same
+            at_L = nll[: L - 1].mean().item()
+        window = {**extra, "window_tokens": sample.context_end}
+        out.append(("window_nll@target", Lp, nll[: sample.context_end - 1].mean().item(), window))
+        out.append(("window_nll@trained", L, at_L, window))
+    if "fsr" in tasks:
+        t = slice(len(sample.prompt_ids) - 1, len(ids) - 1)  # positions that predict the target
+        out.append(("fsr_sample_target_nll", Lp, nll[t].mean().item(), extra))
+        out.append(("fsr_sample_token_accuracy", Lp, hits[t].float().mean().item(), extra))
     return out
+
+
+def _passkey_values(model, tokenizer, sample, settings: SweepSettings):
+    from ropekit.eval import retrieval
+
+    r = retrieval.passkey_evaluate(model, tokenizer, [sample], generate=False)["samples"][0]
+    Lp, extra = settings.target_length, {"depth": sample.depth}
+    return [
+        ("passkey_sample_target_nll", Lp, r["target_nll"], extra),
+        ("passkey_sample_token_accuracy", Lp, r["token_accuracy"], extra),
+    ]
 
 
 def run_sweep(
@@ -188,12 +215,13 @@ def run_sweep(
     experiment: str = "sweep",
     log=print,
 ) -> list[dict[str, Any]]:
-    """Evaluate the baseline and every method in ``methods`` (skipping what ``out`` already holds for
-    these settings), append per-sample rows to ``out``, write the summary; return the summary rows."""
+    """Evaluate the baseline and every method in ``methods`` (skipping the samples ``out`` already
+    holds for these settings), append each sample's rows to ``out`` as soon as it is scored, write
+    the summary; return the summary rows."""
     import time
 
     import ropekit
-    from ropekit.data import tokenize_documents
+    from ropekit.eval import retrieval
     from ropekit.eval.run import _variant
 
     out = Path(out)
@@ -201,11 +229,21 @@ def run_sweep(
     methods = [str(parse(m)) for m in methods]
     sweep_id = settings.sweep_id
     done = _done(out, experiment, sweep_id)
-    cache = tokenize_documents(docs, tokenizer) if "ppl" in settings.tasks else None
+    work = _work(settings)
+    n_text = sum(kind == "text" for kind, _, _ in work)
+    Lp = settings.target_length
+    fsr = retrieval.build_fsr_samples(docs, tokenizer, Lp, n=n_text, seed=settings.seed) if n_text else []
+    if len(fsr) < n_text:
+        raise ValueError(
+            f"the validation text holds only {len(fsr)} FSR prompts of {Lp} tokens; asked for {n_text} "
+            "(lower --n-ppl/--n-fsr or give longer documents with --data)"
+        )
+    depths = tuple((i + 0.5) / settings.n_passkey for i in range(settings.n_passkey))
+    passkey = retrieval.build_passkey_samples(tokenizer, Lp, depths=depths, n=1, seed=settings.seed)
     native = _variant(model)
     prov = provenance(next(model.parameters()).device)
     for variant in [BASELINE, *methods]:
-        todo = [t for t in settings.tasks if (variant, t) not in done]
+        todo = [(k, i, ts) for k, i, ts in work if any((variant, m, i) not in done for t in ts for m in _metrics(t))]
         if not todo:
             log(f"{variant}: already in {out}, skipped")
             continue
@@ -213,14 +251,19 @@ def run_sweep(
         try:
             method = str(handle.method) if handle else native
             length_dependent = bool(handle and handle.method.needs_seq_len)
-            for task in todo:
+            t_variant = time.perf_counter()
+            for kind, i, tasks in todo:
                 t0 = time.perf_counter()
-                values = _task_samples(model, tokenizer, docs, settings, task, length_dependent, cache)
+                if kind == "text":
+                    values = _text_values(model, fsr[i], tasks, settings, length_dependent)
+                else:
+                    values = _passkey_values(model, tokenizer, passkey[i], settings)
                 config = {
                     "sweep_id": sweep_id,
                     "settings": dataclasses.asdict(settings),
                     "method": method,
                     "seconds": round(time.perf_counter() - t0, 1),
+                    "sample": i,
                 }
                 rows = [
                     make_row(
@@ -231,13 +274,14 @@ def run_sweep(
                         value=v,
                         n=1,
                         seed=settings.seed,
-                        config={**config, "sample": i, **extra},
+                        config={**config, **extra},
                         prov=prov,
                     )
-                    for m, length, i, v, extra in values
+                    for m, length, v, extra in values
                 ]
                 append_rows(out, rows)
-                log(f"{variant}: {task} done in {time.perf_counter() - t0:.0f}s")
+                log(f"{variant}: {kind} prompt {i} ({', '.join(tasks)}) in {time.perf_counter() - t0:.0f}s")
+            log(f"{variant}: {len(todo)} prompts in {time.perf_counter() - t_variant:.0f}s")
         finally:
             if handle is not None:
                 handle.undo()

@@ -42,14 +42,21 @@ def _decoder_and_head(model):
 
 @torch.no_grad()
 def token_nll(
-    model, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None, chunk: int = 1024
-) -> torch.Tensor:
+    model,
+    input_ids: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+    chunk: int = 1024,
+    with_hits: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """NLL of every next token of one sequence, in float32, computed in chunks.
 
     Args:
         input_ids: (1, L) or (L,) token ids.
+        with_hits: also return whether each next token is the model's argmax (teacher-forced accuracy).
     Returns:
-        (L-1,) float32: nll[i] = -log p(input_ids[i+1] | input_ids[:i+1]).
+        (L-1,) float32: nll[i] = -log p(input_ids[i+1] | input_ids[:i+1]); with ``with_hits``, also
+        (L-1,) bool: hits[i] = argmax p(. | input_ids[:i+1]) == input_ids[i+1].
     """
     ids = input_ids.reshape(1, -1)
     decoder, head = _decoder_and_head(model)
@@ -57,6 +64,7 @@ def token_nll(
     hidden = decoder(input_ids=ids, use_cache=False, **kwargs).last_hidden_state[0]  # (L, H)
     targets = ids[0, 1:]
     out = torch.empty(targets.numel(), dtype=torch.float32, device=hidden.device)
+    hits = torch.empty(targets.numel(), dtype=torch.bool, device=hidden.device)
     for start in range(0, targets.numel(), chunk):
         end = min(start + chunk, targets.numel())
         logits = head(hidden[start:end]).float()  # (c, V): one chunk at a time
@@ -64,7 +72,8 @@ def token_nll(
             cap = model.config.final_logit_softcapping
             logits = torch.tanh(logits / cap) * cap
         out[start:end] = F.cross_entropy(logits, targets[start:end], reduction="none")
-    return out
+        hits[start:end] = logits.argmax(-1) == targets[start:end]
+    return (out, hits) if with_hits else out
 
 
 @dataclass

@@ -69,6 +69,7 @@ class FSRSample:
     target_ids: list[int]  # tokens of " " + target
     document: str
     char_offset: int
+    context_end: int = 0  # prompt_ids[:context_end] is the template's prefix and the context (natural text)
 
 
 def fsr_candidates(docs: list[Document]) -> list[tuple[int, int]]:
@@ -127,6 +128,7 @@ def build_fsr_samples(
                 target_ids=tokenizer(" " + target, add_special_tokens=False).input_ids,
                 document=docs[di].name,
                 char_offset=s,
+                context_end=len(pre_ids) + budget,
             )
         )
     if not samples:
