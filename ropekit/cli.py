@@ -474,7 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--base", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--tasks", default="ppl,fsr,passkey", help="comma-separated subset of ppl, fsr, passkey")
-    p.add_argument("--n-ppl", type=int, default=4, help="PPL windows: the contexts of the first N FSR prompts of L′ tokens (PPL at L′ and at L)")
+    p.add_argument(
+        "--n-ppl", type=int, default=4, help="PPL windows: the contexts of the first N FSR prompts (PPL at L′ and L)"
+    )
     p.add_argument("--n-fsr", type=int, default=8, help="FSR prompts of L' tokens (teacher-forced)")
     p.add_argument("--n-passkey", type=int, default=4, help="passkey prompts of L' tokens (evenly spread depths)")
     p.add_argument("--data", default="shakespeare", help="'shakespeare', a folder of .txt/.txt.gz, or hf:<name>")
