@@ -2,18 +2,27 @@
 
 For a model trained at L and a target L', every candidate (a method spec) is patched in turn and
 scored on the same samples as the unpatched model (``native``, the baseline). A forward of L'
-tokens is the cost that matters (on two CPU cores, 2-3 minutes for a 135M model at 16k), so each
-serves as many tasks as it can:
+tokens is the cost that matters (on two CPU cores, about 2.5 minutes for a 135M model at 16k), so
+each serves every task.
 
-- FSR prompts of L' tokens (``ropekit.eval.retrieval``: natural validation text from a paragraph
-  start, then the question) are run once each, with the target teacher-forced. That forward gives
-  ``fsr`` (token accuracy and NLL of the first sentence) and ``ppl``: the mean next-token NLL over
-  the prompt's context, a window of natural text of L' minus the question's tokens, and over its
-  first L tokens (the in-window cost). Attention is causal, so the first L tokens score the same as
-  a forward of L tokens, except for methods whose frequencies depend on the length (dynamic NTK),
-  which take that forward. ``n_ppl`` and ``n_fsr`` count the prompts used for each task.
-- ``passkey``: passkey prompts of L' tokens at evenly spread depths, teacher-forced accuracy and NLL
-  of the key tokens (one forward each; its filler is not natural text).
+Every prompt is an FSR prompt of L' tokens (``ropekit.eval.retrieval``: natural validation text
+from a paragraph start, then the question), run once with its answers teacher-forced. The first
+``n_passkey`` carry a passkey too (``retrieval.plant_passkey``): a needle sentence at an evenly
+spread depth of the text, and after the FSR answer the question for the key. One forward scores
+
+- ``ppl``: the mean next-token NLL over the prompt's text (L' minus the question's tokens; the
+  needle's tokens left out) and over its first L tokens (the in-window cost). Attention is causal,
+  so the first L tokens score as a forward of L tokens would, except for methods whose frequencies
+  depend on the length (dynamic NTK), which take that forward (and score the rest at the length of
+  the whole sequence, L' plus the answers and the passkey question);
+- ``fsr``: teacher-forced token accuracy and NLL of the first sentence;
+- ``passkey``: teacher-forced token accuracy and NLL of the key.
+
+``n_ppl``, ``n_fsr`` and ``n_passkey`` count the prompts that record each task; the sweep runs as
+many prompts as the largest. The passkey sits in natural text, as in needle-in-a-haystack tests,
+not in the repeated filler of ``ropekit eval passkey``, and the FSR prompts that carry it hold one
+sentence that is not the document's: the sweep's scores compare candidates on identical prompts and
+are not those of the standalone evaluations.
 
 Per-sample values are result rows (``ropekit.results``), appended after each prompt, so an
 interrupted sweep resumes at the prompt where it stopped (rows of the same sweep settings are
@@ -33,6 +42,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ropekit.methods import parse
 from ropekit.results import COLUMNS, append_rows, atomic_write_text, make_row, provenance, read_rows
@@ -81,7 +92,7 @@ class SweepSettings:
     seed: int = 0
     val_fraction: float = 0.15
     split_seed: int = 0
-    protocol: int = 2  # raised when what a sample is changes (2: PPL windows are the FSR contexts)
+    protocol: int = 3  # raised when what a sample is changes (3: PPL, FSR and passkey share prompts)
 
     def __post_init__(self) -> None:
         bad = [t for t in self.tasks if t not in TASKS]
@@ -153,55 +164,56 @@ def _metrics(task: str) -> list[str]:
     return [m for m, (t, _, _) in SAMPLE_METRICS.items() if t == task]
 
 
-def _work(settings: SweepSettings) -> list[tuple[str, int, tuple[str, ...]]]:
-    """What one variant needs, one forward each: ("text", i, tasks) for FSR prompt i, whose context
-    is PPL window i and whose target is FSR sample i; ("passkey", i, ("passkey",)) for passkey prompt i."""
-    work = []
-    for i in range(max(settings.n_ppl if "ppl" in settings.tasks else 0,
-                       settings.n_fsr if "fsr" in settings.tasks else 0)):  # fmt: skip
-        tasks = tuple(t for t, n in (("ppl", settings.n_ppl), ("fsr", settings.n_fsr)) if t in settings.tasks and i < n)
-        work.append(("text", i, tasks))
-    if "passkey" in settings.tasks:
-        work += [("passkey", i, ("passkey",)) for i in range(settings.n_passkey)]
-    return work
+def _work(settings: SweepSettings) -> list[tuple[int, tuple[str, ...]]]:
+    """The prompts one variant needs, one forward each: (i, tasks) for prompt i, an FSR prompt whose
+    context is PPL window i, whose target is FSR sample i and, for i < n_passkey, which carries
+    passkey sample i."""
+    n = {t: getattr(settings, f"n_{t}") if t in settings.tasks else 0 for t in TASKS}
+    return [(i, tuple(t for t in TASKS if i < n[t])) for i in range(max(n.values()))]
 
 
-def _text_values(model, sample, tasks, settings: SweepSettings, length_dependent: bool):
-    """PPL window and FSR scores of one FSR prompt, from one forward of prompt + target."""
-    import torch
+def _window_mean(nll, end: int, skip: tuple[int, int] | None) -> float:
+    """Mean of the NLL of tokens 1 .. end-1 (nll[i] scores token i + 1), the tokens in ``skip`` left out."""
+    keep = torch.ones(end - 1, dtype=torch.bool)
+    if skip is not None:
+        keep[max(skip[0] - 1, 0) : max(skip[1] - 1, 0)] = False
+    return nll[: end - 1][keep].mean().item()
 
+
+def _prompt_values(model, sample, tasks, settings: SweepSettings, length_dependent: bool):
+    """PPL window, FSR and passkey scores of one prompt (an ``FSRSample`` or a ``NeedleSample``),
+    from one forward of the whole teacher-forced sequence."""
     from ropekit.eval.perplexity import token_nll
 
     L, Lp = settings.trained_length, settings.target_length
+    planted = getattr(sample, "fsr", None) is not None
+    fsr = sample.fsr if planted else sample
+    seq = sample.ids if planted else fsr.prompt_ids + fsr.target_ids
+    needle = sample.needle if planted else None
     device = next(model.parameters()).device
-    ids = torch.tensor(sample.prompt_ids + sample.target_ids, device=device)
+    ids = torch.tensor(seq, device=device)
     nll, hits = (t.cpu() for t in token_nll(model, ids, with_hits=True))
-    extra = {"document": sample.document, "char_offset": sample.char_offset}
+    extra = {"document": fsr.document, "char_offset": fsr.char_offset}
     out = []
-    if "ppl" in tasks:  # nll[i] scores token i + 1: the window is the context, the question excluded
+    if "ppl" in tasks:  # the window is the prompt up to its question, the needle's tokens left out
         if length_dependent:  # its frequencies at L differ from those at L': a forward of L tokens
-            at_L = token_nll(model, ids[:L]).mean().item()
+            at_L = _window_mean(token_nll(model, ids[:L]).cpu(), L, needle)
         else:  # causal attention: the first L tokens scored alone score the same
-            at_L = nll[: L - 1].mean().item()
-        window = {**extra, "window_tokens": sample.context_end}
-        out.append(("window_nll@target", Lp, nll[: sample.context_end - 1].mean().item(), window))
+            at_L = _window_mean(nll, L, needle)
+        window = {**extra, "window_tokens": fsr.context_end}
+        out.append(("window_nll@target", Lp, _window_mean(nll, fsr.context_end, needle), window))
         out.append(("window_nll@trained", L, at_L, window))
+    P = len(fsr.prompt_ids)
     if "fsr" in tasks:
-        t = slice(len(sample.prompt_ids) - 1, len(ids) - 1)  # positions that predict the target
+        t = slice(P - 1, P - 1 + len(fsr.target_ids))  # the positions that predict the target
         out.append(("fsr_sample_target_nll", Lp, nll[t].mean().item(), extra))
         out.append(("fsr_sample_token_accuracy", Lp, hits[t].float().mean().item(), extra))
+    if "passkey" in tasks:
+        k = slice(len(seq) - 1 - len(sample.key_ids), len(seq) - 1)
+        key = {**extra, "depth": sample.depth}
+        out.append(("passkey_sample_target_nll", Lp, nll[k].mean().item(), key))
+        out.append(("passkey_sample_token_accuracy", Lp, hits[k].float().mean().item(), key))
     return out
-
-
-def _passkey_values(model, tokenizer, sample, settings: SweepSettings):
-    from ropekit.eval import retrieval
-
-    r = retrieval.passkey_evaluate(model, tokenizer, [sample], generate=False)["samples"][0]
-    Lp, extra = settings.target_length, {"depth": sample.depth}
-    return [
-        ("passkey_sample_target_nll", Lp, r["target_nll"], extra),
-        ("passkey_sample_token_accuracy", Lp, r["token_accuracy"], extra),
-    ]
 
 
 def run_sweep(
@@ -230,20 +242,20 @@ def run_sweep(
     sweep_id = settings.sweep_id
     done = _done(out, experiment, sweep_id)
     work = _work(settings)
-    n_text = sum(kind == "text" for kind, _, _ in work)
     Lp = settings.target_length
-    fsr = retrieval.build_fsr_samples(docs, tokenizer, Lp, n=n_text, seed=settings.seed) if n_text else []
-    if len(fsr) < n_text:
+    prompts = retrieval.build_fsr_samples(docs, tokenizer, Lp, n=len(work), seed=settings.seed)
+    if len(prompts) < len(work):
         raise ValueError(
-            f"the validation text holds only {len(fsr)} FSR prompts of {Lp} tokens; asked for {n_text} "
-            "(lower --n-ppl/--n-fsr or give longer documents with --data)"
+            f"the validation text holds only {len(prompts)} FSR prompts of {Lp} tokens; the sweep needs "
+            f"{len(work)} (lower --n-ppl/--n-fsr/--n-passkey or give longer documents with --data)"
         )
-    depths = tuple((i + 0.5) / settings.n_passkey for i in range(settings.n_passkey))
-    passkey = retrieval.build_passkey_samples(tokenizer, Lp, depths=depths, n=1, seed=settings.seed)
+    n_key = settings.n_passkey if "passkey" in settings.tasks else 0
+    for i in range(n_key):  # depths evenly spread: (i + 0.5) / n
+        prompts[i] = retrieval.plant_passkey(tokenizer, prompts[i], (i + 0.5) / n_key, seed=settings.seed)
     native = _variant(model)
     prov = provenance(next(model.parameters()).device)
     for variant in [BASELINE, *methods]:
-        todo = [(k, i, ts) for k, i, ts in work if any((variant, m, i) not in done for t in ts for m in _metrics(t))]
+        todo = [(i, ts) for i, ts in work if any((variant, m, i) not in done for t in ts for m in _metrics(t))]
         if not todo:
             log(f"{variant}: already in {out}, skipped")
             continue
@@ -252,12 +264,9 @@ def run_sweep(
             method = str(handle.method) if handle else native
             length_dependent = bool(handle and handle.method.needs_seq_len)
             t_variant = time.perf_counter()
-            for kind, i, tasks in todo:
+            for i, tasks in todo:
                 t0 = time.perf_counter()
-                if kind == "text":
-                    values = _text_values(model, fsr[i], tasks, settings, length_dependent)
-                else:
-                    values = _passkey_values(model, tokenizer, passkey[i], settings)
+                values = _prompt_values(model, prompts[i], tasks, settings, length_dependent)
                 config = {
                     "sweep_id": sweep_id,
                     "settings": dataclasses.asdict(settings),
@@ -280,7 +289,7 @@ def run_sweep(
                     for m, length, v, extra in values
                 ]
                 append_rows(out, rows)
-                log(f"{variant}: {kind} prompt {i} ({', '.join(tasks)}) in {time.perf_counter() - t0:.0f}s")
+                log(f"{variant}: prompt {i} ({', '.join(tasks)}) in {time.perf_counter() - t0:.0f}s")
             log(f"{variant}: {len(todo)} prompts in {time.perf_counter() - t_variant:.0f}s")
         finally:
             if handle is not None:

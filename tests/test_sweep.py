@@ -72,9 +72,10 @@ def test_sweep_cli_bad_inputs(extra, word, tmp_path, saved_model, capsys):
     assert not (tmp_path / "rows.csv").exists()
 
 
-def test_one_forward_scores_the_ppl_window_and_the_fsr_target_as_separate_forwards_would(saved_model):
-    """The sweep reads PPL (over the context, and over its first L tokens) and FSR from one forward of
-    prompt + target; each equals its own forward. Dynamic NTK scores the first L tokens apart."""
+def test_one_forward_scores_each_task_as_a_forward_of_its_own_would(saved_model):
+    """The sweep reads PPL (over the prompt's text and its first L tokens, the needle left out), FSR
+    and passkey from one forward of the teacher-forced sequence; each equals its own forward.
+    Dynamic NTK scores the first L tokens apart."""
     import ropekit
     from ropekit.eval import perplexity, retrieval
     from ropekit.models import load_tokenizer
@@ -82,33 +83,45 @@ def test_one_forward_scores_the_ppl_window_and_the_fsr_target_as_separate_forwar
     model, tok = load_model(str(saved_model)), load_tokenizer(str(saved_model))
     _, val = data.split_documents(data.load_documents("shakespeare"), val_fraction=0.15, seed=0)
     settings = sweep.SweepSettings(model="m", data="d", trained_length=128, target_length=192)
-    sample = retrieval.build_fsr_samples(val, tok, 192, n=1, seed=3)[0]
-    assert 128 < sample.context_end < len(sample.prompt_ids) == 192
+    plain = retrieval.build_fsr_samples(val, tok, 192, n=1, seed=3)[0]
+    assert 128 < plain.context_end < len(plain.prompt_ids) == 192
+    s = retrieval.plant_passkey(tok, plain, 0.3)
+    a, b = s.needle
+    assert len(s.fsr.prompt_ids) == 192 and s.fsr.prompt_ids[: plain.context_start + 5] == plain.prompt_ids[:5]
+    assert s.key in tok.decode(s.fsr.prompt_ids[a:b]) and 0.15 < a / s.fsr.context_end < 0.45
+    assert s.fsr.target == plain.target and tok.decode(s.fsr.prompt_ids[b - 1 :]).count(s.key) == 0
     for spec, dependent in (("yarn:factor=2,original_max_position_embeddings=128", False),
                             ("dynamic:factor=2,original_max_position_embeddings=128", True)):  # fmt: skip
         with ropekit.patch(model, spec):
-            got = {m: v for m, _, v, _ in sweep._text_values(model, sample, ("ppl", "fsr"), settings, dependent)}
-            ctx = torch.tensor(sample.prompt_ids[: sample.context_end])
-            alone = perplexity.token_nll(model, ctx).mean().item()
-            first_L = perplexity.token_nll(model, ctx[:128]).mean().item()
-            acc, nll = retrieval.score_target(model, sample.prompt_ids, sample.target_ids)
+            got = {m: v for m, _, v, _ in sweep._prompt_values(model, s, sweep.TASKS, settings, dependent)}
+            ctx = torch.tensor(s.fsr.prompt_ids[: s.fsr.context_end])
+            nll = perplexity.token_nll(model, ctx)
+            text = torch.cat([nll[: a - 1], nll[b - 1 :]]).mean().item()  # the needle's tokens left out
+            first_L = perplexity.token_nll(model, ctx[:128])
+            first_L = torch.cat([first_L[: a - 1], first_L[b - 1 :]]).mean().item()
+            acc, fsr_nll = retrieval.score_target(model, s.fsr.prompt_ids, s.fsr.target_ids)
+            key_acc, key_nll = retrieval.score_target(model, s.ids[: -len(s.key_ids)], s.key_ids)
         tol = dict(rel=1e-5, abs=1e-5)  # float32 forwards of different lengths: summation order only
-        assert got["window_nll@target"] == pytest.approx(alone, **tol)
         assert got["window_nll@trained"] == pytest.approx(first_L, **tol)
-        assert got["fsr_sample_target_nll"] == pytest.approx(nll, **tol)
+        if dependent:  # dynamic NTK's frequencies are those of the whole sequence's length
+            continue
+        assert got["window_nll@target"] == pytest.approx(text, **tol)
+        assert got["fsr_sample_target_nll"] == pytest.approx(fsr_nll, **tol)
         assert got["fsr_sample_token_accuracy"] == acc
+        assert got["passkey_sample_target_nll"] == pytest.approx(key_nll, **tol)
+        assert got["passkey_sample_token_accuracy"] == key_acc
 
 
 def test_an_interrupted_sweep_resumes_at_the_prompt_where_it_stopped(tmp_path, saved_model, capsys):
     whole, cut = tmp_path / "whole.csv", tmp_path / "cut.csv"
     assert main(_argv(saved_model, whole)) == 0
     rows = read_rows(whole)
-    keep = len(rows) - 4  # lose the last variant's second text prompt (2 rows) and its passkey prompt (2)
+    keep = len(rows) - 2  # lose the last variant's second prompt (its two PPL rows)
     cut.write_text("".join(whole.read_text().splitlines(keepends=True)[: keep + 1]))
     capsys.readouterr()
     assert main(_argv(saved_model, cut)) == 0
     log = capsys.readouterr().out
-    assert "abf:base=80000: 2 prompts in" in log  # only what was lost was scored again
+    assert "abf:base=80000: 1 prompts in" in log  # only what was lost was scored again
     value = lambda path: {(r["variant"], r["metric"], r["config"]): r["value"] for r in read_rows(path)}  # noqa: E731
     strip = lambda d: {(v, m, c.split('"seconds"')[0]): x for (v, m, c), x in d.items()}  # noqa: E731
     assert strip(value(cut)) == strip(value(whole)) and _table(cut) == _table(whole)

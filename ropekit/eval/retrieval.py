@@ -49,6 +49,8 @@ __all__ = [
     "PasskeySample",
     "build_passkey_samples",
     "passkey_evaluate",
+    "NeedleSample",
+    "plant_passkey",
 ]
 
 DEFAULT_FSR_TEMPLATE = "{context}\n\nQuestion: What was the first sentence of the text above?\nAnswer:"
@@ -69,7 +71,8 @@ class FSRSample:
     target_ids: list[int]  # tokens of " " + target
     document: str
     char_offset: int
-    context_end: int = 0  # prompt_ids[:context_end] is the template's prefix and the context (natural text)
+    context_start: int = 0  # prompt_ids[context_start:context_end] is the context (natural text)
+    context_end: int = 0
 
 
 def fsr_candidates(docs: list[Document]) -> list[tuple[int, int]]:
@@ -128,6 +131,7 @@ def build_fsr_samples(
                 target_ids=tokenizer(" " + target, add_special_tokens=False).input_ids,
                 document=docs[di].name,
                 char_offset=s,
+                context_start=len(pre_ids),
                 context_end=len(pre_ids) + budget,
             )
         )
@@ -278,6 +282,11 @@ def fsr_evaluate(model, tokenizer, samples: list[FSRSample], *, generate: bool =
 # ---------------------------------------------------------------------------------------------
 _FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 _INTRO = "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it. "
+_QUESTION = "What is the pass key? The pass key is"
+
+
+def _needle(key: str) -> str:
+    return f"The pass key is {key}. Remember it. {key} is the pass key. "
 
 
 @dataclass
@@ -301,8 +310,8 @@ def build_passkey_samples(
             raise ValueError(f"passkey depth must be in [0, 1]; got {depth}")
         for _ in range(n):
             key = f"{rng.randint(10000, 99999)}"
-            needle = enc(f"The pass key is {key}. Remember it. {key} is the pass key. ")
-            question = enc("What is the pass key? The pass key is")
+            needle = enc(_needle(key))
+            question = enc(_QUESTION)
             budget = length - len(intro) - len(needle) - len(question)
             if budget < 0:
                 raise ValueError(f"passkey length {length} is too short for the prompt ({length - budget} tokens)")
@@ -334,3 +343,45 @@ def passkey_evaluate(model, tokenizer, samples: list[PasskeySample], *, generate
         by_depth[d] = {k: float(np.mean([r[k] for r in rows])) for k in keys}
     means = {k: float(np.mean([r[k] for r in per])) for k in keys}
     return {"n": len(per), **means, "by_depth": by_depth, "samples": per}
+
+
+@dataclass
+class NeedleSample:
+    """An FSR prompt of L tokens with a passkey planted in its context, and both questions: the
+    sequence ``fsr.prompt_ids + fsr.target_ids + question_ids + key_ids`` asks the FSR question,
+    answers it, then asks for the key; one teacher-forced forward scores both answers."""
+
+    fsr: FSRSample  # its prompt holds the needle; its context is text around it
+    key: str
+    key_ids: list[int]
+    question_ids: list[int]
+    needle: tuple[int, int]  # prompt_ids[start:end] is the needle
+    depth: float
+
+    @property
+    def ids(self) -> list[int]:
+        return self.fsr.prompt_ids + self.fsr.target_ids + self.question_ids + self.key_ids
+
+
+def plant_passkey(tokenizer, sample: FSRSample, depth: float, *, seed: int = 0) -> NeedleSample:
+    """``sample`` with a passkey sentence at ``depth`` of its context (after the sentence end or line
+    break nearest to it, past the first line so the first sentence stays first) and the passkey question after the
+    FSR answer; the context loses as many tokens at its end as the needle takes, so the prompt keeps
+    its length. The needle in natural text, as in needle-in-a-haystack tests, rather than in the
+    repeated filler of ``build_passkey_samples``."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"passkey depth must be in [0, 1]; got {depth}")
+    enc = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    key = f"{random.Random(seed * 31 + len(sample.prompt_ids) + round(depth * 1e6)).randint(10000, 99999)}"
+    needle = enc(_needle(key).strip() + "\n")
+    a, b = sample.context_start, sample.context_end
+    context = sample.prompt_ids[a : b - len(needle)]
+    pieces = [tokenizer.decode([t]) for t in context]
+    first_line = next((i + 1 for i, p in enumerate(pieces) if "\n" in p), len(context))
+    ends = [i + 1 for i, p in enumerate(pieces[:-1]) if i >= first_line and ("\n" in p or p.rstrip()[-1:] in ".!?")]
+    if not ends:
+        raise ValueError(f"the FSR context of {sample.document!r} has no sentence end past its first line")
+    cut = min(ends, key=lambda i: abs(i - depth * len(context)))
+    prompt = sample.prompt_ids[:a] + context[:cut] + needle + context[cut:] + sample.prompt_ids[b:]
+    fsr = FSRSample(prompt, sample.target, sample.target_ids, sample.document, sample.char_offset, a, b)
+    return NeedleSample(fsr, key, enc(" " + key), enc("\n" + _QUESTION), (a + cut, a + cut + len(needle)), depth)
