@@ -179,6 +179,31 @@ def plan(cfg: AblationConfig, world_size: int = 1) -> str:
     return "\n".join(lines)
 
 
+def config_differences(saved: dict, cfg, path: str = "") -> list[str]:
+    """Where a saved config (``dataclasses.asdict`` as JSON) and the dataclass ``cfg`` differ, as
+    ``key: saved -> now``. A field the saved config lacks (added to ropekit since) counts as equal
+    when it holds its default; a field it has that ``cfg`` lacks (removed since) differs."""
+    out = []
+    names = {f.name: f for f in dataclasses.fields(cfg)}
+    for key in sorted(set(saved) - set(names)):
+        out.append(f"{path}{key}: {saved[key]!r} -> (no such setting now)")
+    for key, f in names.items():
+        now = getattr(cfg, key)
+        if dataclasses.is_dataclass(now) and isinstance(saved.get(key), dict):
+            out += config_differences(saved[key], now, f"{path}{key}.")
+            continue
+        as_json = json.loads(json.dumps(dataclasses.asdict(now) if dataclasses.is_dataclass(now) else now, default=str))
+        if key not in saved:
+            default = f.default if f.default is not dataclasses.MISSING else dataclasses.MISSING
+            if f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            if default is dataclasses.MISSING or json.loads(json.dumps(default, default=str)) != as_json:
+                out.append(f"{path}{key}: (not set) -> {as_json!r}")
+        elif saved[key] != as_json:
+            out.append(f"{path}{key}: {saved[key]!r} -> {as_json!r}")
+    return out
+
+
 def run(cfg: AblationConfig, out: str | Path, *, log=print) -> dict:
     """Run (or resume) the ablation into ``out``; returns wall times and output paths."""
     from ropekit import data, figures
@@ -192,9 +217,11 @@ def run(cfg: AblationConfig, out: str | Path, *, log=print) -> dict:
     _git_sha()  # read now: the rows of a long run record the commit it started from, not a later one
     resolved = json.dumps(dataclasses.asdict(cfg), indent=1, default=str)
     saved = out / "ablation_config.json"
-    if saved.is_file() and saved.read_text() != resolved:  # resuming must not mix two ablations' stages
-        raise ValueError(f"{out} holds another ablation (its ablation_config.json differs from this one); "
-                         "choose another --out, or run the same preset and data again to resume")  # fmt: skip
+    if saved.is_file():  # resuming must not mix two ablations' stages
+        differ = config_differences(json.loads(saved.read_text()), cfg)
+        if differ:
+            raise ValueError(f"{out} holds another ablation (its ablation_config.json differs in {'; '.join(differ)}); "
+                             "choose another --out, or run the same preset and data again to resume")  # fmt: skip
     atomic_write_text(saved, resolved)
     # each stage's wall time; a stage done by an earlier run keeps the time that run recorded
     wall = out / "wall_times.json"
@@ -229,6 +256,11 @@ def run(cfg: AblationConfig, out: str | Path, *, log=print) -> dict:
         n_train, n_val = (int(c.lengths().sum()) for c in (corpus.train_tokens, corpus.val_tokens))
         log(f"  {len(corpus.train_docs)} train / {len(corpus.val_docs)} validation documents, "
             f"{n_train:,} / {n_val:,} tokens")  # fmt: skip
+        for L in cfg.ppl_lengths:  # one PPL window per validation document long enough
+            fit = int((corpus.val_tokens.lengths() >= L).sum())
+            if fit < cfg.n_ppl:
+                log(f"  note: PPL at {L} gets {fit} windows, not the {cfg.n_ppl} asked: one per validation "
+                    f"document of >= {L} tokens (the table states the real n)")  # fmt: skip
 
     base_final = out / "base" / "final"
     with stage("pretrain base"):

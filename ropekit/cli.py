@@ -317,8 +317,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     settings = sweep.SweepSettings(
         model=args.model, data=args.data, trained_length=args.trained_length or trained,
         target_length=args.target_length, tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
-        n_ppl=args.n_ppl, n_fsr=args.n_fsr, n_passkey=args.n_passkey, seed=args.seed,
-        val_fraction=args.val_fraction, split_seed=args.split_seed,
+        seed=args.seed, val_fraction=args.val_fraction, split_seed=args.split_seed,
+        **{k: getattr(args, k) for k in ("n_ppl", "n_fsr", "n_passkey") if getattr(args, k) is not None},
     )  # fmt: skip
     if args.from_advise:
         advice = _advice_from_args(args, info)
@@ -329,7 +329,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     _, val = data.split_documents(docs, val_fraction=args.val_fraction, seed=args.split_seed)
     summary = sweep.run_sweep(model, tokenizer, val, methods, settings, out, experiment=args.experiment)
     print(sweep.format_summary(summary))
-    print(f"rows: {out}\nsummary: {sweep.summary_path(out)}")
+    print(f"rows: {out}\nsummary: {sweep.summary_path(out)}\ntable: {sweep.table_path(out)}")
     if args.plot:
         from ropekit.figures import draw_sweep
 
@@ -474,11 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--base", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--tasks", default="ppl,fsr,passkey", help="comma-separated subset of ppl, fsr, passkey")
-    p.add_argument(
-        "--n-ppl", type=int, default=4, help="PPL windows: the contexts of the first N FSR prompts (PPL at L′ and L)"
-    )
-    p.add_argument("--n-fsr", type=int, default=8, help="FSR prompts of L' tokens (teacher-forced)")
-    p.add_argument("--n-passkey", type=int, default=4, help="passkey prompts of L' tokens (evenly spread depths)")
+    from ropekit.sweep import SweepSettings as S
+
+    p.add_argument("--n-ppl", type=int, default=None, help=f"prompts whose text is a PPL window ({S.n_ppl})")
+    p.add_argument("--n-fsr", type=int, default=None, help=f"prompts scored for FSR, teacher-forced ({S.n_fsr})")
+    p.add_argument("--n-passkey", type=int, default=None, help=f"prompts with a passkey, spread depths ({S.n_passkey})")
     p.add_argument("--data", default="shakespeare", help="'shakespeare', a folder of .txt/.txt.gz, or hf:<name>")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
     p.add_argument("--val-fraction", type=float, default=0.15)

@@ -60,6 +60,8 @@ __all__ = [
     "summarize",
     "format_summary",
     "summary_path",
+    "table_path",
+    "markdown_table",
 ]
 
 TASKS = ("ppl", "fsr", "passkey")
@@ -86,9 +88,9 @@ class SweepSettings:
     trained_length: int
     target_length: int
     tasks: tuple[str, ...] = TASKS
-    n_ppl: int = 4
+    n_ppl: int = 8  # prompts that record each task; one forward per prompt serves all three
     n_fsr: int = 8
-    n_passkey: int = 4
+    n_passkey: int = 8
     seed: int = 0
     val_fraction: float = 0.15
     split_seed: int = 0
@@ -134,11 +136,16 @@ def summary_path(out: str | Path) -> Path:
     return out.with_name(f"{out.stem}_summary.csv")
 
 
+def table_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(f"{out.stem}_table.md")
+
+
 def check_writable(out: str | Path) -> None:
     """Fail before any evaluation if the result CSV or its summary cannot be written."""
     from ropekit.files import check_writable as _check
 
-    for p in (out, summary_path(out)):
+    for p in (out, summary_path(out), table_path(out)):
         _check(p)
 
 
@@ -375,7 +382,58 @@ def summarize(out: str | Path, settings: SweepSettings, *, experiment: str = "sw
     writer.writeheader()
     writer.writerows(summary)
     atomic_write_text(summary_path(out), buf.getvalue())
+    atomic_write_text(table_path(out), markdown_table(summary, rows, settings))
     return summary
+
+
+def markdown_table(summary: list[dict], rows: list[dict], settings: SweepSettings) -> str:
+    """``<out>_table.md``: the ranked candidates, per metric the mean and the paired difference to the
+    baseline with its 95% interval (**bold**: resolved), then what was run, where and how long."""
+    val = {(r["variant"], r["metric"]): float(r["value"]) for r in summary}
+    ranked = [v for _, v in sorted((int(val[(v, "rank")]), v) for v, m in val if m == "rank")]
+    metrics = [m for m in SAMPLE_METRICS if any((v, f"mean:{m}") in val for v in ranked)]
+    L, Lp = settings.trained_length, settings.target_length
+    head = [SAMPLE_METRICS[m][2].replace("L′", f"{Lp:,}").replace("@L", f"@{L:,}") for m in metrics]
+    lines = ["| rank | candidate | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(metrics)]
+    for rank, v in enumerate(ranked, start=1):
+        cells = []
+        for m in metrics:
+            if (v, f"mean:{m}") not in val:
+                cells.append("")
+                continue
+            mean = val[(v, f"mean:{m}")]
+            cell = f"PPL {math.exp(mean):.2f}" if m.startswith("window_nll") else f"{mean:.3f}"
+            if (v, f"delta:{m}") in val:
+                d, lo, hi = (val[(v, f"{k}:{m}")] for k in ("delta", "delta_low", "delta_high"))
+                delta = f"Δ {d:+.3f}" + ("" if math.isnan(lo) else f" [{lo:+.3f}, {hi:+.3f}]")
+                cell += f"<br>{'**' + delta + '**' if val[(v, f'resolved:{m}')] else delta}"
+            cells.append(cell)
+        lines.append(f"| {rank} | `{v}` | " + " | ".join(cells) + " |")
+    per = _samples(rows, settings.sweep_id)
+    n = {m: max((len(per.get((v, m), {})) for v in ranked), default=0) for m in metrics}
+    seconds: dict[str, dict[int, float]] = {}
+    for r in rows:
+        cfg = json.loads(r["config"] or "{}")
+        if cfg.get("sweep_id") == settings.sweep_id and "seconds" in cfg:
+            seconds.setdefault(r["variant"], {})[int(cfg["sample"])] = float(cfg["seconds"])
+    mine = [r for r in rows if r["metric"] in SAMPLE_METRICS and settings.sweep_id in r["config"]]
+    shas, devices = sorted({r["git_sha"] for r in mine}), sorted({r["device"] for r in mine})
+    versions = sorted({", ".join(f"{k} {v}" for k, v in json.loads(r["versions"]).items()) for r in mine})
+    lines += [
+        "",
+        f"{settings.model}, trained at L = {L:,}, extended training-free to L′ = {Lp:,} on `{settings.data}` "
+        f"(validation split {settings.val_fraction}, seed {settings.split_seed}); "
+        + ", ".join(f"{SAMPLE_METRICS[m][2]}: n = {n[m]}" for m in metrics)
+        + " prompts of L′ tokens, the same for every candidate. Means; Δ: mean paired difference to "
+        f"`{BASELINE}` (the model as loaded; NLL for PPL columns, lower is better; accuracies higher), 95% "
+        "percentile bootstrap interval; **bold**: the interval excludes 0 (n >= 5). Ranked by NLL at L′.",
+        "",
+        "Seconds per candidate (its prompts' forwards): "
+        + ", ".join(f"`{v}` {sum(seconds.get(v, {}).values()):.0f}" for v in ranked)
+        + f"; {sum(sum(x.values()) for x in seconds.values()):.0f} in all. Device: {', '.join(devices)}; "
+        f"git {', '.join(shas)}; {'; '.join(versions)}.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def format_summary(summary: list[dict]) -> str:

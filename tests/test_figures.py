@@ -172,5 +172,22 @@ def test_an_ablation_folder_is_not_resumed_with_another_config(tmp_path):
     (tmp_path / "ablation_config.json").write_text(
         json.dumps(dataclasses.asdict(with_data(cfg, "/some/books")), indent=1, default=str)
     )
-    with pytest.raises(ValueError, match="holds another ablation"):
+    with pytest.raises(ValueError, match="holds another ablation .*base.data: '/some/books' -> 'shakespeare'"):
         run(cfg, tmp_path, log=lambda *_: None)
+
+
+def test_a_saved_ablation_config_is_compared_by_value_with_new_settings_at_their_defaults():
+    import dataclasses
+    import json
+
+    from ropekit.ablation import config_differences
+
+    cfg = PRESETS["cpu"]()
+    saved = json.loads(json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
+    assert config_differences(saved, cfg) == []
+    older = {k: v for k, v in saved.items() if k != "controls"}  # a run from before the setting existed
+    older["base"] = {k: v for k, v in saved["base"].items() if k != "retrieval_min_context"}
+    assert config_differences(older, cfg) == []  # both hold their defaults: the same ablation
+    changed = dataclasses.replace(cfg, controls=False, extend=dataclasses.replace(cfg.extend, steps=7))
+    assert config_differences(older, changed) == ["extend.steps: 60 -> 7", "controls: (not set) -> False"]
+    assert config_differences({**saved, "gone": 1}, cfg) == ["gone: 1 -> (no such setting now)"]

@@ -39,6 +39,10 @@ def test_sweep_ranks_reproducibly_and_resumes(tmp_path, saved_model, capsys):
     assert table == _table(b)  # same seed, same samples: the same numbers and ranking
     ranks = sorted(int(float(v)) for (_, m), v in table.items() if m == "rank")
     assert ranks == [1, 2, 3, 4] and (tmp_path / "a.png").is_file()
+    md = sweep.table_path(a).read_text()  # the ranked table the README quotes, in rank order
+    order = [line.split("`")[1] for line in md.splitlines() if line.startswith("| ") and "`" in line]
+    assert order == [v for _, v in sorted((int(float(x)), v) for (v, m), x in table.items() if m == "rank")]
+    assert "n = 2" in md and "n = 1" in md and "Seconds per candidate" in md
     rows = read_rows(a)
     per = {(r["variant"], r["metric"]) for r in rows}
     for variant in ("native", "pi:factor=2", "abf:base=80000"):
