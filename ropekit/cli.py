@@ -264,14 +264,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rope_of(config) -> tuple[int, float, int]:
+    """(rotary dim, base, trained length) a model config describes."""
+    from ropekit.hf import head_and_rotary_dim, read_method
+
+    return head_and_rotary_dim(config)[1], float(read_method(config).base), int(config.max_position_embeddings)
+
+
 def _model_rope(spec: str, device=None):
     """(model, rotary dim, base, trained length) of a model spec; ValueError if it cannot be loaded."""
-    from ropekit.hf import head_and_rotary_dim, read_method
     from ropekit.models import load_model
 
     model = load_model(spec, device=device)  # a missing or unreachable model is a one-line ValueError
-    method = read_method(model.config)
-    return model, head_and_rotary_dim(model.config)[1], float(method.base), int(model.config.max_position_embeddings)
+    return model, *_rope_of(model.config)
 
 
 def _advice_from_args(args: argparse.Namespace, model_info=None):
@@ -292,8 +297,9 @@ def _advice_from_args(args: argparse.Namespace, model_info=None):
 def _cmd_advise(args: argparse.Namespace) -> int:
     from ropekit.advise import format_table
     from ropekit.figures import draw_advice
+    from ropekit.models import load_config
 
-    info = _model_rope(args.model) if args.model else None
+    info = (None, *_rope_of(load_config(args.model))) if args.model else None  # closed forms: no weights needed
     advice = _advice_from_args(args, info)
     print(format_table(advice))
     if args.plot:

@@ -29,7 +29,16 @@ import torch
 
 from ropekit.files import cache_dir
 
-__all__ = ["load_model", "load_tokenizer", "tiny_config", "cache_dir", "smollm2_path", "TINY", "NAMED_MODELS"]
+__all__ = [
+    "load_model",
+    "load_config",
+    "load_tokenizer",
+    "tiny_config",
+    "cache_dir",
+    "smollm2_path",
+    "TINY",
+    "NAMED_MODELS",
+]
 
 # Tiny configs: real architectures at toy size. Comments give the full-size value where it matters.
 _TINY_COMMON: dict[str, Any] = dict(
@@ -136,15 +145,29 @@ def looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec
 
 
-def _from_pretrained(name: str, **kwargs):
-    """``from_pretrained`` of a folder or hub id; a missing, unreachable or invalid one is a one-line ValueError."""
-    from transformers import AutoModelForCausalLM
+def _from_pretrained(name: str, *, config_only: bool = False, **kwargs):
+    """``from_pretrained`` of a folder or hub id (the model, or only its config); a missing, unreachable or
+    invalid one is a one-line ValueError."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        return (AutoConfig if config_only else AutoModelForCausalLM).from_pretrained(name, **kwargs)
     except (OSError, ValueError) as err:  # transformers' "not a valid model identifier", offline, no config
         reason = str(err).strip().splitlines()[0][:240] if str(err).strip() else type(err).__name__
         raise ValueError(f"cannot load model {name!r}: {reason} (accepted: {_ACCEPTED_SPECS})") from None
+
+
+def load_config(spec: str, *, trust_remote_code: bool = False):
+    """The config ``load_model(spec)`` would build, without reading or building the weights."""
+    from transformers import AutoConfig
+
+    kind, info = _resolve(spec)
+    if kind == "tiny":
+        return tiny_config(info["family"])
+    if kind == "gguf":
+        path = Path(info["path"])
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    return _from_pretrained(info["name"], config_only=True, trust_remote_code=trust_remote_code)
 
 
 def load_model(

@@ -110,3 +110,18 @@ def test_advise_reads_the_model(capsys):
     assert main(["advise", "--model", "tiny:llama", "--target-length", str(4 * config.max_position_embeddings)]) == 0
     out = capsys.readouterr().out
     assert f"trained at L = {config.max_position_embeddings}," in out and "factor=4" in out
+
+
+def test_advise_reads_a_saved_model_s_config_without_its_weights(tmp_path, capsys):
+    """A saved ABF model: advise starts from its patched base (config.ropekit), as load_model would."""
+    from ropekit import patch
+    from ropekit.hf import read_method
+    from ropekit.models import load_config, load_model
+
+    model = load_model("tiny:llama")
+    patch(model, "abf:base=250000")
+    model.save_pretrained(tmp_path)
+    assert read_method(load_config(str(tmp_path))).base == read_method(load_model(str(tmp_path)).config).base == 250000
+    L = model.config.max_position_embeddings
+    assert main(["advise", "--model", str(tmp_path), "--target-length", str(4 * L)]) == 0
+    assert f"base 250000, trained at L = {L}," in capsys.readouterr().out
