@@ -458,6 +458,7 @@ def mix_retrieval(
     max_context: int,
     eos_id: int,
     seed: int = 0,
+    answer_weight: float = 1.0,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(tokens, positions, loss weights) rows: a ``share`` of them packed with retrieval examples, the
     rest the ``text`` stream's windows (weight 1 on every next-token prediction).
@@ -465,7 +466,7 @@ def mix_retrieval(
     An example is ``context + question + answer + EOS`` with a context of uniformly drawn length in
     [min_context, max_context]; its positions start at 0, so with no attention mask transformers keeps
     each example to itself (packed sequences), as an evaluation prompt is alone. Only the answer and
-    its EOS carry loss (weight 1); the row's unused end is text, with weight 1. ``weights[i]`` weighs
+    its EOS carry loss (weight ``answer_weight``); the row's unused end is text, with weight 1. ``weights[i]`` weighs
     the prediction of ``tokens[i + 1]``."""
     rng = random.Random(seed)
     q = examples.question
@@ -488,7 +489,7 @@ def mix_retrieval(
             ex = ctx[:n] + q + ans + [eos_id]
             ids += ex
             pos += range(len(ex))
-            w += [0.0] * (n + len(q) - 1) + [1.0] * (len(ans) + 1) + [0.0]
+            w += [0.0] * (n + len(q) - 1) + [answer_weight] * (len(ans) + 1) + [0.0]
         pad = seq_len - len(ids)
         if pad:
             window, _ = next(text)

@@ -167,3 +167,14 @@ def test_retrieval_mix_rows_train_on_first_sentences_of_training_documents_only(
             assert answer in answers, answer  # loss only on the answer (and its EOS)
             assert ids[a:b][np.flatnonzero(seg_w)[-1] + 1] == tok.eos_token_id
     assert 10 <= mixed <= 30  # about half the rows
+    # retrieval_weight: the same rows, the answers (and only they) weighing answer_weight
+    heavy = data.mix_retrieval(data.pack(data.tokenize_documents(docs, tok), 128, eos_id=tok.eos_token_id), examples,
+                               seq_len=128, share=0.5, min_context=16, max_context=48, eos_id=tok.eos_token_id,
+                               seed=3, answer_weight=4.0)  # fmt: skip
+    changed = 0
+    for (ids, pos, w), (ids4, pos4, w4) in zip(rows, [next(heavy) for _ in range(40)], strict=True):
+        assert np.array_equal(ids, ids4) and np.array_equal(pos, pos4)
+        answer = w4 != w
+        assert (w[answer] == 1).all() and (w4[answer] == 4).all()
+        changed += int(answer.sum())
+    assert changed > 0
