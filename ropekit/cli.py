@@ -323,7 +323,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     settings = sweep.SweepSettings(
         model=args.model, data=args.data, trained_length=args.trained_length or trained,
         target_length=args.target_length, tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
-        seed=args.seed, val_fraction=args.val_fraction, split_seed=args.split_seed,
+        seed=args.seed, val_fraction=args.val_fraction, split_seed=args.split_seed, tokenizer=args.tokenizer,
         **{k: getattr(args, k) for k in ("n_ppl", "n_fsr", "n_passkey") if getattr(args, k) is not None},
     )  # fmt: skip
     if args.from_advise:

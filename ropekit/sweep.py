@@ -94,7 +94,9 @@ class SweepSettings:
     seed: int = 0
     val_fraction: float = 0.15
     split_seed: int = 0
-    protocol: int = 3  # raised when what a sample is changes (3: PPL, FSR and passkey share prompts)
+    tokenizer: str | None = None  # another tokenizer than the model's makes other prompts
+    protocol: int = 4  # raised when what a sample is changes (3: PPL, FSR and passkey share prompts; 4: needle
+    # only after a sentence end, never after a whitespace-only token)
 
     def __post_init__(self) -> None:
         bad = [t for t in self.tasks if t not in TASKS]
@@ -203,10 +205,11 @@ def _prompt_values(model, sample, tasks, settings: SweepSettings, length_depende
     extra = {"document": fsr.document, "char_offset": fsr.char_offset}
     out = []
     if "ppl" in tasks:  # the window is the prompt up to its question, the needle's tokens left out
+        end_L = min(L, fsr.context_end)  # never a token of the question
         if length_dependent:  # its frequencies at L differ from those at L': a forward of L tokens
-            at_L = _window_mean(token_nll(model, ids[:L]).cpu(), L, needle)
+            at_L = _window_mean(token_nll(model, ids[:end_L]).cpu(), end_L, needle)
         else:  # causal attention: the first L tokens scored alone score the same
-            at_L = _window_mean(nll, L, needle)
+            at_L = _window_mean(nll, end_L, needle)
         window = {**extra, "window_tokens": fsr.context_end}
         out.append(("window_nll@target", Lp, _window_mean(nll, fsr.context_end, needle), window))
         out.append(("window_nll@trained", L, at_L, window))
@@ -269,7 +272,7 @@ def run_sweep(
         handle = None if variant == BASELINE else ropekit.patch(model, variant)
         try:
             method = str(handle.method) if handle else native
-            length_dependent = bool(handle and handle.method.needs_seq_len)
+            length_dependent = retrieval._length_dependent(model)  # a patched or a natively dynamic model
             t_variant = time.perf_counter()
             for i, tasks in todo:
                 t0 = time.perf_counter()
@@ -386,11 +389,17 @@ def summarize(out: str | Path, settings: SweepSettings, *, experiment: str = "sw
     return summary
 
 
+def _order(val: dict[tuple[str, str], float]) -> list[str]:
+    """The candidates by rank (NLL at L′), then those without one (no PPL task), by name."""
+    ranked = [v for _, v in sorted((int(x), v) for (v, m), x in val.items() if m == "rank")]
+    return ranked + sorted({v for v, _ in val} - set(ranked))
+
+
 def markdown_table(summary: list[dict], rows: list[dict], settings: SweepSettings) -> str:
     """``<out>_table.md``: the ranked candidates, per metric the mean and the paired difference to the
     baseline with its 95% interval (**bold**: resolved), then what was run, where and how long."""
     val = {(r["variant"], r["metric"]): float(r["value"]) for r in summary}
-    ranked = [v for _, v in sorted((int(val[(v, "rank")]), v) for v, m in val if m == "rank")]
+    ranked = _order(val)
     metrics = [m for m in SAMPLE_METRICS if any((v, f"mean:{m}") in val for v in ranked)]
     L, Lp = settings.trained_length, settings.target_length
     head = [SAMPLE_METRICS[m][2].replace("L′", f"{Lp:,}").replace("@L", f"@{L:,}") for m in metrics]
@@ -408,7 +417,8 @@ def markdown_table(summary: list[dict], rows: list[dict], settings: SweepSetting
                 delta = f"Δ {d:+.3f}" + ("" if math.isnan(lo) else f" [{lo:+.3f}, {hi:+.3f}]")
                 cell += f"<br>{'**' + delta + '**' if val[(v, f'resolved:{m}')] else delta}"
             cells.append(cell)
-        lines.append(f"| {rank} | `{v}` | " + " | ".join(cells) + " |")
+        shown = rank if (v, "rank") in val else "–"
+        lines.append(f"| {shown} | `{v}` | " + " | ".join(cells) + " |")
     per = _samples(rows, settings.sweep_id)
     n = {m: max((len(per.get((v, m), {})) for v in ranked), default=0) for m in metrics}
     seconds: dict[str, dict[int, float]] = {}
@@ -426,7 +436,8 @@ def markdown_table(summary: list[dict], rows: list[dict], settings: SweepSetting
         + ", ".join(f"{SAMPLE_METRICS[m][2]}: n = {n[m]}" for m in metrics)
         + " prompts of L′ tokens, the same for every candidate. Means; Δ: mean paired difference to "
         f"`{BASELINE}` (the model as loaded; NLL for PPL columns, lower is better; accuracies higher), 95% "
-        "percentile bootstrap interval; **bold**: the interval excludes 0 (n >= 5). Ranked by NLL at L′.",
+        "percentile bootstrap interval; **bold**: the interval excludes 0 (n >= 5). "
+        + ("Ranked by NLL at L′." if any(m == "rank" for _, m in val) else "Not ranked (no PPL task)."),
         "",
         "Seconds per candidate (its prompts' forwards): "
         + ", ".join(f"`{v}` {sum(seconds.get(v, {}).values()):.0f}" for v in ranked)
@@ -440,8 +451,7 @@ def format_summary(summary: list[dict]) -> str:
     """The ranked table: per candidate, PPL at L' and L, FSR and passkey means, and the paired
     difference to the baseline with its interval ('!' marks an interval that excludes 0)."""
     val: dict[tuple[str, str], float] = {(r["variant"], r["metric"]): float(r["value"]) for r in summary}
-    ranks = sorted((int(v), var) for (var, m), v in val.items() if m == "rank")
-    variants = [v for _, v in ranks] + sorted({v for v, _ in val} - {v for _, v in ranks})
+    variants = _order(val)
     present = [m for m in SAMPLE_METRICS if any((v, f"mean:{m}") in val for v in variants)]
     lines = []
     for v in variants:

@@ -1,5 +1,7 @@
 """ropekit sweep: paired per-sample evaluation, reproducible ranking, resumable rows, clear errors."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ from ropekit import data, sweep
 from ropekit.cli import main
 from ropekit.models import load_model
 from ropekit.results import read_rows
+from ropekit.stats import paired_interval
 
 METHODS = "pi:factor=2;yarn:factor=2,original_max_position_embeddings=128;abf:base=80000"
 
@@ -48,11 +51,13 @@ def test_sweep_ranks_reproducibly_and_resumes(tmp_path, saved_model, capsys):
     for variant in ("native", "pi:factor=2", "abf:base=80000"):
         for metric in sweep.SAMPLE_METRICS:
             assert (variant, metric) in per, (variant, metric)
-    # the paired difference is the mean of the per-sample differences
-    nll = {(r["variant"], r["config"]): float(r["value"]) for r in rows if r["metric"] == "window_nll@target"}
-    base = [v for (var, _), v in sorted(nll.items()) if var == "native"]
-    pi = [v for (var, _), v in sorted(nll.items()) if var == "pi:factor=2"]
-    assert float(table[("pi:factor=2", "delta:window_nll@target")]) == pytest.approx(np.mean(np.subtract(pi, base)))
+    # the paired difference and its interval come from the differences of the same prompts
+    nll = {(r["variant"], json.loads(r["config"])["sample"]): float(r["value"]) for r in rows
+           if r["metric"] == "window_nll@target"}  # fmt: skip
+    base, pi = ([nll[(v, i)] for i in (0, 1)] for v in ("native", "pi:factor=2"))
+    got = [float(table[("pi:factor=2", f"{k}:window_nll@target")]) for k in ("delta", "delta_low", "delta_high")]
+    assert got == pytest.approx(list(paired_interval(pi, base)))
+    assert got[0] == pytest.approx(np.mean(np.subtract(pi, base)))
     capsys.readouterr()
     assert main(_argv(saved_model, a)) == 0  # resumed: nothing left to evaluate
     assert "already in" in capsys.readouterr().out and len(read_rows(a)) == len(rows)
@@ -126,6 +131,16 @@ def test_an_interrupted_sweep_resumes_at_the_prompt_where_it_stopped(tmp_path, s
     assert main(_argv(saved_model, cut)) == 0
     log = capsys.readouterr().out
     assert "abf:base=80000: 1 prompts in" in log  # only what was lost was scored again
-    value = lambda path: {(r["variant"], r["metric"], r["config"]): r["value"] for r in read_rows(path)}  # noqa: E731
-    strip = lambda d: {(v, m, c.split('"seconds"')[0]): x for (v, m, c), x in d.items()}  # noqa: E731
-    assert strip(value(cut)) == strip(value(whole)) and _table(cut) == _table(whole)
+    key = lambda r: (r["variant"], r["metric"], json.loads(r["config"])["sample"])  # noqa: E731
+    value = lambda path: {key(r): r["value"] for r in read_rows(path)}  # noqa: E731
+    assert len(read_rows(cut)) == len(read_rows(whole))  # nothing scored twice, nothing lost
+    assert value(cut) == value(whole) and _table(cut) == _table(whole)
+
+
+def test_a_sweep_without_ppl_lists_every_candidate_unranked(tmp_path, saved_model):
+    out = tmp_path / "retrieval.csv"
+    assert main(_argv(saved_model, out, "--tasks", "fsr,passkey")) == 0
+    md = sweep.table_path(out).read_text()
+    listed = [line.split("`")[1] for line in md.splitlines() if line.startswith("| ") and "`" in line]
+    assert sorted(listed) == sorted(["native", *sweep.parse_methods(METHODS)])
+    assert "Not ranked (no PPL task)" in md and "FSR acc: n = 1" in md

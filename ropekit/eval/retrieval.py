@@ -378,7 +378,9 @@ def plant_passkey(tokenizer, sample: FSRSample, depth: float, *, seed: int = 0) 
     context = sample.prompt_ids[a : b - len(needle)]
     pieces = [tokenizer.decode([t]) for t in context]
     first_line = next((i + 1 for i, p in enumerate(pieces) if "\n" in p), len(context))
-    ends = [i + 1 for i, p in enumerate(pieces[:-1]) if i >= first_line and ("\n" in p or p.rstrip()[-1:] in ".!?")]
+    ends = [
+        i + 1 for i, p in enumerate(pieces[:-1]) if i >= first_line and ("\n" in p or p.rstrip().endswith(tuple(".!?")))
+    ]
     if not ends:
         raise ValueError(f"the FSR context of {sample.document!r} has no sentence end past its first line")
     cut = min(ends, key=lambda i: abs(i - depth * len(context)))
