@@ -72,3 +72,11 @@ def test_result_tables_the_readme_quotes_are_the_committed_ones():
     assert any(t.name.startswith("sweep_") for t in quoted), "the README quotes no committed sweep table"
     for table in quoted:
         assert table.read_text().strip() in README, f"the README's copy of {table.name} differs from the file"
+
+
+def test_the_advice_the_readme_shows_is_what_advise_prints():
+    # the "Choosing a method" block is `ropekit advise --head-dim 64 --base 100000 --trained-length 8192
+    # --target-length 32768`, recomputed here from the closed forms
+    from ropekit.advise import advise, format_table
+
+    assert format_table(advise(64, 100000.0, 8192, 32768)) in README
