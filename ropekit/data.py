@@ -27,7 +27,7 @@ import sys
 import tarfile
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -425,6 +425,12 @@ class RetrievalExamples:
     contexts: list[list[int]]  # text from a paragraph start, up to max_context tokens
     answers: list[list[int]]  # " " + the paragraph's first sentence
     question: list[int]  # the evaluation template's text after the context
+    copy_question: list[int] = field(default_factory=list)  # COPY_QUESTION: its answer is the whole context
+
+
+# The question of a copy example (``mix_retrieval``'s ``copy_share``): the same start-anchored copying as
+# FIRST-SENTENCE-RETRIEVAL with every context token a target, so the skill is learnt from more targets a row.
+COPY_QUESTION = "\n\nQuestion: Repeat the text above.\nAnswer:"
 
 
 def retrieval_examples(docs: Sequence[Document], tokenizer, *, max_context: int, seed: int = 0,
@@ -445,7 +451,8 @@ def retrieval_examples(docs: Sequence[Document], tokenizer, *, max_context: int,
     keep = [i for i, (c, a) in enumerate(zip(contexts, answers, strict=True)) if len(c) > len(a) and len(c) >= 16]
     if not keep:
         raise ValueError("no retrieval example from the training documents has 16+ tokens of context")
-    return RetrievalExamples([contexts[i] for i in keep], [answers[i] for i in keep], question)
+    copy_question = tokenizer(COPY_QUESTION, add_special_tokens=False).input_ids
+    return RetrievalExamples([contexts[i] for i in keep], [answers[i] for i in keep], question, copy_question)
 
 
 def mix_retrieval(
@@ -459,6 +466,7 @@ def mix_retrieval(
     eos_id: int,
     seed: int = 0,
     answer_weight: float = 1.0,
+    copy_share: float = 0.0,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(tokens, positions, loss weights) rows: a ``share`` of them packed with retrieval examples, the
     rest the ``text`` stream's windows (weight 1 on every next-token prediction).
@@ -466,7 +474,9 @@ def mix_retrieval(
     An example is ``context + question + answer + EOS`` with a context of uniformly drawn length in
     [min_context, max_context]; its positions start at 0, so with no attention mask transformers keeps
     each example to itself (packed sequences), as an evaluation prompt is alone. Only the answer and
-    its EOS carry loss (weight ``answer_weight``); the row's unused end is text, with weight 1. ``weights[i]`` weighs
+    its EOS carry loss (weight ``answer_weight``); the row's unused end is text, with weight 1. A
+    ``copy_share`` of the examples are copy examples instead: ``context + COPY_QUESTION + context + EOS``
+    (the context at most half the row), the copy and its EOS carrying the loss. ``weights[i]`` weighs
     the prediction of ``tokens[i + 1]``."""
     rng = random.Random(seed)
     q = examples.question
@@ -480,16 +490,20 @@ def mix_retrieval(
         w: list[float] = []
         for _ in range(64):  # examples until one does not fit
             i = rng.randrange(len(examples.contexts))
-            ctx, ans = examples.contexts[i], examples.answers[i]
+            ctx, ans, question = examples.contexts[i], examples.answers[i], q
             n = min(rng.randint(min_context, max_context), len(ctx))
-            if n <= len(ans):
+            if copy_share and rng.random() < copy_share:  # (no draw without copies: the stream is unchanged)
+                question = examples.copy_question
+                n = min(n, (seq_len - len(question) - 1) // 2)
+                ans = ctx[:n]
+            if n <= len(ans) and question is q:
                 continue  # a context no longer than its answer: draw another
-            if len(ids) + n + len(q) + len(ans) + 1 > seq_len:
+            if len(ids) + n + len(question) + len(ans) + 1 > seq_len:
                 break
-            ex = ctx[:n] + q + ans + [eos_id]
+            ex = ctx[:n] + question + ans + [eos_id]
             ids += ex
             pos += range(len(ex))
-            w += [0.0] * (n + len(q) - 1) + [answer_weight] * (len(ans) + 1) + [0.0]
+            w += [0.0] * (n + len(question) - 1) + [answer_weight] * (len(ans) + 1) + [0.0]
         pad = seq_len - len(ids)
         if pad:
             window, _ = next(text)

@@ -74,6 +74,7 @@ class TrainConfig:
     retrieval_min_context: int = 16
     retrieval_max_context: int | None = None
     retrieval_weight: float = 1.0  # loss weight of an answer token (a text token weighs 1)
+    retrieval_copy: float = 0.0  # share of the retrieval examples that ask for the whole context back
     # optimisation
     steps: int = 100
     tokens_per_step: int = 8192  # global batch in tokens (seq_len x micro_batch x accumulation x ranks)
@@ -113,6 +114,7 @@ class TrainConfig:
                 f">= 16 and <= the longest retrieval context ({self.retrieval_context_max})",
             ),
             "retrieval_weight": (self.retrieval_weight > 0, "> 0"),
+            "retrieval_copy": (0 <= self.retrieval_copy <= 1, "in [0, 1]"),
             "lr": (self.lr > 0, "> 0"),
             "min_lr_ratio": (0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
             "warmup_steps": (self.warmup_steps >= 0, ">= 0"),
@@ -649,7 +651,8 @@ def train(
                                                seed=cfg.seed)  # fmt: skip
         stream = data_mod.mix_retrieval(stream, examples, seq_len=cfg.seq_len, share=cfg.retrieval_share,
                                         min_context=cfg.retrieval_min_context, max_context=cfg.retrieval_context_max,
-                                        eos_id=eos, seed=cfg.seed, answer_weight=cfg.retrieval_weight)  # fmt: skip
+                                        eos_id=eos, seed=cfg.seed, answer_weight=cfg.retrieval_weight,
+                                        copy_share=cfg.retrieval_copy)  # fmt: skip
     for _ in range(run.state["sequences"]):
         next(stream)
     val_stream = data_mod.pack(corpus.val_tokens, cfg.seq_len, eos_id=eos, seed=cfg.seed + 1)

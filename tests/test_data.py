@@ -178,3 +178,28 @@ def test_retrieval_mix_rows_train_on_first_sentences_of_training_documents_only(
         assert (w[answer] == 1).all() and (w4[answer] == 4).all()
         changed += int(answer.sum())
     assert changed > 0
+
+
+def test_copy_examples_ask_for_the_whole_context_back():
+    docs = [data.Document(f"d{i}", "".join(f"Paragraph {i}.{j} starts with these few words. Then more text follows "
+                                            f"here and on, {'and on, ' * 30}until it ends.\n" for j in range(6)))
+            for i in range(4)]  # fmt: skip
+    tok = data.train_tokenizer(docs, vocab_size=300)
+    examples = data.retrieval_examples(docs, tok, max_context=48)
+    text = data.pack(data.tokenize_documents(docs, tok), 128, eos_id=tok.eos_token_id)
+    mix = data.mix_retrieval(text, examples, seq_len=128, share=1.0, min_context=16, max_context=48,
+                             eos_id=tok.eos_token_id, seed=0, copy_share=1.0)  # fmt: skip
+    q = examples.copy_question
+    copies = 0
+    for ids, pos, w in (next(mix) for _ in range(10)):
+        starts = np.flatnonzero(pos == 0)
+        for a, b in zip(starts, [*starts[1:], 128], strict=False):
+            seg, seg_w = ids[a:b], w[a:b]
+            if (seg_w[:-1] == 1).all():
+                continue  # the text at the row's end
+            targets = seg[np.flatnonzero(seg_w) + 1]  # what the weighted predictions predict
+            n = len(targets) - 1  # the copy, then EOS
+            assert targets[-1] == tok.eos_token_id
+            assert list(seg[:n]) == list(targets[:-1]) and list(seg[n : n + len(q)]) == q
+            copies += 1
+    assert copies >= 10
