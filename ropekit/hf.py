@@ -751,6 +751,23 @@ class RopekitRotary(nn.Module):
             records[layer_type] = (positions, inv_freq)
 
 
+def cache_kwarg(module) -> str:
+    """The keyword a model's (or decoder's) forward takes its KV cache by: ``cache`` since transformers
+    5.24 (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def kv_cache_of(output):
+    """The KV cache in a forward's output, under either name."""
+    return _kv_cache(lambda name: getattr(output, name, None))
+
+
+def _kv_cache(get):
+    """The KV cache a forward's keyword arguments or output hold: ``cache`` since transformers 5.24,
+    ``past_key_values`` before (``get``: a name -> value lookup)."""
+    return next((c for c in (get("cache"), get("past_key_values")) if c is not None), None)
+
+
 def _cached_keys(cache, layer_type: str | None = None, layer_of_cache: list[str] | None = None) -> list[torch.Tensor]:
     if hasattr(cache, "layers"):  # transformers >= 4.56
         layers = list(cache.layers)
@@ -1041,11 +1058,11 @@ def patch(
 
         def pre_hook(mod, args, kwargs):
             if rotary_of(mod) is rotary:
-                rotary._cache = kwargs.get("past_key_values")
+                rotary._cache = _kv_cache(kwargs.get)
 
         def post_hook(mod, args, kwargs, output):
             if rotary_of(mod) is rotary:
-                rotary.commit_cache(getattr(output, "past_key_values", None))
+                rotary.commit_cache(kv_cache_of(output))
                 rotary._cache = None
 
         hooks.append(base_model.register_forward_pre_hook(pre_hook, with_kwargs=True))

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ropekit.data import Document
+from ropekit.hf import cache_kwarg, kv_cache_of
 
 __all__ = [
     "DEFAULT_FSR_TEMPLATE",
@@ -161,20 +162,20 @@ def greedy_generate(model, prompt_ids: list[int], *, max_new_tokens: int, stop_i
     other token (a leading newline before the answer does not end it)."""
     device = next(model.parameters()).device
     out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
-    return _continue_greedy(model, out.past_key_values, int(out.logits[0, -1].argmax()), max_new_tokens, stop_ids)
+    return _continue_greedy(model, kv_cache_of(out), int(out.logits[0, -1].argmax()), max_new_tokens, stop_ids)
 
 
 def _continue_greedy(model, cache, next_id: int, max_new_tokens: int, stop_ids: set[int]) -> list[int]:
     """Greedy tokens from ``next_id`` on, continuing ``cache`` (see ``greedy_generate`` for the stop rule)."""
-    device = next(model.parameters()).device
+    device, name = next(model.parameters()).device, cache_kwarg(model)
     generated, started = [], False
     for _ in range(max_new_tokens):
         generated.append(next_id)
         if next_id in stop_ids and started:
             break
         started = started or next_id not in stop_ids
-        out = model(input_ids=torch.tensor([[next_id]], device=device), past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=torch.tensor([[next_id]], device=device), use_cache=True, **{name: cache})
+        cache = kv_cache_of(out)
         next_id = int(out.logits[0, -1].argmax())
     return generated
 
@@ -219,11 +220,12 @@ def score_and_generate(
     device = next(model.parameters()).device
     decoder, head = getattr(model, model.base_model_prefix), model.get_output_embeddings()
     out = decoder(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
-    cache = out.past_key_values
+    cache = kv_cache_of(out)
     first = head(out.last_hidden_state[0, -1:]).float()  # (1, V): predicts target[0] and the first new token
     logits = [first]
     if len(target_ids) > 1:
-        rest = decoder(input_ids=torch.tensor([target_ids[:-1]], device=device), past_key_values=cache, use_cache=True)
+        ids = torch.tensor([target_ids[:-1]], device=device)
+        rest = decoder(input_ids=ids, use_cache=True, **{cache_kwarg(decoder): cache})
         logits.append(head(rest.last_hidden_state[0]).float())
         cache.crop(-(len(target_ids) - 1))  # back to the prompt's cache (drop the target's entries)
     logits = torch.cat(logits)  # (T, V)
