@@ -134,14 +134,19 @@ def test_upsampling_repeats_long_documents():
     assert long_tokens / 200 > 2.0 * short_tokens / 10  # the long document is seen ~3x as often
 
 
-def test_retrieval_mix_rows_train_on_first_sentences_of_training_documents_only():
-    from ropekit.eval.retrieval import first_sentence
-
+def _retrieval_corpus():
+    """Four documents of six paragraphs, a 300-token BPE and their retrieval examples (contexts <= 48)."""
     docs = [data.Document(f"d{i}", "".join(f"Paragraph {i}.{j} starts with these few words. Then more text follows "
                                             f"here and on, {'and on, ' * 30}until it ends.\n" for j in range(6)))
             for i in range(4)]  # fmt: skip
     tok = data.train_tokenizer(docs, vocab_size=300)
-    examples = data.retrieval_examples(docs, tok, max_context=48)
+    return docs, tok, data.retrieval_examples(docs, tok, max_context=48)
+
+
+def test_retrieval_mix_rows_train_on_first_sentences_of_training_documents_only():
+    from ropekit.eval.retrieval import first_sentence
+
+    docs, tok, examples = _retrieval_corpus()
     text = data.pack(data.tokenize_documents(docs, tok), 128, eos_id=tok.eos_token_id)
     mix = data.mix_retrieval(text, examples, seq_len=128, share=0.5, min_context=16, max_context=48,
                              eos_id=tok.eos_token_id, seed=3)  # fmt: skip
@@ -181,11 +186,7 @@ def test_retrieval_mix_rows_train_on_first_sentences_of_training_documents_only(
 
 
 def test_copy_examples_ask_for_the_whole_context_back():
-    docs = [data.Document(f"d{i}", "".join(f"Paragraph {i}.{j} starts with these few words. Then more text follows "
-                                            f"here and on, {'and on, ' * 30}until it ends.\n" for j in range(6)))
-            for i in range(4)]  # fmt: skip
-    tok = data.train_tokenizer(docs, vocab_size=300)
-    examples = data.retrieval_examples(docs, tok, max_context=48)
+    docs, tok, examples = _retrieval_corpus()
     text = data.pack(data.tokenize_documents(docs, tok), 128, eos_id=tok.eos_token_id)
     mix = data.mix_retrieval(text, examples, seq_len=128, share=1.0, min_context=16, max_context=48,
                              eos_id=tok.eos_token_id, seed=0, copy_share=1.0)  # fmt: skip
