@@ -294,11 +294,10 @@ _RESUME_FREE = {"eval_every", "save_every", "log_every", "device", "compile"}  #
 
 def _check_resume(saved: dict[str, Any], cfg: TrainConfig) -> None:
     now = _config_dict(cfg)
-    diffs = [
-        f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}"
-        for k in now
-        if k not in _RESUME_FREE and saved.get(k) != now[k]
-    ]
+    # a key the checkpoint's ropekit did not have yet ran at that key's default
+    defaults = {f.name: _config_dict(TrainConfig()).get(f.name) for f in dataclasses.fields(TrainConfig)}
+    old = {k: saved.get(k, defaults[k]) for k in now}
+    diffs = [f"{k}: checkpoint {old[k]!r} vs now {now[k]!r}" for k in now if k not in _RESUME_FREE and old[k] != now[k]]
     if diffs:
         raise ValueError("cannot resume with a different config: " + "; ".join(diffs))
 

@@ -254,3 +254,15 @@ def test_presets_default_to_data_a_user_has():
 
     for cfg in [p() for p in PRESETS.values()] + [c for p in DEMO.values() for c in (p().base, p().extend)]:
         assert cfg.data == "shakespeare" or cfg.data.startswith("hf:"), cfg.data  # never a developer's folder
+
+
+def test_resume_takes_a_key_an_older_checkpoint_lacks_at_its_default():
+    import dataclasses
+
+    from ropekit.train import TrainConfig, _check_resume, _config_dict
+
+    saved = _config_dict(TrainConfig())
+    del saved["retrieval_weight"], saved["retrieval_copy"]  # written before these keys existed
+    _check_resume(saved, TrainConfig())  # the same run: resumes
+    with pytest.raises(ValueError, match="retrieval_weight: checkpoint 1.0 vs now 2.0"):
+        _check_resume(saved, dataclasses.replace(TrainConfig(), retrieval_weight=2.0))
