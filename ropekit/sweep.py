@@ -181,12 +181,12 @@ def _work(settings: SweepSettings) -> list[tuple[int, tuple[str, ...]]]:
     return [(i, tuple(t for t in TASKS if i < n[t])) for i in range(max(n.values()))]
 
 
-def _window_mean(nll, end: int, skip: tuple[int, int] | None) -> float:
-    """Mean of the NLL of tokens 1 .. end-1 (nll[i] scores token i + 1), the tokens in ``skip`` left out."""
+def _window_mean(nll, end: int, skip: tuple[int, int] | None) -> tuple[float, int]:
+    """(mean, count) of the NLL of tokens 1 .. end-1 (nll[i] scores token i + 1), the tokens in ``skip`` left out."""
     keep = torch.ones(end - 1, dtype=torch.bool)
     if skip is not None:
         keep[max(skip[0] - 1, 0) : max(skip[1] - 1, 0)] = False
-    return nll[: end - 1][keep].mean().item()
+    return nll[: end - 1][keep].mean().item(), int(keep.sum())
 
 
 def _prompt_values(model, sample, tasks, settings: SweepSettings, length_dependent: bool):
@@ -207,12 +207,12 @@ def _prompt_values(model, sample, tasks, settings: SweepSettings, length_depende
     if "ppl" in tasks:  # the window is the prompt up to its question, the needle's tokens left out
         end_L = min(L, fsr.context_end)  # never a token of the question
         if length_dependent:  # its frequencies at L differ from those at L': a forward of L tokens
-            at_L = _window_mean(token_nll(model, ids[:end_L]).cpu(), end_L, needle)
+            at_L, n_L = _window_mean(token_nll(model, ids[:end_L]).cpu(), end_L, needle)
         else:  # causal attention: the first L tokens scored alone score the same
-            at_L = _window_mean(nll, end_L, needle)
-        window = {**extra, "window_tokens": fsr.context_end}
-        out.append(("window_nll@target", Lp, _window_mean(nll, fsr.context_end, needle), window))
-        out.append(("window_nll@trained", L, at_L, window))
+            at_L, n_L = _window_mean(nll, end_L, needle)
+        at_target, n_target = _window_mean(nll, fsr.context_end, needle)
+        out.append(("window_nll@target", Lp, at_target, {**extra, "window_tokens": n_target}))  # tokens scored
+        out.append(("window_nll@trained", L, at_L, {**extra, "window_tokens": n_L}))
     P = len(fsr.prompt_ids)
     if "fsr" in tasks:
         t = slice(P - 1, P - 1 + len(fsr.target_ids))  # the positions that predict the target

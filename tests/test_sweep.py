@@ -102,12 +102,16 @@ def test_one_forward_scores_each_task_as_a_forward_of_its_own_would(saved_model)
     for spec, dependent in (("yarn:factor=2,original_max_position_embeddings=128", False),
                             ("dynamic:factor=2,original_max_position_embeddings=128", True)):  # fmt: skip
         with ropekit.patch(model, spec):
-            got = {m: v for m, _, v, _ in sweep._prompt_values(model, s, sweep.TASKS, settings, dependent)}
+            values = sweep._prompt_values(model, s, sweep.TASKS, settings, dependent)
+            got = {m: v for m, _, v, _ in values}
+            scored = {m: extra["window_tokens"] for m, _, _, extra in values if "window_tokens" in extra}
             ctx = torch.tensor(s.fsr.prompt_ids[: s.fsr.context_end])
             nll = perplexity.token_nll(model, ctx)
-            text = torch.cat([nll[: a - 1], nll[b - 1 :]]).mean().item()  # the needle's tokens left out
+            text = torch.cat([nll[: a - 1], nll[b - 1 :]])  # the needle's tokens left out
             first_L = perplexity.token_nll(model, ctx[:128])
-            first_L = torch.cat([first_L[: a - 1], first_L[b - 1 :]]).mean().item()
+            first_L = torch.cat([first_L[: a - 1], first_L[b - 1 :]])
+            assert scored == {"window_nll@target": len(text), "window_nll@trained": len(first_L)}
+            text, first_L = text.mean().item(), first_L.mean().item()
             acc, fsr_nll = retrieval.score_target(model, s.fsr.prompt_ids, s.fsr.target_ids)
             key_acc, key_nll = retrieval.score_target(model, s.ids[: -len(s.key_ids)], s.key_ids)
         tol = dict(rel=1e-5, abs=1e-5)  # float32 forwards of different lengths: summation order only
