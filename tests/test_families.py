@@ -221,17 +221,17 @@ def build(model_type: str, full_depth: bool = False):
 def greedy(model, prompt):
     """NEW_TOKENS greedy steps with the KV cache: (prompt + tokens, logits of each step (1, NEW_TOKENS, V))."""
     out = model(prompt, use_cache=True)
-    if not hasattr(out, "past_key_values"):  # a model that keeps its cache inside (recurrent_gemma)
+    if hf.kv_cache_of(out) is None:  # a model that keeps its cache inside (recurrent_gemma)
         run = model.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
                              output_logits=True, return_dict_in_generate=True)  # fmt: skip
         return run.sequences, torch.stack(run.logits, dim=1)
-    cache, tokens, steps = out.past_key_values, prompt, []
+    cache, name, tokens, steps = hf.kv_cache_of(out), hf.cache_kwarg(model), prompt, []
     for _ in range(NEW_TOKENS):
         logits = out.logits[:, -1:]
         steps.append(logits)
         tokens = torch.cat([tokens, logits.argmax(-1)], dim=1)
-        out = model(tokens[:, -1:], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(tokens[:, -1:], use_cache=True, **{name: cache})
+        cache = hf.kv_cache_of(out)
     return tokens, torch.cat(steps, dim=1)
 
 

@@ -96,10 +96,10 @@ def decode_errors(model, x, prefill=10):
     with torch.no_grad():
         out = model(x[:, :prefill], use_cache=True)
         errors.append((out.logits - model(x[:, :prefill]).logits).abs().max().item())
-        cache = out.past_key_values
+        cache, name = hf.kv_cache_of(out), hf.cache_kwarg(model)  # 'cache' since transformers 5.24
         for t in range(prefill, x.shape[1]):
-            out = model(x[:, t : t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(x[:, t : t + 1], use_cache=True, **{name: cache})
+            cache = hf.kv_cache_of(out)
             errors.append((out.logits - model(x[:, : t + 1]).logits[:, -1:]).abs().max().item())
     return errors
 
