@@ -38,6 +38,7 @@ from pathlib import Path
 from ropekit.analysis import regime_variants
 from ropekit.train import PRESETS as TRAIN
 from ropekit.train import TrainConfig, model_of
+from ropekit.typed import config_differences
 
 __all__ = ["AblationConfig", "PRESETS", "CONTROL", "demo", "run", "plan", "summarize"]
 
@@ -177,31 +178,6 @@ def plan(cfg: AblationConfig, world_size: int = 1) -> str:
                      "(derivation in ropekit/parallel.py)")  # fmt: skip
         lines.append("  launch: torchrun --nproc-per-node 8 experiments/pe_ablation.py --preset paper")
     return "\n".join(lines)
-
-
-def config_differences(saved: dict, cfg, path: str = "") -> list[str]:
-    """Where a saved config (``dataclasses.asdict`` as JSON) and the dataclass ``cfg`` differ, as
-    ``key: saved -> now``. A field the saved config lacks (added to ropekit since) counts as equal
-    when it holds its default; a field it has that ``cfg`` lacks (removed since) differs."""
-    out = []
-    names = {f.name: f for f in dataclasses.fields(cfg)}
-    for key in sorted(set(saved) - set(names)):
-        out.append(f"{path}{key}: {saved[key]!r} -> (no such setting now)")
-    for key, f in names.items():
-        now = getattr(cfg, key)
-        if dataclasses.is_dataclass(now) and isinstance(saved.get(key), dict):
-            out += config_differences(saved[key], now, f"{path}{key}.")
-            continue
-        as_json = json.loads(json.dumps(dataclasses.asdict(now) if dataclasses.is_dataclass(now) else now, default=str))
-        if key not in saved:
-            default = f.default if f.default is not dataclasses.MISSING else dataclasses.MISSING
-            if f.default_factory is not dataclasses.MISSING:
-                default = f.default_factory()
-            if default is dataclasses.MISSING or json.loads(json.dumps(default, default=str)) != as_json:
-                out.append(f"{path}{key}: (not set) -> {as_json!r}")
-        elif saved[key] != as_json:
-            out.append(f"{path}{key}: {saved[key]!r} -> {as_json!r}")
-    return out
 
 
 def run(cfg: AblationConfig, out: str | Path, *, log=print) -> dict:

@@ -293,13 +293,12 @@ _RESUME_FREE = {"eval_every", "save_every", "log_every", "device", "compile"}  #
 
 
 def _check_resume(saved: dict[str, Any], cfg: TrainConfig) -> None:
-    now = _config_dict(cfg)
-    # a key the checkpoint's ropekit did not have yet ran at that key's default
-    defaults = {f.name: _config_dict(TrainConfig()).get(f.name) for f in dataclasses.fields(TrainConfig)}
-    old = {k: saved.get(k, defaults[k]) for k in now}
-    diffs = [f"{k}: checkpoint {old[k]!r} vs now {now[k]!r}" for k in now if k not in _RESUME_FREE and old[k] != now[k]]
+    """Refuse to resume under another config (a key the checkpoint's ropekit did not have yet counts at its default)."""
+    from ropekit.typed import config_differences
+
+    diffs = [d for d in config_differences(saved, cfg) if d.split(":")[0] not in _RESUME_FREE]
     if diffs:
-        raise ValueError("cannot resume with a different config: " + "; ".join(diffs))
+        raise ValueError("cannot resume with a different config (checkpoint -> now): " + "; ".join(diffs))
 
 
 def _sha256(path: Path) -> str:

@@ -1,13 +1,16 @@
 """One typed-value parser: text from a spec string or a ``--set key=value`` override, read as the
 dataclass field's annotation says (``int``, ``float``, ``bool``, ``str``, ``dict`` as JSON, a tuple of
-numbers joined by '/', any of them ``| None``). Method specs and training overrides both use it."""
+numbers joined by '/', any of them ``| None``). Method specs and training overrides both use it. And the
+one comparison of a saved config with the dataclass it was saved from (resuming a training run or an
+ablation: ``config_differences``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
-__all__ = ["parse_typed"]
+__all__ = ["parse_typed", "config_differences"]
 
 _WHAT = {
     "bool": "true or false",
@@ -74,3 +77,31 @@ def parse_typed(text: str, annotation: str) -> Any:
         except ValueError:
             continue
     raise ValueError("expected " + " or ".join(_WHAT.get(k, k) for k in kinds))
+
+
+def _as_json(value: Any) -> Any:
+    """A setting as its saved JSON reads back (a dataclass as its fields)."""
+    return json.loads(json.dumps(dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value, default=str))
+
+
+def config_differences(saved: dict, cfg, path: str = "") -> list[str]:
+    """Where a saved config (``dataclasses.asdict`` as JSON) and the dataclass ``cfg`` differ, as
+    ``key: saved -> now``. A field the saved config lacks (added to ropekit since) counts as equal
+    when it holds its default; a field it has that ``cfg`` lacks (removed since) differs."""
+    out = []
+    names = {f.name: f for f in dataclasses.fields(cfg)}
+    for key in sorted(set(saved) - set(names)):
+        out.append(f"{path}{key}: {saved[key]!r} -> (no such setting now)")
+    for key, f in names.items():
+        now = getattr(cfg, key)
+        if dataclasses.is_dataclass(now) and isinstance(saved.get(key), dict):
+            out += config_differences(saved[key], now, f"{path}{key}.")
+            continue
+        as_json = _as_json(now)
+        if key not in saved:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if default is dataclasses.MISSING or _as_json(default) != as_json:
+                out.append(f"{path}{key}: (not set) -> {as_json!r}")
+        elif saved[key] != as_json:
+            out.append(f"{path}{key}: {saved[key]!r} -> {as_json!r}")
+    return out

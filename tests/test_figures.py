@@ -180,7 +180,7 @@ def test_a_saved_ablation_config_is_compared_by_value_with_new_settings_at_their
     import dataclasses
     import json
 
-    from ropekit.ablation import config_differences
+    from ropekit.typed import config_differences
 
     cfg = PRESETS["cpu"]()
     saved = json.loads(json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
@@ -191,3 +191,21 @@ def test_a_saved_ablation_config_is_compared_by_value_with_new_settings_at_their
     changed = dataclasses.replace(cfg, controls=False, extend=dataclasses.replace(cfg.extend, steps=7))
     assert config_differences(older, changed) == ["extend.steps: 60 -> 7", "controls: (not set) -> False"]
     assert config_differences({**saved, "gone": 1}, cfg) == ["gone: 1 -> (no such setting now)"]
+
+
+def test_a_setting_added_with_a_dataclass_default_is_equal_at_that_default():
+    import dataclasses
+
+    from ropekit.typed import config_differences
+
+    @dataclasses.dataclass
+    class Inner:
+        a: int = 1
+
+    @dataclasses.dataclass
+    class Outer:
+        inner: Inner = dataclasses.field(default_factory=Inner)
+        x: int = 0
+
+    assert config_differences({"x": 0}, Outer()) == []  # saved before `inner` existed: it ran at its default
+    assert config_differences({"x": 0}, Outer(inner=Inner(a=2))) == ["inner: (not set) -> {'a': 2}"]
