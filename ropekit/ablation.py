@@ -159,6 +159,13 @@ def plan(cfg: AblationConfig, world_size: int = 1) -> str:
                  f"tokens = {e.steps * e.tokens_per_step:,} tokens each at {e.seq_len}; lr {e.lr}, warm-up "
                  f"{e.warmup_steps}, accumulation {e.accumulation(world_size)} x micro-batch {e.micro_batch} "
                  f"on {world_size} rank(s)")  # fmt: skip
+    for stage, t in (("base", b), ("extend", e)) if cfg.pretrain_base else (("extend", e),):
+        if t.retrieval_share:
+            copies = f", {t.retrieval_copy:.0%} of them copies" if t.retrieval_copy else ""
+            lines.append(
+                f"  {stage} mix: {t.retrieval_share:.0%} of the rows retrieval examples from the training "
+                f"documents{copies}; an answer token's loss weight {t.retrieval_weight:g} (a text token's: 1)"
+            )
     lines.append(f"  eval: PPL at {list(cfg.ppl_lengths)} (n={cfg.n_ppl} windows); FSR at {list(cfg.fsr_lengths)} "
                  f"(n={cfg.n_fsr} prompts); the same samples for every variant, paired differences to "
                  f"{cfg.reference}")  # fmt: skip
