@@ -92,7 +92,7 @@ def _tiny() -> AblationConfig:
 
 
 def _cpu() -> AblationConfig:
-    """The ``tiny`` protocol longer, on two CPU cores in about an hour: ``cpu-base`` (12x the base tokens) and
+    """The ``tiny`` protocol longer, on two CPU cores in about 75 minutes: ``cpu-base`` (12x the base tokens) and
     ``cpu-extend`` (3x per variant), more prompts, and the stricter positive control (0.8)."""
     return dataclasses.replace(_tiny(), name="cpu", base=TRAIN["cpu-base"](), extend=TRAIN["cpu-extend"](),
                                n_ppl=12, n_fsr=48, control_accuracy=0.8)  # fmt: skip
