@@ -6,8 +6,8 @@ retrieve the first sentence at its own length, within the demo's CPU budget.
     python experiments/tiny_control.py --recipe w8_curve --set retrieval_weight=8 --set steps=2400 --every 400
     python experiments/tiny_control.py --report                           # every recipe's accuracy so far
 
-Each recipe is the ``tiny-base`` training preset with ``--set`` overrides, trained from scratch into
-runs/tiny_control/<recipe>, then scored as the demo scores its positive control: FSR teacher-forced
+Each recipe is a training preset (``--preset``, default ``tiny-base``) with ``--set`` overrides, trained
+from scratch into runs/tiny_control/<recipe>, then scored as the demo scores its positive control: FSR teacher-forced
 token accuracy at 128 and 256 tokens on held-out plays, the same prompts for every recipe. With
 ``--every K`` it is also scored at every K steps (a learning curve: how long the recipe takes to
 reach a given accuracy). Per-prompt rows, with the step and the training seconds so far, are appended
@@ -37,7 +37,8 @@ def report(path: str) -> None:
     rows = [r for r in read_rows(path) if r["metric"] == METRIC]
     for recipe in dict.fromkeys(r["variant"] for r in rows):
         mine = [(json.loads(r["config"]), r) for r in rows if r["variant"] == recipe]
-        print(f"{recipe}: {' '.join(mine[0][0]['overrides']) or '(tiny-base as it is)'}")
+        first = mine[0][0]
+        print(f"{recipe}: {first.get('preset', 'tiny-base')} {' '.join(first['overrides']) or '(as it is)'}")
         for step in sorted({c.get("step", c["steps"]) for c, _ in mine}):
             at = [(c, r) for c, r in mine if c.get("step", c["steps"]) == step]
             cells = []
@@ -51,7 +52,8 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", help="a name for the overrides (its run folder and rows)")
     p.add_argument("--report", action="store_true", help="print each recipe's mean accuracy [95%% CI] and exit")
-    p.add_argument("--set", action="append", default=[], help="key=value override of tiny-base (repeatable)")
+    p.add_argument("--preset", default="tiny-base", choices=sorted(PRESETS), help="the preset a recipe changes")
+    p.add_argument("--set", action="append", default=[], help="key=value override of the preset (repeatable)")
     p.add_argument("--every", type=int, default=0, help="also score every this many steps (a learning curve)")
     p.add_argument("--lengths", default="128,256")
     p.add_argument("--n", type=int, default=32, help="FSR prompts per length")
@@ -65,12 +67,12 @@ if __name__ == "__main__":
     if a.every < 0:
         p.error(f"--every {a.every}: accepted: 0 (score the end only) or a number of steps >= 1")
 
-    cfg = apply_overrides(PRESETS["tiny-base"](), a.set)
+    cfg = apply_overrides(PRESETS[a.preset](), a.set)
     if a.every:  # a checkpoint at every scored step (the curve is scored from them)
         cfg = dataclasses.replace(cfg, save_every=a.every)
     earlier = [json.loads(r["config"]) for r in read_rows(a.out) if r["variant"] == a.recipe and r["metric"] == METRIC]
-    if any(c["overrides"] != a.set for c in earlier):
-        raise SystemExit(f"recipe {a.recipe!r} has rows in {a.out} with other overrides: choose another name")
+    if any((c.get("preset", "tiny-base"), c["overrides"]) != (a.preset, a.set) for c in earlier):
+        raise SystemExit(f"recipe {a.recipe!r} has rows in {a.out} from another preset or overrides: choose a new name")
     scored = {c.get("step", c["steps"]) for c in earlier}
     seconds = max([c["train_seconds"] for c in earlier], default=0.0)
     corpus = data.prepare_corpus(cfg.data, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
@@ -89,7 +91,7 @@ if __name__ == "__main__":
         result = train(cfg, folder, resume=True, stop_after=step - done, corpus=corpus)
         seconds = round(seconds + time.perf_counter() - t, 1)
         model = load_model(result.get("final") or str(find_checkpoint(folder)))
-        config = {"overrides": a.set, "train_seconds": seconds, "steps": cfg.steps, "step": step,
+        config = {"preset": a.preset, "overrides": a.set, "train_seconds": seconds, "steps": cfg.steps, "step": step,
                   "final_loss": result["losses"][-1]}  # fmt: skip
         rows = ev.eval_fsr_samples(model, corpus.tokenizer, corpus.val_docs, lengths, n=a.n, generate=False,
                                    experiment="tiny_control", variant=a.recipe, config=config)  # fmt: skip

@@ -476,7 +476,10 @@ def mix_retrieval(
     each example to itself (packed sequences), as an evaluation prompt is alone. Only the answer and
     its EOS carry loss (weight ``answer_weight``); the row's unused end is text, with weight 1. A
     ``copy_share`` of the examples are copy examples instead: ``context + COPY_QUESTION + context + EOS``
-    (the context at most half the row), the copy and its EOS carrying the loss. ``weights[i]`` weighs
+    (the context at most half the row), the copy and its EOS carrying the loss. A drawn context longer
+    than fits a row with its question and answer is cut to fit, so with ``max_context`` near ``seq_len``
+    the model is taught to retrieve from as far back as its window reaches (the evaluation at the
+    trained length asks that). ``weights[i]`` weighs
     the prediction of ``tokens[i + 1]``."""
     rng = random.Random(seed)
     q = examples.question
@@ -496,6 +499,8 @@ def mix_retrieval(
                 question = examples.copy_question
                 n = min(n, (seq_len - len(question) - 1) // 2)
                 ans = ctx[:n]
+            else:  # at most what fits a row with its question and answer: the longest reaches the row's end
+                n = min(n, seq_len - len(question) - len(ans) - 1)
             if n <= len(ans) and question is q:
                 continue  # a context no longer than its answer: draw another
             if len(ids) + n + len(question) + len(ans) + 1 > seq_len:
