@@ -20,9 +20,9 @@ At CPU scale the paper's regime is kept by scaling its RoPE base with the length
 the ABF base with its scale base scaled alike (``regime_variants``).
 
 Presets are functions returning an ``AblationConfig``: ``micro`` (tests, seconds), ``tiny``
-(``ropekit demo``: two CPU cores, about ten minutes), ``cpu`` (the same protocol, longer, on two CPU
-cores), ``small`` (one GPU), ``paper`` (Llama 2 7B on a node; ``--dry-run`` prints its plan
-anywhere). Running again resumes: finished stages are skipped.
+(``ropekit demo``: two CPU cores, minutes, from the shipped base model), ``cpu`` (the same protocol
+with its own base, longer, on two CPU cores), ``small`` (one GPU), ``paper`` (Llama 2 7B on a node;
+``--dry-run`` prints its plan anywhere). Running again resumes: finished stages are skipped.
 """
 
 from __future__ import annotations
@@ -82,20 +82,22 @@ class AblationConfig:
 
 
 def _tiny() -> AblationConfig:
-    """Two CPU cores, ~10 minutes: the ``tiny-base`` and ``tiny-extend`` training presets (a 4-layer,
-    128-wide Llama, ~1.3M parameters with a 2,048-token BPE, 256 -> 2,048 tokens: the paper's 8x)."""
+    """Two CPU cores, a few minutes: the ``tiny-extend`` training preset from the shipped base model
+    (``ropekit-tiny-256``, a 4-layer, 128-wide Llama, ~1.3M parameters with a 2,048-token BPE, trained by
+    ``cpu-base``), 256 -> 2,048 tokens: the paper's 8x. Like the paper, it starts from a released base;
+    the ``cpu`` preset trains that base itself."""
     variants = regime_variants(256)
-    return AblationConfig(name="tiny", base=TRAIN["tiny-base"](), extend=TRAIN["tiny-extend"](), variants=variants,
+    return AblationConfig(name="tiny", base=TRAIN["cpu-base"](), extend=TRAIN["tiny-extend"](), variants=variants,
                           reference=variants[2], ppl_lengths=(256, 512, 1024, 2048, 4096),
                           fsr_lengths=(128, 256, 512, 1024, 2048), n_ppl=6, n_fsr=32, bin_size=128,
-                          model_params="~1.3M")  # fmt: skip
+                          model_params="~1.3M", pretrain_base=False, base_length=256)  # fmt: skip
 
 
 def _cpu() -> AblationConfig:
-    """The ``tiny`` protocol longer, on two CPU cores in about 75 minutes: ``cpu-base`` (12x the base tokens) and
-    ``cpu-extend`` (3x per variant), more prompts, and the stricter positive control (0.8)."""
-    return dataclasses.replace(_tiny(), name="cpu", base=TRAIN["cpu-base"](), extend=TRAIN["cpu-extend"](),
-                               n_ppl=12, n_fsr=48, control_accuracy=0.8)  # fmt: skip
+    """The ``tiny`` protocol with its own base, on two CPU cores in about an hour: ``cpu-base`` trained here,
+    ``cpu-extend`` (3x the tokens per variant), more prompts, and the stricter positive control (0.8)."""
+    return dataclasses.replace(_tiny(), name="cpu", extend=TRAIN["cpu-extend"](), n_ppl=12, n_fsr=48,
+                               control_accuracy=0.8, pretrain_base=True, base_length=None)  # fmt: skip
 
 
 def _micro() -> AblationConfig:
@@ -146,6 +148,19 @@ def _slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", spec)
 
 
+def _shipped_base(spec: str) -> str | None:
+    """How a base model shipped with ropekit was made (its provenance.json), or None for other specs."""
+    from ropekit.models import ASSETS, SHIPPED_MODELS
+
+    if spec not in SHIPPED_MODELS:
+        return None
+    record = json.loads((ASSETS / spec / "provenance.json").read_text())
+    t = record["training_config"]
+    return (f"{spec}, shipped with ropekit: {t['steps']} steps x {t['tokens_per_step']:,} tokens at {t['seq_len']} "
+            f"({t['method']}) from scratch on the training split, by `{record['command']}` at commit "
+            f"{record['trained_at_commit'][:12]}")  # fmt: skip
+
+
 def plan(cfg: AblationConfig, world_size: int = 1) -> str:
     """What the run will do: steps, tokens, sequence lengths and (for 7B) the memory per GPU."""
     b, e = cfg.base, cfg.extend
@@ -154,7 +169,7 @@ def plan(cfg: AblationConfig, world_size: int = 1) -> str:
         lines.append(f"  base: {b.steps} steps x {b.tokens_per_step:,} tokens = {b.steps * b.tokens_per_step:,} tokens "
                      f"at {b.seq_len} ({b.method})")  # fmt: skip
     else:
-        lines.append(f"  base: {cfg.notes.get('base', e.init_from)}")
+        lines.append(f"  base: {cfg.notes.get('base') or _shipped_base(e.init_from) or e.init_from}")
     lines.append(f"  extend x{len(cfg.variants)} ({', '.join(cfg.variants)}): {e.steps} steps x {e.tokens_per_step:,} "
                  f"tokens = {e.steps * e.tokens_per_step:,} tokens each at {e.seq_len}; lr {e.lr}, warm-up "
                  f"{e.warmup_steps}, accumulation {e.accumulation(world_size)} x micro-batch {e.micro_batch} "

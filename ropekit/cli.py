@@ -15,6 +15,8 @@ import time
 
 __all__ = ["main"]
 
+_MODEL_HELP = "tiny:<family>, smollm2-135m, ropekit-tiny-256, a .gguf, a folder or hub id (ropekit.models)"
+
 
 def _cmd_methods(args: argparse.Namespace) -> int:
     from ropekit.methods import METHODS
@@ -368,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("check", help="load a model, patch it, compare logits and generate")
-    p.add_argument("--model", default="smollm2-135m", help="tiny:<family>, smollm2-135m, a .gguf, a folder or hub id")
+    p.add_argument("--model", default="smollm2-135m", help=_MODEL_HELP)
     p.add_argument("--rope", default="rope", help="method spec (default: rope, which must leave logits unchanged)")
     p.add_argument("--length", type=_at_least(2), default=256, help="tokens to score")
     p.add_argument("--new-tokens", type=_at_least(1), default=16)
@@ -383,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("passkey", "5-digit passkey at several depths: exact match and teacher-forced accuracy"),
     ):
         e = esub.add_parser(task, help=help_text)
-        e.add_argument("--model", required=True, help="tiny:<family>, smollm2-135m, a .gguf, a folder or hub id")
+        e.add_argument("--model", required=True, help=_MODEL_HELP)
         e.add_argument("--rope", default=None, help="method spec to patch in (default: the model as saved)")
         e.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
         e.add_argument("--lengths", type=_int_list, default=[1024, 2048, 4096], help="comma-separated lengths")
@@ -472,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_advise)
 
     p = sub.add_parser("sweep", help="training-free evaluation of candidate methods against the model as it is")
-    p.add_argument("--model", required=True, help="tiny:<family>, smollm2-135m, a .gguf, a folder or hub id")
+    p.add_argument("--model", required=True, help=_MODEL_HELP)
     p.add_argument("--target-length", type=int, required=True, help="the length L' to extend to")
     p.add_argument("--methods", default=None, help="';'-separated method specs")
     p.add_argument("--from-advise", action="store_true", help="the candidates of `ropekit advise`")

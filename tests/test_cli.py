@@ -15,7 +15,7 @@ CASES = [
     (["check", "--model", "tiny:llama", "--length", "0"], "--length: expected an integer >= 2"),
     (["train", "--preset", "bogus"], "invalid choice: 'bogus'"),
     (["train", "--set", "lr"], "must be key=value"),
-    (["train", "--preset", "tiny-extend", "--out", "OUT"], "init_from 'runs/tiny-base/final' not found"),
+    (["train", "--preset", "cpu-extend", "--out", "OUT"], "init_from 'runs/cpu-base/final' not found"),
     (["demo", "--preset", "bogus"], "invalid choice: 'bogus'"),
     (["demo", "--world-size", "0", "--dry-run"], "--world-size: expected an integer >= 1"),
     (["figures", "--results", "/no/such.csv", "--out", "OUT"], "no result rows in /no/such.csv"),

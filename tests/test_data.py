@@ -204,3 +204,23 @@ def test_copy_examples_ask_for_the_whole_context_back():
             assert list(seg[:n]) == list(targets[:-1]) and list(seg[n : n + len(q)]) == q
             copies += 1
     assert copies >= 10
+
+
+def test_retrieval_contexts_reach_as_far_back_as_the_row_allows():
+    """With max_context at the row's length, each drawn context is cut to fit its question and answer, so
+    the longest examples fill a row: the distance the evaluation at the trained length asks for."""
+    docs, tok, _ = _retrieval_corpus()
+    examples = data.retrieval_examples(docs, tok, max_context=96)
+    text = data.pack(data.tokenize_documents(docs, tok), 96, eos_id=tok.eos_token_id)
+    mix = data.mix_retrieval(text, examples, seq_len=96, share=1.0, min_context=16, max_context=96,
+                             eos_id=tok.eos_token_id, seed=1)  # fmt: skip
+    full = 0
+    for ids, pos, w in (next(mix) for _ in range(30)):
+        starts = np.flatnonzero(pos == 0)
+        for a, b in zip(starts, [*starts[1:], 96], strict=False):
+            if (w[a : b - 1] == 1).all():
+                continue  # the text at the row's end
+            answer_end = a + np.flatnonzero(w[a:b])[-1] + 1  # the EOS closing the answer
+            assert ids[answer_end] == tok.eos_token_id and answer_end < 96
+            full += int(answer_end == 95)
+    assert full >= 5  # examples whose EOS is the row's last token

@@ -150,7 +150,7 @@ def _shrunk(cfg, init_from=None):
                                n_fsr=1, bin_size=32, needs_gpu=False)  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "paper"])
+@pytest.mark.parametrize("name", ["tiny", "cpu", "small", "paper"])
 def test_every_demo_preset_runs_its_pipeline_one_step_on_cpu(name, tmp_path):
     from ropekit.train import train
 
@@ -162,6 +162,24 @@ def test_every_demo_preset_runs_its_pipeline_one_step_on_cpu(name, tmp_path):
     rows = read_rows(result["results"])
     assert {r["metric"] for r in rows} >= {"window_nll", "fsr_sample_token_accuracy", "position_nll"}
     assert {r["variant"] for r in rows} == {"base", PRESETS[name]().reference}
+
+
+def test_the_demo_extends_the_shipped_base(tmp_path):
+    """``ropekit demo`` starts from ropekit-tiny-256: its tokenizer, its weights, its controls (one step of
+    one variant here, at the base's own length)."""
+    import dataclasses
+
+    cfg = PRESETS["tiny"]()
+    assert cfg.extend.init_from == "ropekit-tiny-256" and not cfg.pretrain_base and cfg.trained_length == 256
+    assert "ropekit-tiny-256, shipped with ropekit: 3300 steps x 4,096 tokens at 256 (rope:base=625)" in plan(cfg)
+    extend = dataclasses.replace(cfg.extend, seq_len=256, steps=1, tokens_per_step=256, micro_batch=1,
+                                 warmup_steps=0, eval_batches=1)  # fmt: skip
+    cfg = dataclasses.replace(cfg, extend=extend, variants=cfg.variants[2:3], ppl_lengths=(256,), fsr_lengths=(128,),
+                              n_ppl=1, n_fsr=4, bin_size=128, fsr_generate=False)  # fmt: skip
+    rows = read_rows(run(cfg, tmp_path, log=lambda *_: None)["results"])
+    control = [float(r["value"]) for r in rows if r["variant"] == "base" and r["metric"] == "fsr_sample_token_accuracy"]
+    assert len(control) == 4 and sum(control) / 4 >= 0.6  # the shipped base retrieves at 128
+    assert {r["variant"] for r in rows} == {"base", cfg.reference}
 
 
 def test_an_ablation_folder_is_not_resumed_with_another_config(tmp_path):

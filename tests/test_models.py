@@ -68,3 +68,58 @@ def test_smollm2_offline_patch_with_rope_keeps_logits_and_generates():
     assert out.shape[1] == 24
     assert tok.decode(out[0, 16:]).strip() != ""
     handle.undo()
+
+
+def test_the_shipped_base_is_checked_against_its_recorded_sha256(tmp_path, monkeypatch):
+    folder = models.shipped_path("ropekit-tiny-256")
+    model = models.load_model("ropekit-tiny-256")
+    assert model.config.max_position_embeddings == 256 and model.config.ropekit["method"] == "rope:base=625"
+    assert models.load_tokenizer("ropekit-tiny-256").vocab_size == model.config.vocab_size
+    # an edited copy is refused when it is loaded, naming both digests
+    import shutil
+
+    shutil.copytree(folder, tmp_path / "ropekit-tiny-256")
+    weights = tmp_path / "ropekit-tiny-256" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    monkeypatch.setattr(models, "ASSETS", tmp_path)
+    with pytest.raises(RuntimeError, match="has weights of sha256 .* not the .* reinstall ropekit"):
+        models.load_model("ropekit-tiny-256")
+    (tmp_path / "ropekit-tiny-256" / "provenance.json").unlink()
+    with pytest.raises(RuntimeError, match="incomplete"):
+        models.load_model("ropekit-tiny-256")
+
+
+def test_the_shipped_base_retrieves_at_its_length_and_not_beyond_it():
+    """The demo's controls, on held-out plays: the shipped base retrieves the first sentence at <= 256 (the
+    positive control's 0.8, on 16 prompts) and fails at 2,048 with no extension (the negative control)."""
+    from ropekit import data
+    from ropekit.eval import run as ev
+
+    tokenizer = models.load_tokenizer("ropekit-tiny-256")
+    corpus = data.prepare_corpus("shakespeare", val_fraction=0.15, split_seed=0, tokenizer=tokenizer)
+    rows = ev.eval_fsr_samples(models.load_model("ropekit-tiny-256"), tokenizer, corpus.val_docs, [128, 256, 2048],
+                               n=16, generate=False, experiment="t", variant="base", config={})  # fmt: skip
+
+    def accuracy(length):
+        metric = "fsr_sample_token_accuracy"
+        values = [r["value"] for r in rows if r["metric"] == metric and r["context_length"] == length]
+        assert len(values) == 16
+        return sum(values) / len(values)
+
+    assert accuracy(128) >= 0.8 and accuracy(256) >= 0.8
+    assert accuracy(2048) <= 0.3
+
+
+def test_the_shipped_base_is_what_the_cpu_base_preset_trains():
+    """The demo says it starts from cpu-base's model: the shipped model's recorded training config is the
+    preset's (settings that only choose when to save or evaluate aside)."""
+    import json
+
+    from ropekit.train import _RESUME_FREE, PRESETS
+    from ropekit.typed import config_differences
+
+    record = json.loads((models.shipped_path("ropekit-tiny-256") / "provenance.json").read_text())
+    differ = config_differences(record["training_config"], PRESETS["cpu-base"]())
+    assert [d for d in differ if d.split(":")[0] not in _RESUME_FREE] == []
