@@ -764,8 +764,9 @@ def kv_cache_of(output):
 
 def _kv_cache(get):
     """The KV cache a forward's keyword arguments or output hold: ``cache`` since transformers 5.24,
-    ``past_key_values`` before (``get``: a name -> value lookup)."""
-    return next((c for c in (get("cache"), get("past_key_values")) if c is not None), None)
+    ``past_key_values`` before (``get``: a name -> value lookup). The old name is read only when the new
+    one is absent: transformers warns on reading it."""
+    return next((c for c in map(get, ("cache", "past_key_values")) if c is not None), None)
 
 
 def _cached_keys(cache, layer_type: str | None = None, layer_of_cache: list[str] | None = None) -> list[torch.Tensor]:
