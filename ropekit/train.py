@@ -172,38 +172,31 @@ def model_of(size: str, seq_len: int) -> dict[str, int]:
 
 def _tiny_base() -> TrainConfig:
     """A tiny Llama from scratch at 256 tokens on the built-in text, in about five minutes on two CPU cores.
-    RoPE base 625 (the paper's regime at 256 tokens: ``ropekit.analysis.regime_base``); 60% of the rows are
-    packed with FIRST-SENTENCE-RETRIEVAL examples from the training plays (the positive control's skill).
-    Its 450 steps are too few for that skill to appear (``experiments/tiny_control.py``): ``cpu-base``
-    trains it, and the demo starts from ``cpu-base``'s model as shipped (``ropekit-tiny-256``)."""
+    RoPE base 625 (the paper's regime at 256 tokens: ``ropekit.analysis.regime_base``). 60% of the rows
+    are packed with FIRST-SENTENCE-RETRIEVAL examples from the training plays (the positive control's
+    skill), contexts up to the whole row; an answer token weighs 8 text tokens and a quarter of the
+    examples are copies (the whole context asked back): ``experiments/tiny_control.py`` calibrated this
+    mix. ``cpu-base`` trains it 7x longer; the demo starts from that model as shipped (``ropekit-tiny-256``)."""
     return TrainConfig(
         model="tiny:llama", model_overrides=model_of("tiny", 256), method=regime_variants(256)[0],
-        data="shakespeare", vocab_size=2048, retrieval_share=0.6,
+        data="shakespeare", vocab_size=2048, retrieval_share=0.6, retrieval_weight=8.0, retrieval_copy=0.25,
         seq_len=256, steps=450, tokens_per_step=4096, micro_batch=16, lr=3e-3, warmup_steps=30,
         eval_every=90, save_every=90,
     )  # fmt: skip
 
 
-# The cpu presets' retrieval mix (base and continued pretraining alike): an answer token weighs 8 text tokens
-# and a quarter of the examples are copies (the whole context asked back). With it the retrieval skill
-# appears within the cpu budget: FSR accuracy at 128 rose from 0.28 at 1,100 steps to 0.92 at 2,200
-# (``python experiments/tiny_control.py --report``, recipe w8_copy25_5500).
-_CPU_MIX = dict(retrieval_weight=8.0, retrieval_copy=0.25)
-
-
 def _tiny_extend() -> TrainConfig:
     """Continue the shipped base (``ropekit-tiny-256``: ``cpu-base``'s model) at 8x its length (the paper's
-    4k -> 32k ratio) with one method, on the base's mix (``_CPU_MIX``; retrieval contexts up to the row)."""
+    4k -> 32k ratio) with one method, on the base's mix (retrieval contexts up to the 2,048-token row)."""
     return dataclasses.replace(
         _tiny_base(), init_from="ropekit-tiny-256", seq_len=2048, steps=20, tokens_per_step=8192,
-        micro_batch=2, lr=1e-3, warmup_steps=2, eval_every=10, save_every=10, **_CPU_MIX,
+        micro_batch=2, lr=1e-3, warmup_steps=2, eval_every=10, save_every=10,
     )  # fmt: skip
 
 
 def _cpu_base() -> TrainConfig:
-    """``tiny-base`` trained 7x longer (13.5M tokens, about 35 minutes on two CPU cores) on ``_CPU_MIX``."""
-    return dataclasses.replace(_tiny_base(), steps=3300, warmup_steps=60, eval_every=500, save_every=250,
-                               **_CPU_MIX)  # fmt: skip
+    """``tiny-base`` trained 7x longer (13.5M tokens, about 35 minutes on two CPU cores)."""
+    return dataclasses.replace(_tiny_base(), steps=3300, warmup_steps=60, eval_every=500, save_every=250)
 
 
 def _cpu_extend() -> TrainConfig:
