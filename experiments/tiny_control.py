@@ -37,8 +37,9 @@ def report(path: str) -> None:
     rows = [r for r in read_rows(path) if r["metric"] == METRIC]
     for recipe in dict.fromkeys(r["variant"] for r in rows):
         mine = [(json.loads(r["config"]), r) for r in rows if r["variant"] == recipe]
-        first = mine[0][0]
-        print(f"{recipe}: {first.get('preset', 'tiny-base')} {' '.join(first['overrides']) or '(as it is)'}")
+        first, commits = mine[0][0], ", ".join(sorted({r["git_sha"][:7] for _, r in mine}))
+        preset = f"{first.get('preset', 'tiny-base')} {' '.join(first['overrides']) or '(as it is)'}"
+        print(f"{recipe}: {preset}, as the preset was at {commits}")
         for step in sorted({c.get("step", c["steps"]) for c, _ in mine}):
             at = [(c, r) for c, r in mine if c.get("step", c["steps"]) == step]
             cells = []
