@@ -6,8 +6,9 @@
 
 Copies the run's ``final/`` (weights, config, tokenizer) into ``ropekit/assets/<name>/`` and writes
 ``provenance.json`` beside it: the training config, the last logged step (loss, validation loss,
-tokens/s), the commit that trained it, the commit and library versions now, and the sha256 that
-``ropekit.models.shipped_path`` checks the weights against on every load. The demo (``ropekit demo``)
+tokens/s), the commit that trained it, the commit and library versions now, and the sha256 of each file
+that ``ropekit.models.shipped_path`` checks on every load. The tokenizer's class is written as one
+that transformers 4.x and 5.x both load. The demo (``ropekit demo``)
 starts from such a model, as the paper starts from a released Llama 2; ``ropekit demo --preset cpu``
 trains the same base from scratch.
 """
@@ -50,10 +51,15 @@ if __name__ == "__main__":
     target.mkdir(parents=True, exist_ok=True)
     for f in FILES:
         shutil.copyfile(final / f, target / f)
+    # transformers 5 saves its tokenizer class as TokenizersBackend, a name 4.x lacks; both load this one
+    tok = json.loads((target / "tokenizer_config.json").read_text())
+    tok.pop("backend", None)
+    tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+    atomic_write_text(target / "tokenizer_config.json", json.dumps(tok, indent=2) + "\n")
     prov = provenance()
     record = {
         "name": a.name,
-        "sha256": hashlib.sha256((target / "model.safetensors").read_bytes()).hexdigest(),
+        "sha256": {f: hashlib.sha256((target / f).read_bytes()).hexdigest() for f in FILES},
         "command": a.command,
         "training_config": config,
         "last_step": {k: last[k] for k in ("step", "loss", "val_loss", "tokens_per_s") if k in last},
@@ -63,4 +69,4 @@ if __name__ == "__main__":
         "versions": json.loads(prov["versions"]),
     }
     atomic_write_text(target / "provenance.json", json.dumps(record, indent=1) + "\n")
-    print(f"{target}: {record['sha256']}")
+    print(f"{target}: model.safetensors {record['sha256']['model.safetensors']}")

@@ -101,8 +101,8 @@ def _cpu() -> AblationConfig:
 
 
 def _micro() -> AblationConfig:
-    """Seconds: the plumbing of ``tiny`` with the micro model (2 layers, 32 wide), 32 -> 256 tokens (no
-    retrieval examples fit 32 tokens: the mix is in the extension only)."""
+    """Seconds: the plumbing of ``cpu`` with the micro model (2 layers, 32 wide), 32 -> 256 tokens (the
+    retrieval mix is in the extension only: at 32 tokens the question leaves almost no context)."""
     variants = regime_variants(32)
     base = dataclasses.replace(TRAIN["tiny-base"](), model_overrides=model_of("micro", 32), vocab_size=512,
                                method=variants[0], retrieval_share=0.0,
@@ -150,11 +150,11 @@ def _slug(spec: str) -> str:
 
 def _shipped_base(spec: str) -> str | None:
     """How a base model shipped with ropekit was made (its provenance.json), or None for other specs."""
-    from ropekit.models import ASSETS, SHIPPED_MODELS
+    from ropekit.models import SHIPPED_MODELS, shipped_provenance
 
     if spec not in SHIPPED_MODELS:
         return None
-    record = json.loads((ASSETS / spec / "provenance.json").read_text())
+    record = shipped_provenance(spec)
     t = record["training_config"]
     return (f"{spec}, shipped with ropekit: {t['steps']} steps x {t['tokens_per_step']:,} tokens at {t['seq_len']} "
             f"({t['method']}) from scratch on the training split, by `{record['command']}` at commit "

@@ -44,6 +44,7 @@ __all__ = [
     "NAMED_MODELS",
     "SHIPPED_MODELS",
     "shipped_path",
+    "shipped_provenance",
 ]
 
 # Tiny configs: real architectures at toy size. Comments give the full-size value where it matters.
@@ -127,23 +128,37 @@ def smollm2_path() -> Path:
     return target
 
 
-def shipped_path(name: str) -> Path:
-    """The folder of a model shipped inside ropekit, after checking its weights against the sha256 its
-    ``provenance.json`` records (a mismatch is a broken install or an edited file: it fails loudly)."""
-    import hashlib
+def shipped_provenance(name: str) -> dict[str, Any]:
+    """The ``provenance.json`` of a model shipped inside ropekit: how it was made, and each file's sha256."""
     import json
 
     if name not in SHIPPED_MODELS:
         raise ValueError(f"unknown shipped model {name!r}; accepted: {', '.join(SHIPPED_MODELS)}")
-    folder = ASSETS / name
+    path = ASSETS / name / "provenance.json"
     try:
-        expected = json.loads((folder / "provenance.json").read_text())["sha256"]
-        actual = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
-    except (OSError, KeyError, ValueError) as err:
-        raise RuntimeError(f"the shipped model {name} is incomplete in {folder}: {err}") from None
-    if actual != expected:
-        raise RuntimeError(f"the shipped model {name} in {folder} has weights of sha256 {actual}, not the "
-                           f"{expected} its provenance.json records: reinstall ropekit")  # fmt: skip
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or not isinstance(record.get("sha256"), dict):
+            raise ValueError("no per-file sha256 in it")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"the shipped model {name} is incomplete ({path}: {err}): reinstall ropekit") from None
+    return record
+
+
+def shipped_path(name: str) -> Path:
+    """The folder of a model shipped inside ropekit, after checking every file of it (weights, config,
+    tokenizer) against the sha256 its ``provenance.json`` records: a mismatch is a broken install or an
+    edited file, and fails loudly."""
+    import hashlib
+
+    folder = ASSETS / name
+    for file, expected in shipped_provenance(name)["sha256"].items():
+        try:
+            actual = hashlib.sha256((folder / file).read_bytes()).hexdigest()
+        except OSError as err:
+            raise ValueError(f"the shipped model {name} is incomplete ({err}): reinstall ropekit") from None
+        if actual != expected:
+            raise ValueError(f"the shipped model {name} has a {file} of sha256 {actual[:16]}..., not the "
+                             f"{expected[:16]}... its provenance.json records: reinstall ropekit")  # fmt: skip
     return folder
 
 
@@ -216,7 +231,7 @@ def load_model(
     """Load a causal LM by spec (see the module docstring) and re-apply a saved ropekit method.
 
     Args:
-        spec: ``tiny:<family>``, ``smollm2-135m``, a ``.gguf`` path, a folder, or a hub id.
+        spec: ``tiny:<family>``, ``smollm2-135m``, ``ropekit-tiny-256``, a ``.gguf`` path, a folder, or a hub id.
         dtype: torch dtype (default float32 for tiny and GGUF models, the checkpoint's otherwise).
         device: where to put the model.
         attn_implementation: "sdpa" (default), "eager", "flash_attention_2", ...

@@ -70,25 +70,34 @@ def test_smollm2_offline_patch_with_rope_keeps_logits_and_generates():
     handle.undo()
 
 
-def test_the_shipped_base_is_checked_against_its_recorded_sha256(tmp_path, monkeypatch):
+def test_the_shipped_base_is_checked_against_its_recorded_sha256(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from ropekit.cli import main
+
     folder = models.shipped_path("ropekit-tiny-256")
     model = models.load_model("ropekit-tiny-256")
     assert model.config.max_position_embeddings == 256 and model.config.ropekit["method"] == "rope:base=625"
     assert models.load_tokenizer("ropekit-tiny-256").vocab_size == model.config.vocab_size
-    # an edited copy is refused when it is loaded, naming both digests
-    import shutil
-
-    shutil.copytree(folder, tmp_path / "ropekit-tiny-256")
-    weights = tmp_path / "ropekit-tiny-256" / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 1
-    weights.write_bytes(bytes(data))
-    monkeypatch.setattr(models, "ASSETS", tmp_path)
-    with pytest.raises(RuntimeError, match="has weights of sha256 .* not the .* reinstall ropekit"):
-        models.load_model("ropekit-tiny-256")
+    # an edited copy is refused when it is loaded, naming the file; the command line says so in one line
+    for edited in ("model.safetensors", "config.json"):
+        shutil.rmtree(tmp_path / "ropekit-tiny-256", ignore_errors=True)
+        shutil.copytree(folder, tmp_path / "ropekit-tiny-256")
+        path = tmp_path / "ropekit-tiny-256" / edited
+        data = bytearray(path.read_bytes())
+        data[-2] ^= 1
+        path.write_bytes(bytes(data))
+        monkeypatch.setattr(models, "ASSETS", tmp_path)
+        with pytest.raises(ValueError, match=f"has a {edited} of sha256 .* not the .* reinstall ropekit"):
+            models.load_model("ropekit-tiny-256")
+    capsys.readouterr()
+    assert main(["check", "--model", "ropekit-tiny-256"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "config.json" in err and "reinstall ropekit" in err
     (tmp_path / "ropekit-tiny-256" / "provenance.json").unlink()
-    with pytest.raises(RuntimeError, match="incomplete"):
+    with pytest.raises(ValueError, match="incomplete"):
         models.load_model("ropekit-tiny-256")
+    assert main(["demo", "--dry-run"]) == 2  # the plan reads the provenance too
 
 
 def test_the_shipped_base_retrieves_at_its_length_and_not_beyond_it():
@@ -115,11 +124,9 @@ def test_the_shipped_base_retrieves_at_its_length_and_not_beyond_it():
 def test_the_shipped_base_is_what_the_cpu_base_preset_trains():
     """The demo says it starts from cpu-base's model: the shipped model's recorded training config is the
     preset's (settings that only choose when to save or evaluate aside)."""
-    import json
-
     from ropekit.train import _RESUME_FREE, PRESETS
     from ropekit.typed import config_differences
 
-    record = json.loads((models.shipped_path("ropekit-tiny-256") / "provenance.json").read_text())
+    record = models.shipped_provenance("ropekit-tiny-256")
     differ = config_differences(record["training_config"], PRESETS["cpu-base"]())
     assert [d for d in differ if d.split(":")[0] not in _RESUME_FREE] == []
