@@ -257,6 +257,9 @@ def table5(results: str | Path, length: int) -> str:
 
 
 def draw_all(out: str | Path, results: list[str | Path] = ()) -> list[Path]:
+    for r in results:  # a wrong path fails before the analytic figures' seconds of work
+        if not read_rows(r):
+            raise ValueError(f"no result rows in {r}")
     written = draw_analytic(out)
     for r in results:
         written += draw_results(r, out)
