@@ -471,16 +471,16 @@ def mix_retrieval(
     """(tokens, positions, loss weights) rows: a ``share`` of them packed with retrieval examples, the
     rest the ``text`` stream's windows (weight 1 on every next-token prediction).
 
-    An example is ``context + question + answer + EOS`` with a context of uniformly drawn length in
-    [min_context, max_context]; its positions start at 0, so with no attention mask transformers keeps
-    each example to itself (packed sequences), as an evaluation prompt is alone. Only the answer and
-    its EOS carry loss (weight ``answer_weight``); the row's unused end is text, with weight 1. A
-    ``copy_share`` of the examples are copy examples instead: ``context + COPY_QUESTION + context + EOS``
+    An example is ``context + question + answer + EOS`` with a context length drawn uniformly in
+    [min_context, max_context], then cut to fit (below); its positions start at 0, so with no attention
+    mask transformers keeps each example to itself (packed sequences), as an evaluation prompt is alone.
+    Only the answer and its EOS carry loss (weight ``answer_weight``); the row's unused end is text, with
+    weight 1. A ``copy_share`` of the examples are copy examples instead: ``context + COPY_QUESTION + context + EOS``
     (the context at most half the row), the copy and its EOS carrying the loss. A drawn context longer
-    than fits a row with its question and answer is cut to fit, so with ``max_context`` near ``seq_len``
-    the model is taught to retrieve from as far back as its window reaches (the evaluation at the
-    trained length asks that). ``weights[i]`` weighs
-    the prediction of ``tokens[i + 1]``."""
+    than fits a row with its question and answer is cut to fit (so it may end below ``min_context``):
+    with ``max_context`` near ``seq_len`` the model is taught to retrieve from as far back as its window
+    reaches, as the evaluation at the trained length asks. ``weights[i]`` weighs the prediction of
+    ``tokens[i + 1]``."""
     rng = random.Random(seed)
     q = examples.question
     while True:
