@@ -54,7 +54,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", help="a name for the overrides (its run folder and rows)")
     p.add_argument("--report", action="store_true", help="print each recipe's mean accuracy [95%% CI] and exit")
-    scratch = sorted(name for name, preset in PRESETS.items() if preset().init_from is None and name != "paper")
+    scratch = sorted(name for name, preset in PRESETS.items() if preset().init_from is None)
     p.add_argument("--preset", default="tiny-base", choices=scratch, help="the from-scratch preset a recipe changes")
     p.add_argument("--set", action="append", default=[], help="key=value override of the preset (repeatable)")
     p.add_argument("--every", type=int, default=0, help="also score every this many steps (a learning curve)")

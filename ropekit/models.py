@@ -9,7 +9,7 @@ Specs:
 - ``ropekit-tiny-256``: the demo's base model, shipped inside ropekit (``ropekit/assets/``): the
   ``cpu-base`` training preset's 1.3M-parameter Llama, trained at 256 tokens with RoPE base 625 on
   the training split of the built-in plays, with its tokenizer; ``provenance.json`` beside it records
-  how it was made and the sha256 its weights are checked against on every load;
+  how it was made and the sha256 of each file, checked on every load (``shipped_path``);
 - a path to a ``.gguf`` file (dequantised by transformers through the ``gguf`` package);
 - a local folder or a Hugging Face hub id (``AutoModelForCausalLM.from_pretrained``).
 
