@@ -45,9 +45,17 @@ frequencies they were cached with). This is exact for the first layer; in deeper
 also depends on attention outputs computed with the older frequencies, which no cache can undo, so
 decoding stays close to, not equal to, a full forward (measured in tests/test_hf.py).
 
-Hub kernels: a model loaded with ``use_kernels=True`` may have its rotary function replaced by a kernel
-from the Hugging Face hub that expects tensors; ``patch`` refuses such a model (load it without
-``use_kernels``; ropekit's own Triton kernel runs on CUDA instead).
+Hub kernels (transformers >= 5.25 loads every model with ``use_kernels`` on): the modeling module's
+``apply_rotary_pos_emb`` is then a ``kernels`` wrapper module, and each attention layer holds a private copy
+of it whose forward ``kernelize`` swaps for the hub's ``rotary`` kernel on CUDA (on CPU nothing is swapped).
+Attention still calls the function by its module-level name, so the dispatcher ``patch`` installs there
+stands in front of every copy: a patched model rotates with ropekit whatever was kernelized (and whenever
+``model.train()`` re-kernelizes), an unpatched model in the same process reaches its hub kernel through
+the dispatcher, and undo puts the wrapper back. ropekit does not register itself in the ``kernels``
+mapping for ``rotary_pos_emb``: that mapping is process-wide, applies only when a model is kernelized,
+exists only on transformers >= 5.25 with ``kernels`` installed, and would still leave the frequencies to
+the rotary module; the module-level name is what attention calls in every release ropekit supports. Should a
+release call a kernel copy directly, that copy receives a ``RopeContext`` and fails loudly.
 """
 
 from __future__ import annotations
@@ -83,7 +91,7 @@ __all__ = [
     "read_methods",
 ]
 
-MIN_TRANSFORMERS = (4, 45)
+MIN_TRANSFORMERS = (4, 57)  # the oldest release CI tests (4.57.6); pyproject.toml says the same
 LAYER_TYPE_ALIASES = {"full": "full_attention", "sliding": "sliding_attention"}
 
 _TRANSFORMERS_VERSION = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
@@ -292,9 +300,31 @@ def _source(obj) -> str | None:
 
 
 def _unwrap(fn):
+    fn = _plain(fn) or fn
     while hasattr(fn, "__wrapped__"):
-        fn = fn.__wrapped__
+        fn = _plain(fn.__wrapped__) or fn.__wrapped__
     return fn
+
+
+def _plain(fn):
+    """The Python function a module attribute stands for, or None when it hides it.
+
+    transformers >= 5.25 decorates ``apply_rotary_pos_emb`` with ``kernels``' ``use_kernel_forward_from_hub``,
+    which turns the function into an ``nn.Module`` instance (class attribute ``kernel_layer_name``) that calls
+    the function from its ``forward``; each attention layer holds a private copy of that module, whose forward
+    ``kernelize`` may swap for a hub kernel. The function itself is the one function in that forward's
+    closure. Anything else callable is returned as it is."""
+    if not (isinstance(fn, nn.Module) and hasattr(type(fn), "kernel_layer_name")):
+        return fn
+    inner = []
+    for cell in getattr(type(fn).forward, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if inspect.isfunction(value):
+            inner.append(value)
+    return inner[0] if len(inner) == 1 else None
 
 
 def _apply_functions(module) -> dict[str, Any]:
@@ -307,8 +337,11 @@ def _apply_functions(module) -> dict[str, Any]:
         if not name.startswith(_APPLY_PREFIX) or name.endswith("_vision") or not callable(fn):
             continue
         fn = _MODULE_PATCHES.get(module.__name__, {}).get("originals", {}).get(name, fn)
+        plain = _plain(fn)
+        if plain is None:
+            continue
         try:
-            params = list(inspect.signature(fn).parameters)[:4]
+            params = list(inspect.signature(plain).parameters)[:4]
         except (TypeError, ValueError):
             continue
         if params == ["q", "k", "cos", "sin"] or params[:3] == ["x", "cos", "sin"]:
@@ -318,7 +351,7 @@ def _apply_functions(module) -> dict[str, Any]:
 
 def _is_single(fn) -> bool:
     """The one-tensor form ``apply_rotary_pos_emb(x, cos, sin, ...)`` (Gemma 4) rather than (q, k, cos, sin)."""
-    return list(inspect.signature(fn).parameters)[:1] == ["x"]
+    return list(inspect.signature(_plain(fn)).parameters)[:1] == ["x"]
 
 
 def _layout(fn, module) -> str | None:
@@ -502,12 +535,6 @@ def _contract(model: nn.Module) -> _Contract:
     config = getattr(model, "config", None)
     if config is None:
         raise Unsupported(f"{type(model).__name__} has no config (not a transformers model)")
-    if getattr(model, "use_kernels", False):
-        raise Unsupported(
-            "the model was loaded with use_kernels=True: a hub kernel may replace apply_rotary_pos_emb and receive "
-            "ropekit's context instead of (cos, sin); load it without use_kernels "
-            "(ropekit's Triton kernel runs on CUDA)"
-        )
     base_model = _decoder(model)
     if base_model is None:
         raise Unsupported(
@@ -617,6 +644,14 @@ class RopekitRotary(nn.Module):
     cannot degrade the frequencies; the float64 tables are cached per device (and per length for
     dynamic NTK and LongRoPE). ``inv_freq``, ``attention_scaling``, ``rope_type`` and ``config`` read like
     transformers' own module (for code that inspects it).
+
+    It is not built from a ``config`` and its forward never returns ``(cos, sin)`` tables, on purpose: code
+    that would rotate with tables (a caller of ``rotary_emb``, a hub kernel behind the ``(q, k, cos, sin)``
+    signature) gets a context that fails loudly rather than float32 tables that bypass ropekit's angles,
+    and xPos (q scaled by zeta^m, k by zeta^-m) has no single table at all. transformers'
+    ``test_model_rope_scaling_frequencies``, which builds the rotary class from a config and reads its
+    tables, therefore skips on a patched model; it tests transformers' own module, which ``native``
+    reproduces (tests/test_hf.py, tests/test_families.py).
     """
 
     def __init__(
@@ -790,8 +825,10 @@ def _cached_keys(cache, layer_type: str | None = None, layer_of_cache: list[str]
 _MODULE_PATCHES: dict[str, dict[str, Any]] = {}  # module name -> {"originals": {name: fn}, "count": n}
 
 
-def _dispatcher(original, layout: str):
-    signature = inspect.signature(original)
+def _dispatcher(original, layout: str, name: str):
+    """``original`` (a function, or transformers' hub-kernel module standing for one) behind a function that
+    rotates with ropekit when handed a ``RopeContext`` and calls ``original`` otherwise."""
+    signature = inspect.signature(_plain(original))
 
     def unsqueeze_dim_of(*args, **kwargs) -> int:
         return signature.bind(*args, **kwargs).arguments.get("unsqueeze_dim", 1)
@@ -817,7 +854,7 @@ def _dispatcher(original, layout: str):
 
         dispatch = apply_rotary_pos_emb
     dispatch.__wrapped__ = original
-    dispatch.__name__ = original.__name__
+    dispatch.__name__ = name
     return dispatch
 
 
@@ -829,7 +866,7 @@ def _install_dispatch(module, layouts: dict[str, str]) -> None:
     originals = {}
     for name, layout in layouts.items():
         originals[name] = getattr(module, name)
-        setattr(module, name, _dispatcher(originals[name], layout))
+        setattr(module, name, _dispatcher(originals[name], layout, name))
     _MODULE_PATCHES[module.__name__] = {"originals": originals, "count": 1}
 
 

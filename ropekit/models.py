@@ -15,7 +15,8 @@ Specs:
 
 A model saved from a ropekit-patched model carries ``config.ropekit``; ``load_model`` re-applies
 that method (transformers alone cannot: xPos has no Hugging Face rope type). Remote code never
-runs unless ``trust_remote_code=True``.
+runs unless ``trust_remote_code=True``. Models load with ``use_kernels=False``: transformers >= 5.25
+would otherwise fetch hub kernels (on CUDA, for the rotary function ropekit replaces anyway).
 """
 
 from __future__ import annotations
@@ -257,7 +258,11 @@ def load_model(
     elif kind == "gguf":
         path = Path(info["path"])
         model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=dtype or torch.float32, attn_implementation=attn
+            str(path.parent),
+            gguf_file=path.name,
+            dtype=dtype or torch.float32,
+            attn_implementation=attn,
+            use_kernels=False,
         )
         # transformers dequantises GGUF weights into plain float tensors when it loads them; the quantizer
         # record left on the model only makes save_pretrained refuse. Drop it: the model is a float model.
@@ -267,7 +272,11 @@ def load_model(
             del model.config.quantization_config
     else:
         model = _from_pretrained(
-            info["name"], dtype=dtype or "auto", attn_implementation=attn, trust_remote_code=trust_remote_code
+            info["name"],
+            dtype=dtype or "auto",
+            attn_implementation=attn,
+            trust_remote_code=trust_remote_code,
+            use_kernels=False,
         )
     if device is not None:
         model = model.to(device)

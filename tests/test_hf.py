@@ -3,6 +3,8 @@ decoding equal to a full forward, save/load round trips, undo, clear errors."""
 
 import copy
 import math
+import sys
+import types
 import warnings
 
 import pytest
@@ -399,12 +401,62 @@ def test_patched_rotary_exposes_what_transformers_reads():
     assert model.model.rotary_emb.rope_type == "yarn"
 
 
-def test_model_loaded_with_hub_kernels_is_refused():
-    model = load_model("tiny:llama")
-    model._use_kernels = True  # what from_pretrained(..., use_kernels=True) sets
-    with pytest.raises(ValueError, match="use_kernels=True"):
+def test_plain_from_pretrained_with_default_hub_kernels_patches(tmp_path):
+    # transformers >= 5.25 loads every model with use_kernels on; earlier releases have no such default.
+    load_model("tiny:llama").save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    x = ids()
+    with torch.no_grad():
+        want = model(x).logits
+        handle = ropekit.patch(model, "native")
+        torch.testing.assert_close(model(x).logits, want, rtol=0, atol=ATOL)
+        handle.undo()
         ropekit.patch(model, "pi:factor=4")
-    assert not isinstance(model.model.rotary_emb, hf.RopekitRotary)
+        torch.testing.assert_close(model(x).logits, native_twin(model)(x).logits, rtol=0, atol=ATOL)
+    assert max(decode_errors(model, x)) <= ATOL
+
+
+def _kernel_copies(model) -> list:
+    """Each attention layer's private copy of the hub-kernel wrapper of apply_rotary_pos_emb (transformers >=
+    5.25 with ``kernels`` installed), the object ``kernelize`` gives a hub kernel's forward."""
+    return [m._kernel_funcs["rotary_pos_emb"] for m in model.modules() if "_kernel_funcs" in m.__dict__]
+
+
+def test_a_kernelized_rotary_function_is_taken_over_and_given_back():
+
+    model = load_model("tiny:llama")
+    copies = _kernel_copies(model)
+    if not copies:
+        pytest.skip(f"transformers {transformers.__version__} does not wrap apply_rotary_pos_emb for hub kernels")
+    module = sys.modules[type(model.model.layers[0].self_attn).__module__]
+    wrapper = module.apply_rotary_pos_emb
+    plain = hf._plain(wrapper)
+    calls = []
+
+    def hub_kernel(self, q, k, cos, sin, unsqueeze_dim=1):  # stands for the hub's rotary kernel on CUDA
+        calls.append(type(cos))
+        return plain(q, k, cos, sin, unsqueeze_dim)
+
+    for copy_ in copies:  # what kernelize does when a hub kernel is mapped for the device
+        copy_.forward = types.MethodType(hub_kernel, copy_)
+    x = ids()
+    with torch.no_grad():
+        want = model(x).logits
+        assert calls and all(c is torch.Tensor for c in calls)  # the unpatched model runs the "hub kernel"
+        calls.clear()
+        handle = ropekit.patch(model, "native")
+        torch.testing.assert_close(model(x).logits, want, rtol=0, atol=ATOL)
+        assert not calls  # ropekit rotates; the kernel copy is never handed a RopeContext
+        handle.undo()
+        assert module.apply_rotary_pos_emb is wrapper
+        model(x)
+    assert calls  # given back: the unpatched model reaches its kernel again
+
+
+def test_load_model_does_not_kernelize(tmp_path):
+    load_model("tiny:llama").save_pretrained(tmp_path)
+    model = load_model(str(tmp_path))
+    assert not getattr(model, "use_kernels", False)
 
 
 def test_context_is_never_a_tensor():
