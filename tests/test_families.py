@@ -127,6 +127,8 @@ FAMILY_SIZES = {
     "dbrx": dict(attn_config={"kv_n_heads": 2, "rope_theta": 10_000.0, "clip_qkv": 8.0}),  # its attention reads both
     "dots3_note_text": dict(per_layer_config={}, head_dim=16),  # head_dim = qk_nope + qk_rope for its SWA layers
     "recurrent_gemma": dict(block_types=["recurrent", "attention"]),
+    "ergo": dict(first_dense_intermediate_size=32, shared_intermediate_size=32),
+    "kolibri1_1": dict(index_num_heads=2, index_pool_size=64, index_compression=4, mlp_only_intermediate_size=32),
     "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=16,
                            indexer_compress_ratio=4, linear_key_head_dim=16, linear_value_head_dim=16,
                            linear_num_key_heads=2, linear_num_value_heads=4, hc_lowrank=16, ple_embed_dim=16,
