@@ -80,3 +80,36 @@ def test_the_advice_the_readme_shows_is_what_advise_prints():
     from ropekit.advise import advise, format_table
 
     assert format_table(advise(64, 100000.0, 8192, 32768)) in README
+
+
+def test_the_tested_versions_the_readme_states_are_the_ones_ci_installs():
+    # "the whole suite runs on ... **transformers A and lm-eval B**" are constraints.txt's pins; "again on
+    # **transformers C** (the oldest pyproject.toml admits)" is what .ci/run's 4.x leg installs and the
+    # lower bound in pyproject.toml.
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (ROOT / "constraints.txt").read_text(), flags=re.M))
+    pins = {name.lower().replace("_", "-"): version for name, version in pins.items()}
+    pinned = re.search(r"\*\*transformers ([\d.]+) and lm-eval ([\d.]+)\*\*", README)
+    assert pinned, "the README no longer states the pinned versions"
+    assert pinned.groups() == (pins["transformers"], pins["lm-eval"])
+    oldest = re.search(r"again on \*\*transformers ([\d.]+)\*\* \(the oldest", README)
+    assert oldest, "the README no longer states the oldest tested transformers"
+    assert f'"transformers=={oldest.group(1)}"' in (ROOT / ".ci" / "run").read_text()
+    assert f'"transformers>={oldest.group(1)},' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_the_pins_lie_within_the_declared_ranges():
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (ROOT / "constraints.txt").read_text(), flags=re.M))
+    pins = {name.lower().replace("_", "-"): version for name, version in pins.items()}
+    declared = [*project["dependencies"], *(r for group in project["optional-dependencies"].values() for r in group)]
+    checked = 0
+    for line in declared:
+        req = Requirement(line)
+        name = req.name.lower().replace("_", "-")
+        if name in pins:
+            assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} is outside {line!r}"
+            checked += 1
+    assert checked >= 15  # every dependency but torch and triton (left to the torch build) is pinned
