@@ -3,6 +3,7 @@
 - ``atomic_write_text``: a whole file or nothing (temporary file in the same folder, then a rename);
 - ``atomic_folder``: a whole folder or nothing (checkpoints, the final model);
 - ``locked``: an inter-process lock beside a file (``filelock``), for appends by several processes;
+- ``sole_writer``: one process at a time writes a run folder or an output (a second one is refused);
 - ``check_writable``: fail at once, before hours of work, when an output cannot be written;
 - ``cache_dir``: ropekit's download cache.
 """
@@ -10,15 +11,26 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
-__all__ = ["atomic_path", "atomic_write_text", "atomic_folder", "locked", "check_writable", "cache_dir"]
+__all__ = [
+    "atomic_path",
+    "atomic_write_text",
+    "atomic_folder",
+    "locked",
+    "sole_writer",
+    "check_writable",
+    "read_only",
+    "cache_dir",
+]
 
 
 def cache_dir() -> Path:
@@ -26,10 +38,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ROPEKIT_CACHE") or Path.home() / ".cache" / "ropekit")
 
 
-def _readable_mode(path: str | Path) -> None:
+def _readable_mode(path: str | Path, like: Path | None = None) -> None:
+    """mkstemp makes 0600: give a new output the mode of the file it replaces, else the umask's default."""
+    if like is not None and like.exists():
+        os.chmod(path, like.stat().st_mode & 0o7777)
+        return
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)  # mkstemp makes 0600; an output is as readable as any other file
+    os.chmod(path, 0o666 & ~umask)
 
 
 @contextlib.contextmanager
@@ -42,9 +58,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
-    _readable_mode(tmp)
     try:
         yield Path(tmp)
+        _readable_mode(tmp, like=path)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -89,6 +105,35 @@ def locked(path: str | Path, timeout: float = 600.0) -> FileLock:
     return FileLock(str(path.with_name(path.name + ".lock")), timeout=timeout)
 
 
+@contextlib.contextmanager
+def sole_writer(path: str | Path) -> Iterator[None]:
+    """Hold ``path`` (a run folder, or an output file) for this process alone while the block runs.
+
+    A second process that asks while the first holds it gets a one-line ValueError naming the holder,
+    at once; a holder that dies (even by SIGKILL) releases it. The lock file sits in the folder (a
+    folder) or beside the file (``.<name>.writer.lock``), with the holder's pid, host and start time
+    in a file beside it."""
+    path = Path(path)
+    base = path / ".writer" if path.is_dir() else path.with_name(f".{path.name}.writer")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    lock, holder = FileLock(str(base) + ".lock", timeout=0), Path(str(base) + ".holder")
+    try:
+        lock.acquire()
+    except Timeout:
+        who = holder.read_text().strip() if holder.is_file() else "holder unknown"
+        raise ValueError(
+            f"{str(path)!r} is being written by another ropekit process ({who}); "
+            "wait for it to end or pass another output"
+        ) from None
+    try:
+        now = datetime.datetime.now().isoformat(timespec="seconds")
+        atomic_write_text(holder, f"pid {os.getpid()} on {socket.gethostname()}, since {now}")
+        yield
+    finally:
+        holder.unlink(missing_ok=True)
+        lock.release()
+
+
 def check_writable(path: str | Path, *, kind: str = "file") -> Path:
     """Raise ValueError (one line) unless ``path`` can be written as a ``kind`` ("file" or "folder").
 
@@ -106,6 +151,11 @@ def check_writable(path: str | Path, *, kind: str = "file") -> Path:
             pass
     except OSError as err:
         raise ValueError(f"cannot write output {str(path)!r}: {err.strerror or err}") from None
-    if kind == "file" and path.exists() and not os.access(path, os.W_OK):
+    if kind == "file" and path.exists() and read_only(path):
         raise ValueError(f"cannot write output {str(path)!r}: the file is read-only")
     return path
+
+
+def read_only(path: str | Path) -> bool:
+    """The file cannot be written, or its mode says no one may write it (which root would override)."""
+    return not os.access(path, os.W_OK) or not Path(path).stat().st_mode & 0o222

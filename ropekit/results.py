@@ -5,9 +5,10 @@ position (the first position of a per-position bin), depth (a passkey depth), va
 device, versions (JSON), timestamp, config (JSON). Every coordinate a figure groups by has its own
 column; nothing a plot needs hides in the config JSON.
 
-``append_rows`` is safe across processes: under a lock beside the file it appends whole lines (a file
-written with an older header is first rewritten, atomically, with the current one), so two runs
-appending to one CSV never lose a row.
+``append_rows`` is safe across processes and never destroys a row: under a lock beside the file it
+appends whole lines or nothing (a file written with an older header is first rewritten, atomically,
+with the current one), refuses a CSV it did not write, and drops a row an interrupted append cut off;
+``read_rows`` names the file and line of a damaged row.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import json
 import os
 import platform
 import subprocess
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ropekit.files import atomic_write_text, locked
+from ropekit.files import atomic_write_text, locked, read_only
 
 __all__ = ["COLUMNS", "provenance", "make_row", "append_rows", "read_rows", "atomic_write_text"]
 
@@ -139,15 +141,63 @@ def _upgrade(row: dict[str, str]) -> dict[str, str]:
     return row
 
 
+_REQUIRED = ("experiment", "variant", "metric", "value")  # what makes a CSV a ropekit result file, old or new
+_JSON_COLUMNS = ("versions", "config")
+
+
+def _check_header(path: Path, header: list[str]) -> None:
+    """Refuse a CSV that ropekit did not write (its header is not COLUMNS or an older subset of them)."""
+    if any(c not in COLUMNS for c in header) or not set(_REQUIRED) <= set(header):
+        shown = ",".join(header)
+        shown = shown if len(shown) <= 100 else shown[:100] + "..."
+        raise ValueError(
+            f"{str(path)!r} is not a ropekit result CSV (its header: {shown}); "
+            "ropekit never rewrites a file it did not write: pass another output file"
+        )
+
+
+def _damaged(fields: list[str], header: list[str]) -> str | None:
+    """Why a parsed row cannot be a row ropekit wrote whole (a field count or JSON that does not parse), or None."""
+    if len(fields) != len(header):
+        return f"{len(fields)} fields where its header has {len(header)}"
+    for name, value in zip(header, fields, strict=True):
+        if name in _JSON_COLUMNS and value:
+            try:
+                json.loads(value)
+            except ValueError:
+                return f"its {name} is not valid JSON"
+    return None
+
+
 def read_rows(path: str | Path) -> list[dict[str, str]]:
-    """All rows of a result CSV; rows of files written by an older ropekit are upgraded (``_upgrade``)."""
+    """All rows of a result CSV; rows of files written by an older ropekit are upgraded (``_upgrade``).
+
+    A missing file has no rows. A file ropekit did not write, or a damaged row, is a ValueError naming the
+    file and the line. A last line without its newline is an append in progress in another process (or one
+    cut off), and is not read."""
     path = Path(path)
     if not path.is_file():
         return []
-    text = path.read_text(encoding="utf-8")
-    if text and not text.endswith("\n"):  # an append in progress in another process: its last line is partial
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{str(path)!r} is not a ropekit result CSV (not UTF-8 text: {err.reason})") from None
+    if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
-    return [_upgrade(row) for row in csv.DictReader(io.StringIO(text, newline=""))]
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    if header is None:
+        return []
+    _check_header(path, header)
+    rows = []
+    for fields in reader:
+        if not fields:
+            continue
+        why = _damaged(fields, header)
+        if why:
+            raise ValueError(f"{str(path)!r}, line {reader.line_num}: a damaged row ({why}); remove that line")
+        rows.append(_upgrade(dict(zip(header, fields, strict=True))))
+    return rows
 
 
 def _csv_text(rows: Iterable[dict[str, Any]], *, header: bool) -> str:
@@ -159,8 +209,28 @@ def _csv_text(rows: Iterable[dict[str, Any]], *, header: bool) -> str:
     return buf.getvalue()
 
 
+def _tail_line(path: Path) -> str:
+    """The file's text after its last newline (the whole last line when the file lacks its final newline)."""
+    with open(path, "rb") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        chunk = 1 << 16
+        while True:
+            start = max(0, size - chunk)
+            fh.seek(start)
+            data = fh.read(size - start)
+            cut = data.rfind(b"\n")
+            if cut >= 0 or start == 0:
+                return data[cut + 1 :].decode("utf-8", errors="replace")
+            chunk *= 4
+
+
 def append_rows(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
-    """Append result rows to a CSV (created with a header when missing); safe across processes."""
+    """Append result rows to a CSV (created with a header when missing); safe across processes.
+
+    Under a lock beside the file: a file ropekit did not write is refused, as is a read-only one; a file
+    with an older header is rewritten whole (atomically, keeping its mode) with the current one; a last
+    line cut off by an interrupted append is dropped, with a warning naming its line; the rows are
+    appended whole or, when the write fails (a full disk), not at all: the file is put back as it was."""
     rows = list(rows)
     for row in rows:
         missing = set(COLUMNS) - set(row)
@@ -168,17 +238,33 @@ def append_rows(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
             raise ValueError(f"result row lacks columns {sorted(missing)}")
     path = Path(path)
     with locked(path):
-        header = ""
-        if path.is_file():
-            with open(path, encoding="utf-8", newline="") as fh:
-                header = fh.readline().rstrip("\r\n")
-        if header != ",".join(COLUMNS):  # a new file, or one with an older header: write it whole
+        if not path.is_file() or path.stat().st_size == 0:
+            atomic_write_text(path, _csv_text(rows, header=True))
+            return
+        with open(path, encoding="utf-8", errors="replace", newline="") as fh:
+            header = next(csv.reader([fh.readline()]), [])
+        _check_header(path, header)
+        if read_only(path):
+            raise ValueError(f"cannot append to {str(path)!r}: the file is read-only")
+        tail = _tail_line(path)
+        if tail:  # no final newline: a hand edit that dropped it, or an append cut off mid-row
+            fields = next(csv.reader([tail]), [])
+            if _damaged(fields, header):
+                lines = sum(1 for _ in open(path, "rb"))
+                warnings.warn(f"{path}: dropped line {lines}, a row cut off by an interrupted append", stacklevel=2)
+                with open(path, "r+b") as fh:
+                    fh.truncate(path.stat().st_size - len(tail.encode("utf-8")))
+                tail = ""
+        if header != COLUMNS:  # a file with an older header: write it whole
             atomic_write_text(path, _csv_text([*read_rows(path), *rows], header=True))
             return
-        with open(path, "rb") as fh:
-            fh.seek(-1, os.SEEK_END)
-            newline = "" if fh.read(1) == b"\n" else "\n"  # a hand-edited file may lack its last newline
-        with open(path, "a", encoding="utf-8", newline="") as fh:  # whole lines, under the lock
-            fh.write(newline + _csv_text(rows, header=False))
-            fh.flush()
-            os.fsync(fh.fileno())
+        size = path.stat().st_size
+        try:
+            with open(path, "a", encoding="utf-8", newline="") as fh:  # whole lines, under the lock
+                fh.write(("\n" if tail else "") + _csv_text(rows, header=False))
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as err:
+            with open(path, "r+b") as fh:
+                fh.truncate(size)
+            raise ValueError(f"cannot append to {str(path)!r}: {err.strerror or err}; the file is as it was") from None

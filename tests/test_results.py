@@ -4,6 +4,7 @@ checked for writability before any work."""
 import csv
 import json
 import multiprocessing as mp
+import os
 import sys
 
 import pytest
@@ -93,3 +94,83 @@ def test_a_partial_last_line_of_an_append_in_progress_is_not_read(tmp_path):
         fh.write("e,v,m,2,,,2.0,1,0,x,cpu,{},t,{")  # another process is half way through a line
     rows = read_rows(path)
     assert len(rows) == 1 and rows[0]["value"] == "1.0"
+
+
+def _row(value=1.0):
+    return make_row(experiment="e", variant="v", metric="m", context_length=1, value=value, n=1, seed=0, prov=PROV)
+
+
+def test_a_csv_ropekit_did_not_write_is_refused_and_left_as_it_was(tmp_path):
+    path = tmp_path / "foreign.csv"
+    path.write_text("model,accuracy,notes\nllama,0.5,first\nqwen,0.7,second\n")
+    path.chmod(0o444)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="not a ropekit result CSV.*model,accuracy,notes"):
+        append_rows(path, [_row()])
+    with pytest.raises(ValueError, match="not a ropekit result CSV"):
+        read_rows(path)
+    assert path.read_bytes() == before and path.stat().st_mode & 0o777 == 0o444
+
+
+def test_an_older_header_is_rewritten_keeping_the_files_mode(tmp_path):
+    path = tmp_path / "old.csv"
+    old_columns = [c for c in COLUMNS if c not in ("position", "depth")]
+    path.write_text(",".join(old_columns) + "\n" + ",".join("1" for _ in old_columns) + "\n")
+    path.chmod(0o640)
+    append_rows(path, [_row()])
+    assert path.stat().st_mode & 0o777 == 0o640 and len(read_rows(path)) == 2
+
+
+def test_a_read_only_result_file_is_refused(tmp_path):
+    path = tmp_path / "rows.csv"
+    append_rows(path, [_row()])
+    path.chmod(0o444)
+    with pytest.raises(ValueError, match="read-only"):
+        append_rows(path, [_row(2.0)])
+
+
+def test_a_failed_append_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    path = tmp_path / "rows.csv"
+    append_rows(path, [_row()])
+    before = path.read_bytes()
+    real_fsync = os.fsync
+
+    def full_disk(fd):  # the write reached the page cache; the disk is full when it is flushed
+        real_fsync(fd)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(ValueError, match="No space left on device; the file is as it was"):
+        append_rows(path, [_row(2.0), _row(3.0)])
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert path.read_bytes() == before
+    append_rows(path, [_row(2.0), _row(3.0)])  # the rerun lands each row once
+    assert [r["value"] for r in read_rows(path)] == ["1.0", "2.0", "3.0"]
+
+
+def test_a_row_cut_off_by_an_interrupted_append_is_dropped_with_its_line(tmp_path):
+    path = tmp_path / "rows.csv"
+    append_rows(path, [_row()])
+    with open(path, "a") as fh:
+        fh.write('e,v,m,2,,,2.0,1,0,x,cpu,"{""a"": 1}",t,"{""cut')  # the process died here
+    with pytest.warns(UserWarning, match="dropped line 3, a row cut off"):
+        append_rows(path, [_row(2.0)])
+    assert [r["value"] for r in read_rows(path)] == ["1.0", "2.0"]
+
+
+def test_a_complete_last_row_without_its_newline_is_kept(tmp_path):
+    path = tmp_path / "rows.csv"
+    append_rows(path, [_row()])
+    path.write_bytes(path.read_bytes().rstrip(b"\n"))  # a hand edit dropped the final newline
+    append_rows(path, [_row(2.0)])
+    assert [r["value"] for r in read_rows(path)] == ["1.0", "2.0"]
+
+
+def test_a_damaged_row_is_named_by_file_and_line(tmp_path):
+    path = tmp_path / "rows.csv"
+    append_rows(path, [_row(), _row(2.0)])
+    lines = path.read_text().splitlines(keepends=True)
+    lines[1] = lines[1].replace(",{}\n", ',"{""cut"\n')  # the config of row 1 (line 2) no longer parses
+    path.write_text("".join(lines))
+    with pytest.raises(ValueError, match=r"rows.csv', line 2: a damaged row \(its \w+ is not valid JSON\)"):
+        read_rows(path)
