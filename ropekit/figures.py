@@ -430,9 +430,13 @@ def draw_ablation(summary, cfg, out: str | Path, *, prefix: str) -> list[Path]:
 # ---------------------------------------------------------------------------------------------
 def draw_advice(advice, png: str | Path) -> list[Path]:
     """Fig. 4-form decay curves of every advised candidate on one plot (0 .. 1.25 L'), as moving
-    averages (the raw curves oscillate too fast to tell apart), and their CSV (raw and averaged)."""
-    plt = _plt()
+    averages (the raw curves oscillate too fast to tell apart), and their CSV (raw and averaged) beside
+    it as ``<name>_decay.csv``; a file of that name that advise did not write is refused, not replaced."""
     png = Path(png)
+    csv_path = png.with_name(f"{png.stem}_decay.csv")
+    if csv_path.is_file() and not csv_path.read_bytes().startswith(b"distance,"):
+        raise ValueError(f"{str(csv_path)!r} exists and holds no decay curves; pass another --plot name")
+    plt = _plt()
     png.parent.mkdir(parents=True, exist_ok=True)
     a = advice
     every = np.arange(int(1.25 * a.target_length) + 1)
@@ -441,7 +445,6 @@ def draw_advice(advice, png: str | Path) -> list[Path]:
     raw = {c.label: analysis.attention_decay(c.spec, every, a.head_dim, a.target_length) for c in a.candidates}
     smooth = {k: np.convolve(v, kernel, mode="same") for k, v in raw.items()}
     pick = np.unique(np.linspace(0, every[-1], 2001).round().astype(int))
-    csv_path = png.with_suffix(".csv")
     header = ["distance", *(c.spec for c in a.candidates), *(f"{c.spec} (mean over {width})" for c in a.candidates)]
     _write_csv(csv_path, header, [[int(d), *(round(float(raw[k][d]), 6) for k in raw),
                                    *(round(float(smooth[k][d]), 6) for k in raw)] for d in pick])  # fmt: skip

@@ -84,7 +84,19 @@ def test_advise_cli_table_and_figure(tmp_path, capsys):
     assert main([*argv, "--plot", str(png)]) == 0
     out = capsys.readouterr().out
     assert "pi:base=10000,factor=4" in out and "* advised" in out and "Men et al. 2024" in out
-    assert png.is_file() and png.with_suffix(".csv").read_text().startswith("distance,rope:base=10000,")
+    assert png.is_file() and (tmp_path / "advice_decay.csv").read_text().startswith("distance,rope:base=10000,")
+
+
+def test_advise_plot_never_replaces_a_csv_it_did_not_write(tmp_path, capsys):
+    theirs = tmp_path / "results.csv"
+    theirs.write_text("model,accuracy\nllama,0.5\n")
+    argv = ["advise", "--head-dim", "64", "--base", "10000", "--trained-length", "1024", "--target-length", "4096"]
+    assert main([*argv, "--plot", str(tmp_path / "results.png")]) == 0
+    assert theirs.read_text() == "model,accuracy\nllama,0.5\n"  # the curves went to results_decay.csv
+    (tmp_path / "other_decay.csv").write_text("model,accuracy\n")
+    assert main([*argv, "--plot", str(tmp_path / "other.png")]) == 2
+    assert "holds no decay curves" in capsys.readouterr().err
+    assert (tmp_path / "other_decay.csv").read_text() == "model,accuracy\n"
 
 
 @pytest.mark.parametrize(
