@@ -22,6 +22,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ropekit.analysis import regime_variants
-from ropekit.files import atomic_folder, atomic_write_text
+from ropekit.files import atomic_folder, atomic_write_text, check_writable, sole_writer
 from ropekit.typed import parse_typed
 
 __all__ = [
@@ -116,13 +117,13 @@ class TrainConfig:
             ),
             "retrieval_weight": (self.retrieval_weight > 0, "> 0"),
             "retrieval_copy": (0 <= self.retrieval_copy <= 1, "in [0, 1]"),
-            "lr": (self.lr > 0, "> 0"),
+            "lr": (0 < self.lr < 1, "in (0, 1)"),
             "min_lr_ratio": (0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
             "warmup_steps": (self.warmup_steps >= 0, ">= 0"),
-            "weight_decay": (self.weight_decay >= 0, ">= 0"),
+            "weight_decay": (0 <= self.weight_decay < math.inf, ">= 0, finite"),
             "beta1": (0 <= self.beta1 < 1, "in [0, 1)"),
             "beta2": (0 <= self.beta2 < 1, "in [0, 1)"),
-            "grad_clip": (self.grad_clip > 0, "> 0"),
+            "grad_clip": (0 < self.grad_clip < math.inf, "> 0, finite"),
             "eval_every": (self.eval_every >= 1, ">= 1"),
             "eval_batches": (self.eval_batches >= 1, ">= 1"),
             "save_every": (self.save_every >= 1, ">= 1"),
@@ -288,6 +289,14 @@ def _attention_implementation(device: torch.device) -> str:
     return "sdpa"
 
 
+def _architecture(model) -> dict[str, Any]:
+    """The model's own sizes, as its config holds them."""
+    config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
+    keys = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings")  # fmt: skip
+    return {k: getattr(config, k) for k in keys if getattr(config, k, None) is not None}
+
+
 def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
@@ -427,7 +436,6 @@ def setup(cfg: TrainConfig, out: str | Path, resume: bool) -> _Run:
     """Ranks, device, seeds, the output folder and the checkpoint to resume from; every check that can
     fail does so here, before data or model is touched."""
     from ropekit import parallel
-    from ropekit.files import check_writable
     from ropekit.models import looks_like_path
 
     out = Path(out)
@@ -449,6 +457,8 @@ def setup(cfg: TrainConfig, out: str | Path, resume: bool) -> _Run:
 
     state: dict[str, Any] = {"step": 0, "sequences": 0, "losses": [], "val": []}
     checkpoint = find_checkpoint(out)
+    if checkpoint is None and resume and rank == 0:
+        print(f"ropekit train: nothing to resume in {out}: starting a new run", file=sys.stderr)
     if checkpoint is not None and not resume:
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if checkpoint is not None:
@@ -632,7 +642,20 @@ def train(
 
     ``corpus``: a ``ropekit.data.Corpus`` already prepared for ``cfg.data`` (the ablation shares one).
     ``stop_after`` ends the run early after that many steps (used to test resuming).
+
+    One run writes a folder at a time: a second ``train`` into the same ``out`` while one runs is refused
+    (naming the holder). A loss or gradient norm that is not finite stops the run with a ValueError; that
+    step is never saved, and the checkpoints before it are left as they were.
     """
+    from ropekit import parallel
+
+    rank, _ = parallel.rank_and_world()
+    check_writable(out, kind="folder")
+    with sole_writer(out) if rank == 0 else contextlib.nullcontext():
+        return _train(cfg, out, resume=resume, stop_after=stop_after, corpus=corpus)
+
+
+def _train(cfg: TrainConfig, out: str | Path, *, resume: bool, stop_after: int | None, corpus) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from ropekit import data as data_mod
@@ -660,8 +683,9 @@ def train(
     val_batches = [next(val_stream) for _ in range(cfg.eval_batches)]
 
     state, metrics = run.state, run.out / "metrics.jsonl"
-    if run.rank == 0:
-        atomic_write_text(run.out / "config.json", json.dumps(_config_dict(cfg), indent=1))
+    if run.rank == 0:  # the config, and the sizes of the model really trained (init_from's, not the preset's)
+        written = {**_config_dict(cfg), "model_architecture": _architecture(model)}
+        atomic_write_text(run.out / "config.json", json.dumps(written, indent=1))
         _trim_metrics(metrics, state["step"])
     per_step = cfg.micro_batch * run.accumulation * run.world
     last = cfg.steps if stop_after is None else min(cfg.steps, state["step"] + stop_after)
@@ -670,6 +694,13 @@ def train(
     t_start, tokens_done = time.perf_counter(), 0
     for step in bar:
         loss, grad_norm = train_step(run, model, optimizer, stream, step)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            kept = find_checkpoint(run.out)
+            raise ValueError(
+                f"training stopped at step {step + 1}: loss {loss}, gradient norm {grad_norm} (lr "
+                f"{get_lr(step, cfg):.3g}); nothing of this step is saved, the last checkpoint "
+                f"({kept.name if kept else 'none yet'}) is as it was; lower the learning rate (--set lr=...)"
+            )
         state["step"], state["sequences"] = step + 1, state["sequences"] + per_step
         state["losses"].append(loss)
         tokens_done += per_step * cfg.seq_len

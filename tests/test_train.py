@@ -88,11 +88,15 @@ def test_a_corrupt_checkpoint_is_refused(tmp_path):
 def test_continued_training_at_8x_length_with_a_method(tmp_path):
     base = train(micro_config(steps=3), tmp_path / "base")
     cfg = micro_config(init_from=base["final"], method="xpos:base=500000", seq_len=512, tokens_per_step=512,
-                       micro_batch=1, steps=2, save_every=2, eval_every=2)  # fmt: skip
+                       micro_batch=1, steps=2, save_every=2, eval_every=2,
+                       model_overrides={**MICRO, "hidden_size": 64})  # fmt: skip
     r = train(cfg, tmp_path / "ext")
     model = load_model(r["final"])
     assert model.config.ropekit["method"] == "xpos:base=500000,scale_base=512,center=256"
     assert model.config.max_position_embeddings == 512
+    # config.json says which model was trained: init_from's sizes, not the preset's (ignored with init_from)
+    written = json.loads((tmp_path / "ext" / "config.json").read_text())
+    assert written["model_architecture"]["hidden_size"] == 32 == model.config.hidden_size
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
@@ -214,7 +218,8 @@ def test_a_garbage_manifest_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize(
     "override,word",
     [("steps=-3", "steps=-3"), ("seq_len=0", "seq_len=0"), ("micro_batch=0", "micro_batch=0"),
-     ("lr=0", "lr=0"), ("method=pi:fctor=2", "unknown key"), ("device=tpu", "device='tpu'")],
+     ("lr=0", "lr=0"), ("lr=inf", "lr=inf"), ("lr=1e30", "lr=1e+30"), ("grad_clip=nan", "grad_clip=nan"),
+     ("method=pi:fctor=2", "unknown key"), ("device=tpu", "device='tpu'")],
 )  # fmt: skip
 def test_invalid_values_exit_2_with_one_line_before_any_work(override, word, tmp_path, capsys):
     from ropekit.cli import main
@@ -266,3 +271,32 @@ def test_resume_takes_a_key_an_older_checkpoint_lacks_at_its_default():
     _check_resume(saved, TrainConfig())  # the same run: resumes
     with pytest.raises(ValueError, match=r"retrieval_weight: \(not set\) -> 2.0"):
         _check_resume(saved, dataclasses.replace(TrainConfig(), retrieval_weight=2.0))
+
+
+def test_a_non_finite_loss_stops_the_run_and_saves_nothing_of_it(tmp_path, monkeypatch):
+    real_step = train_mod.train_step
+
+    def step_3_diverges(run, model, optimizer, stream, step):
+        loss, norm = real_step(run, model, optimizer, stream, step)
+        return (float("nan"), norm) if step == 2 else (loss, norm)
+
+    monkeypatch.setattr(train_mod, "train_step", step_3_diverges)
+    with pytest.raises(ValueError, match=r"stopped at step 3: loss nan.*last checkpoint \(checkpoint-0000002\) is as"):
+        train(micro_config(steps=6, save_every=2), tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-0000002"]
+    assert not (tmp_path / "final").exists()
+
+
+def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path):
+    from ropekit.files import sole_writer
+
+    with sole_writer(tmp_path):  # another ropekit process holds the folder
+        with pytest.raises(ValueError, match=r"being written by another ropekit process \(pid \d+ on "):
+            train(micro_config(), tmp_path)
+    assert not list(tmp_path.glob("checkpoint-*")) and not (tmp_path / "metrics.jsonl").exists()
+    train(micro_config(steps=1), tmp_path)  # released: the folder can be written again
+
+
+def test_resume_with_nothing_to_resume_says_so(tmp_path, capsys):
+    train(micro_config(steps=1), tmp_path / "new", resume=True)
+    assert "nothing to resume in" in capsys.readouterr().err
