@@ -163,26 +163,63 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer = _load_for_eval(args)
     config = {k: v for k, v in vars(args).items() if k != "func"}
     common = dict(n=args.n, seed=args.seed, experiment=args.experiment, config=config)
-    if args.task == "passkey":
-        rows = run.eval_passkey(model, tokenizer, args.lengths, **common)
-    else:
-        if args.task == "ppl" and args.stride:
-            span = args.span or 4 * max(args.lengths)
-            rows = run.eval_ppl_sliding(model, tokenizer, val, args.lengths, stride=args.stride, span=span, **common)
+    done = _lengths_done(args.out, args.experiment, config) if args.out else set()
+    stride = getattr(args, "stride", None)  # ppl's options
+    span = getattr(args, "span", None) or 4 * max(args.lengths)  # one span for every window size (sliding)
+    tokens = None
+    if args.task == "ppl":  # tokenised once; every length must fit a document before the first is scored
+        from ropekit.data import tokenize_documents
+        from ropekit.eval.perplexity import select_windows
+
+        tokens = tokenize_documents(val, tokenizer)
+        for length in args.lengths:
+            select_windows(tokens, span if stride else length, 1, args.seed)
+    for length in args.lengths:  # each length's rows are kept as soon as they exist
+        if length in done:
+            print(f"L={length}: its rows are already in {args.out} (same experiment and settings): skipped")
+            continue
+        if args.task == "passkey":
+            rows = run.eval_passkey(model, tokenizer, [length], **common)
+        elif args.task == "ppl" and stride:
+            rows = run.eval_ppl_sliding(model, tokenizer, val, [length], stride=stride, span=span, **common)
         elif args.task == "ppl":
-            rows = run.eval_ppl(model, tokenizer, val, args.lengths, bin_size=args.bin_size, **common)
+            rows = run.eval_ppl(model, tokenizer, val, [length], bin_size=args.bin_size, tokens=tokens, **common)
         else:
-            rows = run.eval_fsr(model, tokenizer, val, args.lengths, generate=not args.no_generate, **common)
-    for row in rows:
-        shown = ("ppl", "ppl_sliding", "fsr_rouge_l", "fsr_token_accuracy", "fsr_target_nll", "passkey_exact_match")
-        if row["metric"] in shown:
-            name, length = row["metric"], row["context_length"]
-            print(f"{row['variant']:40s} {name:22s} L={length:<7} {row['value']:.4f} (n={row['n']})")
-    if args.out:
-        append_rows(args.out, rows)
-        print(f"{len(rows)} rows appended to {args.out}")
+            rows = run.eval_fsr(model, tokenizer, val, [length], generate=not args.no_generate, **common)
+        nan = next((r for r in rows if math.isnan(r["value"])), None)
+        if nan is not None:
+            raise ValueError(f"{nan['metric']} at L={length} is NaN: the model's outputs are not finite (a diverged "
+                             f"or damaged model?); no row of L={length} is written")  # fmt: skip
+        for row in rows:
+            if row["metric"] in _SHOWN:
+                name = row["metric"]
+                print(f"{row['variant']:40s} {name:22s} L={length:<7} {row['value']:.4f} (n={row['n']})")
+                if row["n"] < args.n:
+                    print(f"  only {row['n']} of the {args.n} samples asked for exist at L={length} in this text")
+        if args.out:
+            append_rows(args.out, rows)
+            print(f"{len(rows)} rows appended to {args.out}")
     print(f"done in {time.perf_counter() - t0:.1f}s")
     return 0
+
+
+_SHOWN = ("ppl", "ppl_sliding", "fsr_rouge_l", "fsr_token_accuracy", "fsr_target_nll", "passkey_exact_match")
+
+
+def _lengths_done(out: str, experiment: str, config: dict) -> set[int]:
+    """Lengths whose rows ``out`` already holds from an evaluation of this experiment with these settings
+    (every setting but the list of lengths): a rerun after an interruption skips them."""
+    from ropekit.results import read_rows
+
+    want = json.loads(json.dumps({k: v for k, v in config.items() if k != "lengths"}, default=str))
+    done = set()
+    for row in read_rows(out):
+        if row["experiment"] != experiment or not row["context_length"]:
+            continue
+        saved = json.loads(row["config"] or "{}")
+        if all(saved.get(k) == v for k, v in want.items()):
+            done.add(int(row["context_length"]))
+    return done
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

@@ -171,6 +171,37 @@ def test_eval_cli_end_to_end_on_a_tiny_model(tmp_path, saved_model, capsys):
     assert float(ppl["value"]) > 1
 
 
+def test_an_interrupted_eval_keeps_each_finished_length_and_a_rerun_skips_it(tmp_path, saved_model, capsys):
+    out = tmp_path / "rows.csv"
+    common = ["eval", "ppl", "--model", str(saved_model), "--n", "2", "--out", str(out)]
+    assert main([*common, "--lengths", "128,256"]) == 0
+    first = read_rows(out)
+    assert main([*common, "--lengths", "128,256,512"]) == 0  # the rerun of a run that stopped after 256
+    assert "L=128: its rows are already in" in capsys.readouterr().out
+    rows = read_rows(out)
+    assert rows[: len(first)] == first and {r["context_length"] for r in rows[len(first) :]} == {"512"}
+    assert main([*common, "--lengths", "128", "--n", "3"]) == 0  # other settings: a new evaluation
+    assert sum(r["metric"] == "ppl" and r["context_length"] == "128" for r in read_rows(out)) == 2
+
+
+def test_a_model_with_non_finite_outputs_writes_no_row(tmp_path, saved_model, capsys):
+    broken = tmp_path / "broken"
+    model = load_model(str(saved_model))
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))  # what a diverged run leaves
+    model.save_pretrained(broken)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (broken / name).write_bytes((saved_model / name).read_bytes())
+    out = tmp_path / "rows.csv"
+    assert main(["eval", "ppl", "--model", str(broken), "--n", "2", "--lengths", "128", "--out", str(out)]) == 2
+    assert "ppl at L=128 is NaN" in capsys.readouterr().err and not read_rows(out)
+
+
+def test_asking_for_more_samples_than_the_text_holds_is_said(saved_model, capsys):
+    assert main(["eval", "ppl", "--model", str(saved_model), "--n", "100000", "--lengths", "128"]) == 0
+    assert "of the 100000 samples asked for exist at L=128" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "argv,word",
     [
