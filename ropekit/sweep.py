@@ -239,15 +239,23 @@ def run_sweep(
 ) -> list[dict[str, Any]]:
     """Evaluate the baseline and every method in ``methods`` (skipping the samples ``out`` already
     holds for these settings), append each sample's rows to ``out`` as soon as it is scored, write
-    the summary; return the summary rows."""
+    the summary; return the summary rows. One sweep writes ``out`` at a time: a second one started
+    while it runs is refused (it would score every sample twice)."""
+    from ropekit.files import sole_writer
+
+    out = Path(out)
+    check_writable(out)
+    with sole_writer(out):
+        return _run_sweep(model, tokenizer, docs, methods, settings, out, experiment=experiment, log=log)
+
+
+def _run_sweep(model, tokenizer, docs, methods, settings: SweepSettings, out: Path, *, experiment, log):
     import time
 
     import ropekit
     from ropekit.eval import retrieval
     from ropekit.eval.run import _variant
 
-    out = Path(out)
-    check_writable(out)
     methods = [str(parse(m)) for m in methods]
     sweep_id = settings.sweep_id
     done = _done(out, experiment, sweep_id)
