@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -162,12 +163,22 @@ def _label(variant: str) -> str:
 
 
 def _series(rows, metric, x: str = "context_length"):
-    """{variant: sorted [(x, value)]} of one metric; x is the column on the horizontal axis."""
-    out = defaultdict(list)
+    """{line: sorted [(x, value)]} of one metric; x is the column on the horizontal axis. A line is a variant
+    of one experiment (named "experiment: variant" when the rows hold several experiments); where a rerun
+    wrote a point twice, the newest row is drawn."""
+    several = len({r["experiment"] for r in rows}) > 1
+    out = defaultdict(dict)
     for r in rows:
         if r["metric"] == metric and r[x]:
-            out[r["variant"]].append((int(r[x]), float(r["value"])))
-    return {v: sorted(pts) for v, pts in out.items()}
+            line = f"{r['experiment']}: {r['variant']}" if several else r["variant"]
+            out[line][int(r[x])] = float(r["value"])  # later rows (newer) replace earlier ones
+    return {v: sorted(pts.items()) for v, pts in out.items()}
+
+
+def _repeated_points(rows) -> int:
+    """How many rows repeat an (experiment, variant, metric, length, position) point of an earlier row."""
+    keys = [(r["experiment"], r["variant"], r["metric"], r["context_length"], r["position"], r["depth"]) for r in rows]
+    return len(keys) - len(set(keys))
 
 
 def _longest_window(rows, metric: str) -> list[dict]:
@@ -187,7 +198,12 @@ def draw_results(results: str | Path, out: str | Path, *, prefix: str | None = N
         raise ValueError(f"no result rows in {results}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    prefix = prefix or rows[0]["experiment"]
+    experiments = list(dict.fromkeys(r["experiment"] for r in rows))
+    prefix = prefix or (experiments[0] if len(experiments) == 1 else Path(results).stem)
+    repeated = _repeated_points(rows)
+    if repeated:
+        warnings.warn(f"{results}: {repeated} rows repeat a point of an earlier row (a rerun?); the newest is drawn",
+                      stacklevel=2)  # fmt: skip
     written = []
 
     def figure(name, panels, rows=rows, x="context_length"):
@@ -216,7 +232,7 @@ def draw_results(results: str | Path, out: str | Path, *, prefix: str | None = N
             plt.close(fig)
             return
         device = sorted({r["device"] for r in sub})
-        fig.suptitle(f"{prefix}: {', '.join(device)}", fontsize=8)
+        fig.suptitle(f"{', '.join(experiments)}: {', '.join(device)}", fontsize=8)
         png = out / f"{prefix}_{name}.png"
         _save(fig, png)
         plt.close(fig)
@@ -258,6 +274,8 @@ def table5(results: str | Path, length: int) -> str:
 
 def draw_all(out: str | Path, results: list[str | Path] = ()) -> list[Path]:
     for r in results:  # a wrong path fails before the analytic figures' seconds of work
+        if not Path(r).is_file():
+            raise ValueError(f"results file {str(r)!r} not found")
         if not read_rows(r):
             raise ValueError(f"no result rows in {r}")
     written = draw_analytic(out)

@@ -18,7 +18,7 @@ CASES = [
     (["train", "--preset", "cpu-extend", "--out", "OUT"], "init_from 'runs/cpu-base/final' not found"),
     (["demo", "--preset", "bogus"], "invalid choice: 'bogus'"),
     (["demo", "--world-size", "0", "--dry-run"], "--world-size: expected an integer >= 1"),
-    (["figures", "--results", "/no/such.csv", "--out", "OUT"], "no result rows in /no/such.csv"),
+    (["figures", "--results", "/no/such.csv", "--out", "OUT"], "results file '/no/such.csv' not found"),
     (["eval", "export-lm-eval", "--out", "OUT", "--tokenizer", "/no/such/tokenizer"], "not found"),
 ]
 if sys.platform == "linux":

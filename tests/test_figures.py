@@ -85,6 +85,28 @@ def test_result_figures_and_table_render_from_a_csv(tmp_path):
         figures.table5(tmp_path / "r.csv", 4096)
 
 
+def test_rows_of_two_experiments_with_one_variant_are_two_lines_and_a_rerun_is_drawn_once(tmp_path):
+    from ropekit.results import append_rows
+
+    prov = {"git_sha": "x", "device": "cpu", "versions": "{}", "timestamp": "t"}
+
+    def ppl(experiment, L, value):
+        return make_row(experiment=experiment, variant="rope:base=10000", metric="ppl", context_length=L,
+                        value=value, n=2, seed=0, prov=prov)  # fmt: skip
+
+    rows = [ppl("base", L, 10.0) for L in (256, 512)] + [ppl("trained", L, 5.0) for L in (256, 512)]
+    rows.append(ppl("trained", 512, 4.0))  # a rerun wrote the point again
+    append_rows(tmp_path / "r.csv", rows)
+    series = figures._series(read_rows(tmp_path / "r.csv"), "ppl")
+    assert series == {"base: rope:base=10000": [(256, 10.0), (512, 10.0)],
+                      "trained: rope:base=10000": [(256, 5.0), (512, 4.0)]}  # fmt: skip
+    with pytest.warns(UserWarning, match="1 rows repeat a point"):
+        written = figures.draw_results(tmp_path / "r.csv", tmp_path / "figs")
+    assert {p.name for p in written} >= {"r_ppl.png"}  # named after the file, not after its first experiment
+    with pytest.raises(ValueError, match="results file .*missing.csv' not found"):
+        figures.draw_all(tmp_path / "figs", [tmp_path / "missing.csv"])
+
+
 def test_demo_plumbing_on_the_micro_preset_and_resume(tmp_path):
     import json
 
