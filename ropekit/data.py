@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,13 +101,18 @@ def _folder(path: Path) -> list[Document]:
     docs = []
     for f in files:
         try:
-            if f.name.endswith(".gz"):
-                with gzip.open(f, "rt", encoding="utf-8", errors="replace") as fh:
-                    text = fh.read()
-            else:
-                text = f.read_text(encoding="utf-8", errors="replace")
-        except (OSError, EOFError) as err:
-            raise ValueError(f"cannot read {f}: {err}") from err
+            raw = gzip.decompress(f.read_bytes()) if f.name.endswith(".gz") else f.read_bytes()
+        except (OSError, EOFError, zlib.error) as err:
+            raise ValueError(f"cannot read {f}: {err}") from None
+        if b"\x00" in raw:
+            raise ValueError(f"{f} holds NUL bytes: it is not text; remove it from {path}")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"{f} is not UTF-8 text (byte {err.start}: {raw[err.start : err.start + 4]!r}); "
+                f"convert it (e.g. iconv -t utf-8) or remove it from {path}"
+            ) from None
         docs.append(Document(str(f.relative_to(path)).removesuffix(".gz").removesuffix(".txt"), text))
     return docs
 

@@ -62,6 +62,22 @@ def test_empty_folder_and_file_sources_are_refused(tmp_path):
         data.load_documents(str(tmp_path / "x.txt"))
 
 
+@pytest.mark.parametrize(
+    "name,content,word",
+    [
+        ("latin1.txt", "Caf\xe9 au lait.\n".encode("latin-1"), r"is not UTF-8 text \(byte 3"),
+        ("random.txt", bytes(range(256)) * 4, "NUL bytes: it is not text"),
+        ("cut.txt.gz", gzip.compress(b"some text " * 1000)[:40], "cannot read"),
+        ("garbage.txt.gz", b"\x1f\x8b" + b"not a deflate stream" * 10, "cannot read"),
+    ],
+)
+def test_text_that_would_be_decoded_with_replacements_is_refused(tmp_path, name, content, word):
+    (tmp_path / "good.txt").write_text("A good sentence.\n")
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=word):
+        data.load_documents(str(tmp_path))
+
+
 def test_split_is_deterministic_disjoint_and_seeded():
     docs = [data.Document(f"d{i}", f"text {i}\n") for i in range(20)]
     tr, va = data.split_documents(docs, val_fraction=0.2, seed=3)
