@@ -66,7 +66,15 @@ def _as_positions(positions, q: torch.Tensor) -> torch.Tensor:
         positions = positions.to(torch.int64)
     if positions.device != q.device:
         raise ValueError(f"positions are on {positions.device} but q is on {q.device}")
+    if positions.dtype == torch.int64 and positions.numel() and not torch.compiler.is_compiling():
+        # float64 holds every integer below 2^53, and the angles are exact only there (one sync per call)
+        top = int(positions.abs().max())
+        if top >= MAX_POSITION:
+            raise ValueError(f"positions must lie below 2^53 = {MAX_POSITION} (float64 angles); got {top}")
     return positions
+
+
+MAX_POSITION = 2**53
 
 
 def _rotary_dim(rotary_dim, head_dim: int) -> int:

@@ -209,6 +209,7 @@ def test_backward_is_the_transposed_rotation():
         (dict(positions=["a", "b", "c", "d"]), "positions"),
         (dict(backend="cuda"), "backend"),
         (dict(method="pi:factor=x"), "expected a number"),
+        (dict(positions=torch.tensor([0, 1, 2, 2**53])), "below 2\\^53"),  # float64 angles are off by ~1 rad there
     ],
 )
 def test_bad_inputs_are_refused(kwargs, word):
