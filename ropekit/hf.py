@@ -63,6 +63,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import re
 import sys
 import textwrap
@@ -232,6 +233,33 @@ def read_method(config) -> _methods.RopeMethod:
     if None in found:
         return found[None]
     return found.get("full_attention", next(iter(found.values())))
+
+
+def saved_method_conflict(config) -> str | None:
+    """Where ``config.ropekit``'s method and the config's own rope parameters disagree (a hand edit of one),
+    as one line saying which wins in which loader; None when they agree or nothing was saved."""
+    saved = (getattr(config, "ropekit", None) or {}).get("method")
+    if not saved:
+        return None
+    methods, own = parse_layered(saved), get_layered_rope_parameters(config)
+    rotary_dim = head_and_rotary_dim(config)[1]
+    for lt, m in methods.items():
+        if isinstance(m, _methods.Native) or m.hf_type is None or lt not in own:
+            continue  # native: the rope parameters are the method; xPos: no rope parameters hold it
+        want, have = m.to_hf(rotary_dim), own[lt]
+        for key, value in want.items():
+            got = have.get(key)
+            same = got == value or (
+                isinstance(value, float) and isinstance(got, (int, float)) and math.isclose(got, value, rel_tol=1e-6)
+            )
+            if not same:
+                where = "" if lt is None else f" (layer type {lt})"
+                return (
+                    f"config.ropekit says {saved!r} but the config's rope parameters{where} have {key}={got!r} "
+                    f"(the method's: {value!r}): ropekit.load_model applies config.ropekit, plain from_pretrained the "
+                    "rope parameters; delete config.ropekit from config.json to use the rope parameters"
+                )
+    return None
 
 
 def parse_layered(spec) -> dict[str | None, _methods.RopeMethod]:

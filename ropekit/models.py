@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -283,8 +284,11 @@ def load_model(
     model.eval()
     saved = getattr(model.config, "ropekit", None)
     if reapply and saved and saved.get("method"):
-        from ropekit.hf import patch
+        from ropekit.hf import patch, saved_method_conflict
 
+        conflict = saved_method_conflict(model.config)
+        if conflict:
+            warnings.warn(conflict, stacklevel=2)
         patch(model, saved["method"], max_position_embeddings=int(model.config.max_position_embeddings))
     return model
 

@@ -644,3 +644,24 @@ def test_transformers_4_saves_only_what_the_family_reloads(tmp_path):
     with pytest.raises(ValueError, match="cannot be saved for model_type 'olmo2'"):
         ropekit.patch(fresh, "yarn:factor=4,original_max_position_embeddings=256")
     assert fresh.config.to_dict() == before and not isinstance(fresh.model.rotary_emb, hf.RopekitRotary)
+
+
+def test_a_hand_edit_that_contradicts_the_saved_method_is_named_on_load(tmp_path):
+    import json
+
+    model = load_model("tiny:llama")
+    ropekit.patch(model, "pi:factor=4")
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # as saved: the two agree, nothing to say
+        load_model(str(tmp_path))
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    if "rope_parameters" in config:  # transformers 5
+        config["rope_parameters"]["rope_theta"] = 500000.0
+    else:
+        config["rope_theta"] = 500000.0
+    path.write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match=r"rope_theta=500000.0 .*ropekit.load_model applies config.ropekit"):
+        reloaded = load_model(str(tmp_path))
+    assert str(reloaded.model.rotary_emb.method) == "pi:base=10000,factor=4"  # the saved method won, as it says
