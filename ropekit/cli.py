@@ -126,8 +126,16 @@ def _int_list(text: str) -> list[int]:
 def _check_device(device: str | None) -> None:
     import torch
 
-    if device and device.startswith("cuda") and not torch.cuda.is_available():
+    if not device:
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device; accepted: cpu, cuda, cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device} needs CUDA, which this machine lacks; accepted here: cpu")
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r} is not supported; accepted: cpu, cuda, cuda:N")
 
 
 def _load_for_eval(args):
@@ -356,6 +364,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     methods = sweep.parse_methods(args.methods) if args.methods else []
     out = args.out or f"runs/sweep_{args.model.replace('/', '_').replace(':', '_')}.csv"
     sweep.check_writable(out)  # before the model loads or anything runs
+    _check_device(args.device)
     t0 = time.perf_counter()
     info = _model_rope(args.model, device=args.device)
     model, _, _, trained = info

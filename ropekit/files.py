@@ -38,14 +38,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ROPEKIT_CACHE") or Path.home() / ".cache" / "ropekit")
 
 
-def _readable_mode(path: str | Path, like: Path | None = None) -> None:
-    """mkstemp makes 0600: give a new output the mode of the file it replaces, else the umask's default."""
-    if like is not None and like.exists():
-        os.chmod(path, like.stat().st_mode & 0o7777)
-        return
+def _default_mode(bits: int) -> int:
+    """``bits`` less the process's umask: the mode ``open`` or ``mkdir`` would give."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    return bits & ~umask
+
+
+def _readable_mode(path: str | Path, like: Path | None = None) -> None:
+    """mkstemp makes 0600: give a new output the mode of the file it replaces, else the umask's default."""
+    os.chmod(path, like.stat().st_mode & 0o7777 if like is not None and like.exists() else _default_mode(0o666))
 
 
 @contextlib.contextmanager
@@ -86,6 +88,7 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
     try:
         yield tmp
+        os.chmod(tmp, _default_mode(0o777))  # mkdtemp makes 0700; a saved model is as readable as any folder
         old = None
         if path.exists():  # a rename cannot replace a non-empty folder: move the old one aside first
             old = path.with_name(f".old-{path.name}-{os.getpid()}")

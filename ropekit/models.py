@@ -202,8 +202,15 @@ def _from_pretrained(name: str, *, config_only: bool = False, **kwargs):
     try:
         return (AutoConfig if config_only else AutoModelForCausalLM).from_pretrained(name, **kwargs)
     except (OSError, ValueError) as err:  # transformers' "not a valid model identifier", offline, no config
-        reason = str(err).strip().splitlines()[0][:240] if str(err).strip() else type(err).__name__
-        raise ValueError(f"cannot load model {name!r}: {reason} (accepted: {_ACCEPTED_SPECS})") from None
+        raise ValueError(f"cannot load model {name!r}: {_reason(err)} (accepted: {_ACCEPTED_SPECS})") from None
+    except Exception as err:  # noqa: BLE001 - damaged weights, a config value the family refuses: one line
+        raise ValueError(f"cannot load model {name!r}: {type(err).__name__}: {_reason(err)}") from None
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of an exception's message, shortened (the whole text can be pages)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return " ".join(lines[:2])[:240] if lines else type(err).__name__
 
 
 def load_config(spec: str, *, trust_remote_code: bool = False):
@@ -306,5 +313,4 @@ def load_tokenizer(spec: str):
     try:
         return AutoTokenizer.from_pretrained(info["name"])
     except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0][:240] if str(err).strip() else type(err).__name__
-        raise ValueError(f"cannot load the tokenizer of {info['name']!r}: {reason}") from None
+        raise ValueError(f"cannot load the tokenizer of {info['name']!r}: {_reason(err)}") from None

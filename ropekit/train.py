@@ -117,7 +117,7 @@ class TrainConfig:
             ),
             "retrieval_weight": (self.retrieval_weight > 0, "> 0"),
             "retrieval_copy": (0 <= self.retrieval_copy <= 1, "in [0, 1]"),
-            "lr": (0 < self.lr < 1, "in (0, 1)"),
+            "lr": (0 < self.lr <= 1, "in (0, 1]"),
             "min_lr_ratio": (0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
             "warmup_steps": (self.warmup_steps >= 0, ">= 0"),
             "weight_decay": (0 <= self.weight_decay < math.inf, ">= 0, finite"),
@@ -355,14 +355,21 @@ def save_checkpoint(
 ) -> Path:
     """Write ``out/checkpoint-<step>`` whole (or not at all) and point ``out/latest`` at it; keep the last two."""
     folder = out / f"checkpoint-{step:07d}"
-    with atomic_folder(folder) as tmp:
-        model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-        manifest = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    try:
+        with atomic_folder(folder) as tmp:
+            model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            torch.save(optimizer_state, tmp / "optimizer.pt")
+            torch.save(_rng_state(), tmp / "rng.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            manifest = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    except Exception as err:  # noqa: BLE001 - a full disk surfaces as OSError, SafetensorError or RuntimeError
+        kept = _checkpoints(out)
+        raise ValueError(
+            f"cannot write {folder.name} in {out}: {type(err).__name__}: {str(err).strip()[:200]}; "
+            f"{'the last checkpoint, ' + kept[-1].name + ', is intact' if kept else 'no checkpoint was written'}"
+        ) from None
     atomic_write_text(out / "latest", folder.name)  # a hint for people and tools; resume scans the folders
     for old in _checkpoints(out)[:-2]:
         shutil.rmtree(old, ignore_errors=True)
@@ -383,7 +390,17 @@ def find_checkpoint(out: Path) -> Path | None:
     found = _checkpoints(Path(out))
     if not found:
         return None
-    load_checkpoint_state(found[-1])  # raises, naming the file, when corrupt
+    try:
+        load_checkpoint_state(found[-1])  # raises, naming the file, when corrupt
+    except ValueError as err:
+        for older in reversed(found[:-1]):  # say whether an older one is intact, to resume from by hand
+            try:
+                load_checkpoint_state(older)
+            except ValueError:
+                continue
+            raise ValueError(f"{err}; {older.name} before it is intact: move {found[-1].name} aside to resume from "
+                             f"{older.name}") from None  # fmt: skip
+        raise ValueError(f"{err}; no older checkpoint is intact") from None
     return found[-1]
 
 
@@ -455,6 +472,9 @@ def setup(cfg: TrainConfig, out: str | Path, resume: bool) -> _Run:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
 
+    if rank == 0:  # a save killed mid-way (SIGKILL) leaves its temporary folder; no other run writes here now
+        for stale in [*out.glob(".tmp-checkpoint-*"), *out.glob(".old-checkpoint-*"), *out.glob(".tmp-final-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
     state: dict[str, Any] = {"step": 0, "sequences": 0, "losses": [], "val": []}
     checkpoint = find_checkpoint(out)
     if checkpoint is None and resume and rank == 0:

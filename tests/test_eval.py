@@ -217,6 +217,7 @@ def test_asking_for_more_samples_than_the_text_holds_is_said(saved_model, capsys
         (["eval", "ppl", "--model", "/no/such/model"], "not found"),
         (["eval", "ppl", "--model", "MODEL", "--out", "OUTDIR"], "is a directory"),
         (["eval", "ppl", "--model", "MODEL", "--device", "cuda:0"], "needs CUDA"),
+        (["eval", "ppl", "--model", "MODEL", "--device", "banana"], "is not a device; accepted: cpu, cuda"),
     ],
 )
 def test_eval_cli_bad_inputs_give_clear_errors(argv, word, saved_model, capsys, tmp_path):

@@ -35,6 +35,31 @@ def test_bad_specs_are_refused(spec, word):
         models.load_model(spec)
 
 
+@pytest.mark.parametrize(
+    "damage,word",
+    [
+        ("weights", "SafetensorError"),  # a copy cut short
+        ("rope_type", "KeyError: 'foo'"),  # a hand-edited config value the family does not know
+    ],
+)
+def test_a_damaged_saved_model_is_one_line(tmp_path, damage, word):
+    import json
+
+    models.load_model("tiny:llama").save_pretrained(tmp_path)
+    if damage == "weights":
+        weights = tmp_path / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        config = json.loads((tmp_path / "config.json").read_text())
+        if "rope_parameters" not in config:
+            pytest.skip("transformers 4.x keeps rope_type in rope_scaling")
+        config["rope_parameters"]["rope_type"] = "foo"
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"cannot load model .*{word}") as info:
+        models.load_model(str(tmp_path))
+    assert "\n" not in str(info.value)
+
+
 def test_overrides_apply_only_to_tiny_models(tmp_path):
     with pytest.raises(ValueError, match="only to tiny"):
         models.load_model(str(tmp_path), hidden_size=8)

@@ -300,3 +300,32 @@ def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path):
 def test_resume_with_nothing_to_resume_says_so(tmp_path, capsys):
     train(micro_config(steps=1), tmp_path / "new", resume=True)
     assert "nothing to resume in" in capsys.readouterr().err
+
+
+def test_a_corrupt_newest_checkpoint_names_the_intact_one_before_it(tmp_path):
+    train(micro_config(steps=4, save_every=2), tmp_path)
+    (tmp_path / "checkpoint-0000004" / "rng.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"corrupt: rng.pt.*checkpoint-0000002 before it is intact"):
+        train(micro_config(steps=6, save_every=2), tmp_path, resume=True)
+
+
+def test_a_failed_save_names_the_intact_checkpoint_and_a_killed_one_is_cleaned_up(tmp_path, monkeypatch):
+    import stat
+
+    real_save, calls = train_mod.torch.save, []
+
+    def disk_full_at_the_second_checkpoint(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) > 2:  # optimizer.pt and rng.pt of the first checkpoint went through
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod.torch, "save", disk_full_at_the_second_checkpoint)
+    with pytest.raises(ValueError, match=r"cannot write checkpoint-0000004 .*No space.*checkpoint-0000002, is intact"):
+        train(micro_config(steps=4, save_every=2), tmp_path)
+    monkeypatch.setattr(train_mod.torch, "save", real_save)
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-0000002"]
+    assert stat.S_IMODE((tmp_path / "checkpoint-0000002").stat().st_mode) != 0o700  # as readable as other folders
+    (tmp_path / ".tmp-checkpoint-0000004-killed").mkdir()  # what a SIGKILL during a save leaves
+    train(micro_config(steps=4, save_every=2), tmp_path, resume=True)
+    assert not list(tmp_path.glob(".tmp-*")) and (tmp_path / "final").is_dir()
