@@ -77,16 +77,21 @@ class Advice:
         return self.candidates[self.advised]
 
 
+MAX_HEAD_DIM = 1024  # released models rotate at most 512 dimensions a head
+MAX_TARGET_LENGTH = 1 << 20  # the closed forms scan every position up to it: minutes at 1M, hours past
+
+
 def _check(head_dim: int, base: float, trained_length: int, target_length: int) -> None:
-    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 2 or head_dim % 2:
-        raise ValueError(f"head dim must be an even integer > 2; got {head_dim!r}")
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or not 2 < head_dim <= MAX_HEAD_DIM or head_dim % 2:
+        raise ValueError(f"head dim must be an even integer in (2, {MAX_HEAD_DIM}]; got {head_dim!r}")
     if not (isinstance(base, (int, float)) and math.isfinite(base) and base > 1):
         raise ValueError(f"base (rope_theta) must be a number > 1; got {base!r}")
     if not (isinstance(trained_length, int) and trained_length > 0):
         raise ValueError(f"trained length must be a positive integer; got {trained_length!r}")
-    if not (isinstance(target_length, int) and target_length > trained_length):
+    if not (isinstance(target_length, int) and trained_length < target_length <= MAX_TARGET_LENGTH):
         raise ValueError(
-            f"target length must be an integer > the trained length {trained_length}; got {target_length!r}"
+            f"target length must be an integer > the trained length {trained_length} and <= {MAX_TARGET_LENGTH}; "
+            f"got {target_length!r}"
         )
 
 

@@ -57,12 +57,17 @@ def attention_decay(spec: str, distances: np.ndarray, head_dim: int = 128, seq_l
     """
     method = parse(spec)
     theta = method.inv_freq64(head_dim, seq_len).numpy()
-    dist = np.asarray(distances, dtype=np.float64)[:, None]
-    terms = 2 * np.cos(dist * theta[None, :])
     rate = method.xpos_rate(head_dim)
-    if rate is not None:  # q at n scaled zeta^(n/B), k at m by zeta^(-m/B): the pair carries zeta^((n-m)/B)
-        terms = terms * np.exp(dist * rate.numpy()[None, :])
-    return terms.sum(axis=1) / math.sqrt(head_dim)
+    distances = np.asarray(distances, dtype=np.float64)
+    out = np.empty(distances.shape[0])
+    block = max(1, (1 << 22) // theta.size)  # a few MB at a time, whatever the number of distances
+    for start in range(0, distances.shape[0], block):
+        dist = distances[start : start + block, None]
+        terms = 2 * np.cos(dist * theta[None, :])
+        if rate is not None:  # q at n scaled zeta^(n/B), k at m by zeta^(-m/B): the pair carries zeta^((n-m)/B)
+            terms = terms * np.exp(dist * rate.numpy()[None, :])
+        out[start : start + block] = terms.sum(axis=1)
+    return out / math.sqrt(head_dim)
 
 
 def helix(kind: str, t: np.ndarray, *, a: float = 0.6, alpha: float = 0.25) -> np.ndarray:

@@ -285,6 +285,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from ropekit import bench
     from ropekit.files import check_writable
 
+    if args.plot and not args.out:
+        raise ValueError("bench --plot needs --out: the plot is drawn from the rows written there")
     for path in (args.out, args.plot):
         if path:
             check_writable(path)  # before the benchmark, not after it

@@ -107,11 +107,16 @@ def test_advise_plot_never_replaces_a_csv_it_did_not_write(tmp_path, capsys):
          "target length"),
         (["advise", "--head-dim", "63", "--base", "1e4", "--trained-length", "1024", "--target-length", "2048"],
          "head dim"),
+        (["advise", "--head-dim", "100000000", "--base", "1e4", "--trained-length", "1024", "--target-length", "2048"],
+         "head dim must be an even integer in (2, 1024]"),  # was an out-of-memory kill
+        (["advise", "--head-dim", "64", "--base", "1e4", "--trained-length", "1024", "--target-length", "1000000000"],
+         "and <= 1048576"),
     ],
 )  # fmt: skip
 def test_advise_cli_bad_inputs(argv, word, capsys):
     assert main(argv) == 2
-    assert word in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert word in err and len(err.strip().splitlines()) == 1
 
 
 def test_advise_reads_the_model(capsys):

@@ -20,6 +20,11 @@ CASES = [
     (["demo", "--world-size", "0", "--dry-run"], "--world-size: expected an integer >= 1"),
     (["figures", "--results", "/no/such.csv", "--out", "OUT"], "results file '/no/such.csv' not found"),
     (["eval", "export-lm-eval", "--out", "OUT", "--tokenizer", "/no/such/tokenizer"], "not found"),
+    (
+        ["eval", "export-lm-eval", "--out", "OUT", "--tokenizer", "ropekit-tiny-256", "--lengths", "16"],
+        "length 16 is too short to export: the answer budget alone takes",
+    ),
+    (["bench", "--smoke", "--plot", "OUT"], "bench --plot needs --out"),
 ]
 if sys.platform == "linux":
     CASES.append((["figures", "--out", "/proc/ropekit-figures"], "cannot write output '/proc/ropekit-figures'"))

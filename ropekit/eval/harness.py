@@ -136,6 +136,9 @@ def _generation_task(build, tokenizer, length: int, gen_toks, n_answer_tokens) -
     budget = gen_toks
     for _ in range(5):
         shortfall = 2  # room for a start token and a re-tokenisation that merges differently
+        if length - budget - shortfall < 1:
+            raise ValueError(f"length {length} is too short to export: the answer budget alone takes {budget} "
+                             "tokens; use a larger length")  # fmt: skip
         samples = build(length - budget - shortfall)
         need = max([gen_toks, *(n_answer_tokens(s) for s in samples)])
         texts = [tokenizer.decode(s.prompt_ids) for s in samples]
