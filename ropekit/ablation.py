@@ -203,15 +203,27 @@ def plan(cfg: AblationConfig, world_size: int = 1) -> str:
 
 
 def run(cfg: AblationConfig, out: str | Path, *, log=print) -> dict:
-    """Run (or resume) the ablation into ``out``; returns wall times and output paths."""
+    """Run (or resume) the ablation into ``out``; returns wall times and output paths. One run writes a
+    folder at a time: a second one started while it runs is refused, naming the holder."""
+    import contextlib
+
+    from ropekit import parallel
+    from ropekit.files import check_writable, sole_writer
+
+    out = check_writable(out, kind="folder")
+    rank, _ = parallel.rank_and_world()
+    with sole_writer(out) if rank == 0 else contextlib.nullcontext():
+        return _run(cfg, out, log=log)
+
+
+def _run(cfg: AblationConfig, out: Path, *, log) -> dict:
     from ropekit import data, figures
     from ropekit.eval import run as ev
-    from ropekit.files import atomic_write_text, check_writable
+    from ropekit.files import atomic_write_text
     from ropekit.models import load_model
     from ropekit.results import _git_sha, append_rows, read_rows
     from ropekit.train import train
 
-    out = check_writable(out, kind="folder")
     _git_sha()  # read now: the rows of a long run record the commit it started from, not a later one
     resolved = json.dumps(dataclasses.asdict(cfg), indent=1, default=str)
     saved = out / "ablation_config.json"

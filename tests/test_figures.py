@@ -139,6 +139,10 @@ def test_demo_plumbing_on_the_micro_preset_and_resume(tmp_path):
     run(cfg, tmp_path, log=logs.append)
     assert sum("done earlier" in line for line in logs) == 1 + 1 + 2 * 4
     assert len(read_rows(result["results"])) == len(rows)
+    from ropekit.files import sole_writer
+
+    with sole_writer(tmp_path), pytest.raises(ValueError, match="being written by another ropekit process"):
+        run(cfg, tmp_path, log=logs.append)  # a second demo into a folder one is writing
 
 
 def test_the_plan_prints_the_regime_derivation_and_the_controls():
