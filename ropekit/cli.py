@@ -12,6 +12,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -44,7 +45,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "head_dim": args.head_dim,
         "attention_factor": method.attention_factor,
         "inv_freq": [float(f"{v:.6g}") for v in inv.tolist()],
-        "wavelength": [float(f"{2 * math.pi / v:.6g}") for v in inv.tolist()],
+        "wavelength": [float(f"{2 * math.pi / v:.6g}") if v else None for v in inv.tolist()],  # None: no rotation
     }
     rate = method.xpos_rate(args.head_dim)
     if rate is not None:
@@ -126,7 +127,7 @@ def _int_list(text: str) -> list[int]:
 def _check_device(device: str | None) -> None:
     import torch
 
-    if not device:
+    if device is None:
         return
     try:
         kind = torch.device(device).type
@@ -138,29 +139,33 @@ def _check_device(device: str | None) -> None:
         raise ValueError(f"--device {device!r} is not supported; accepted: cpu, cuda, cuda:N")
 
 
-def _load_for_eval(args):
-    from ropekit.models import load_model, load_tokenizer
+def _load_for_eval(args, tokenizer):
+    from ropekit.models import load_model
 
     model = load_model(args.model, device=args.device)
     if args.rope:
         import ropekit
 
         ropekit.patch(model, args.rope)
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    return model, tokenizer
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise ValueError(f"the tokenizer ({args.tokenizer or args.model}) has {len(tokenizer)} tokens but the model "
+                         f"embeds {vocab}: pass the model's own tokenizer")  # fmt: skip
+    return model
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from ropekit import data
     from ropekit.eval import run
+    from ropekit.models import load_tokenizer
     from ropekit.results import append_rows
 
     if args.rope:
-        from ropekit.methods import parse
+        from ropekit.hf import parse_layered
 
-        parse(args.rope)  # a malformed spec fails before any model is loaded
+        parse_layered(args.rope)  # a malformed spec fails before any model is loaded ('...@full_attention' too)
     _check_device(args.device)
-    if args.out:
+    if args.out is not None:
         from ropekit.files import check_writable
 
         check_writable(args.out)  # before the evaluation, not after it
@@ -168,7 +173,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.task != "passkey":  # the text source is checked before the model is loaded
         docs = data.load_documents(args.data)
         _, val = data.split_documents(docs, val_fraction=args.val_fraction, seed=args.split_seed)
-    model, tokenizer = _load_for_eval(args)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)  # before the model: the checks below need only it
     config = {k: v for k, v in vars(args).items() if k != "func"}
     common = dict(n=args.n, seed=args.seed, experiment=args.experiment, config=config)
     done = _lengths_done(args.out, args.experiment, config) if args.out else set()
@@ -182,6 +187,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         tokens = tokenize_documents(val, tokenizer)
         for length in args.lengths:
             select_windows(tokens, span if stride else length, 1, args.seed)
+    elif args.task == "fsr":  # a length too short for the prompt template fails before any scoring
+        from ropekit.eval.retrieval import build_fsr_samples
+
+        for length in args.lengths:
+            build_fsr_samples(val, tokenizer, length, n=1, seed=args.seed)
+    model = _load_for_eval(args, tokenizer)
     for length in args.lengths:  # each length's rows are kept as soon as they exist
         if length in done:
             print(f"L={length}: its rows are already in {args.out} (same experiment and settings): skipped")
@@ -287,6 +298,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.plot and not args.out:
         raise ValueError("bench --plot needs --out: the plot is drawn from the rows written there")
+    peers = (("--liger-rope", getattr(args, "liger_rope", None)), ("--flash-attn-rotary", args.flash_attn_rotary))
+    for flag, path in peers:
+        if path and not Path(path).is_file():
+            raise ValueError(f"{flag} {path!r} not found: pass the path of the peer's .py file")
     for path in (args.out, args.plot):
         if path:
             check_writable(path)  # before the benchmark, not after it
@@ -346,8 +361,11 @@ def _advice_from_args(args: argparse.Namespace, model_info=None):
 def _cmd_advise(args: argparse.Namespace) -> int:
     from ropekit.advise import format_table
     from ropekit.figures import draw_advice
+    from ropekit.files import check_writable
     from ropekit.models import load_config
 
+    if args.plot:
+        check_writable(args.plot)
     info = (None, *_rope_of(load_config(args.model))) if args.model else None  # closed forms: no weights needed
     advice = _advice_from_args(args, info)
     print(format_table(advice))
@@ -366,6 +384,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     methods = sweep.parse_methods(args.methods) if args.methods else []
     out = args.out or f"runs/sweep_{args.model.replace('/', '_').replace(':', '_')}.csv"
     sweep.check_writable(out)  # before the model loads or anything runs
+    if args.plot:
+        from ropekit.files import check_writable
+
+        check_writable(args.plot)
     _check_device(args.device)
     t0 = time.perf_counter()
     info = _model_rope(args.model, device=args.device)

@@ -142,6 +142,8 @@ def check_writable(path: str | Path, *, kind: str = "file") -> Path:
 
     Creates missing parent folders; never leaves anything else behind.
     """
+    if not str(path).strip():
+        raise ValueError(f"the output path is empty; pass a {kind} path")
     path = Path(path).expanduser()
     if kind == "file" and path.is_dir():
         raise ValueError(f"output {str(path)!r} is a directory; pass a file path (e.g. {str(path / 'results.csv')!r})")

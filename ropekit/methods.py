@@ -35,6 +35,7 @@ Each class names its Hugging Face ``rope_type`` (``hf_type``) and maps both ways
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -82,6 +83,23 @@ def _rope_inv_freq64(base: float, head_dim: int) -> torch.Tensor:
     return base ** (-exponent)
 
 
+def _finite_frequencies(inv_freq64):
+    """``inv_freq64`` that raises a one-line ValueError where the numbers overflow or come out non-finite
+    (e.g. ``ntk:factor=1e300``), rather than an OverflowError or ZeroDivisionError from deep inside."""
+
+    @functools.wraps(inv_freq64)
+    def checked(self, head_dim: int, seq_len: int | None = None) -> torch.Tensor:
+        try:
+            out = inv_freq64(self, head_dim, seq_len)
+        except (OverflowError, ZeroDivisionError) as err:
+            raise ValueError(f"{self} gives no finite frequencies at rotary dim {head_dim}: {err}") from None
+        if not torch.isfinite(out).all():
+            raise ValueError(f"{self} gives non-finite frequencies for rotary_dim={head_dim}")
+        return out
+
+    return checked
+
+
 @dataclass(frozen=True)
 class RopeMethod:
     """Base class: plain RoPE frequencies at ``base``; subclasses change the frequencies or the scales.
@@ -96,6 +114,11 @@ class RopeMethod:
     always_shown: ClassVar[tuple[str, ...]] = ("base", "factor", "scale_base")  # printed even at default
 
     base: float | None = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "inv_freq64" in cls.__dict__:  # every method's frequencies are checked where they are made
+            cls.inv_freq64 = _finite_frequencies(cls.__dict__["inv_freq64"])
 
     # -- validation -------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -204,6 +227,9 @@ class RopeMethod:
             if f.name != "base" and params.get(f.name) is not None:
                 kwargs[f.name] = _from_hf_value(cls, f.name, params[f.name])
         return cls(**kwargs)
+
+
+RopeMethod.inv_freq64 = _finite_frequencies(RopeMethod.inv_freq64)
 
 
 @dataclass(frozen=True)

@@ -258,7 +258,11 @@ def load_model(
     if config_overrides and kind != "tiny":
         raise ValueError(f"config overrides {sorted(config_overrides)} apply only to tiny: models")
     if kind == "tiny":
-        config = tiny_config(info["family"], **config_overrides)
+        try:
+            config = tiny_config(info["family"], **config_overrides)
+        except Exception as err:  # noqa: BLE001 - transformers' config validation, typed or not: one line
+            bad = f"invalid overrides {config_overrides} for tiny:{info['family']}"
+            raise ValueError(f"{bad}: {_reason(err)}") from None
         config._attn_implementation = attn
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -290,6 +294,8 @@ def load_model(
         model = model.to(device)
     model.eval()
     saved = getattr(model.config, "ropekit", None)
+    if saved is not None and not isinstance(saved, dict):
+        raise ValueError(f"{spec}: config.ropekit must be a mapping like {{'method': 'pi:factor=4'}}; got {saved!r}")
     if reapply and saved and saved.get("method"):
         from ropekit.hf import patch, saved_method_conflict
 

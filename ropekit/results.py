@@ -151,8 +151,8 @@ def _check_header(path: Path, header: list[str]) -> None:
         shown = ",".join(header)
         shown = shown if len(shown) <= 100 else shown[:100] + "..."
         raise ValueError(
-            f"{str(path)!r} is not a ropekit result CSV (its header: {shown}); "
-            "ropekit never rewrites a file it did not write: pass another output file"
+            f"{str(path)!r} is not a ropekit result CSV (its header: {shown}); ropekit reads only result CSVs it "
+            "wrote and never rewrites another file"
         )
 
 

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from ropekit.methods import parse
+from ropekit.hf import format_layered, parse_layered
 from ropekit.results import COLUMNS, append_rows, atomic_write_text, make_row, provenance, read_rows
 from ropekit.stats import compare, paired_interval
 
@@ -120,17 +120,22 @@ class SweepSettings:
 
 
 def parse_methods(text: str) -> list[str]:
-    """';'-separated method specs -> normalized spec strings (ValueError naming a bad one)."""
+    """';'-separated method specs -> normalized spec strings (ValueError naming a bad one); a spec may name
+    the layer type it applies to ('yarn:factor=4,...@full_attention', one layer type per candidate)."""
     specs = [s.strip() for s in (text or "").split(";") if s.strip()]
     if not specs:
         raise ValueError(f"--methods needs ';'-separated method specs like 'pi:factor=2;yarn:...'; got {text!r}")
     out = []
     for spec in specs:
-        name = str(parse(spec))  # raises ValueError naming the bad part
+        name = _normalized(spec)  # raises ValueError naming the bad part
         if name in out or name == BASELINE:
             raise ValueError(f"method {spec!r} is given twice (or is the baseline {BASELINE!r}, always run)")
         out.append(name)
     return out
+
+
+def _normalized(spec: str) -> str:
+    return format_layered(parse_layered(spec))
 
 
 def summary_path(out: str | Path) -> Path:
@@ -256,7 +261,7 @@ def _run_sweep(model, tokenizer, docs, methods, settings: SweepSettings, out: Pa
     from ropekit.eval import retrieval
     from ropekit.eval.run import _variant
 
-    methods = [str(parse(m)) for m in methods]
+    methods = [_normalized(m) for m in methods]
     sweep_id = settings.sweep_id
     done = _done(out, experiment, sweep_id)
     work = _work(settings)

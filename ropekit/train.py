@@ -137,9 +137,9 @@ class TrainConfig:
         for key, (ok, accepted) in rules.items():
             if not ok:
                 raise ValueError(f"config {key}={getattr(self, key)!r} is invalid; accepted: {accepted}")
-        from ropekit.methods import parse
+        from ropekit.hf import parse_layered
 
-        parse(self.method)  # a malformed method spec fails here, not after the data is prepared
+        parse_layered(self.method)  # a malformed method spec fails here, not after the data is prepared
 
     @property
     def retrieval_context_max(self) -> int:

@@ -25,6 +25,14 @@ CASES = [
         "length 16 is too short to export: the answer budget alone takes",
     ),
     (["bench", "--smoke", "--plot", "OUT"], "bench --plot needs --out"),
+    (["bench", "--static", "--liger-rope", "/no/such/rope.py"], "--liger-rope '/no/such/rope.py' not found"),
+    (["check", "--model", "tiny:llama", "--rope", "ntk:factor=1e300"], "gives no finite frequencies"),  # overflowed
+    (["eval", "ppl", "--model", "tiny:llama", "--device", ""], "--device '' is not a device"),
+    (["eval", "ppl", "--model", "tiny:llama", "--tokenizer", "ropekit-tiny-256"], "has 2048 tokens but the model"),
+    (["eval", "ppl", "--model", "tiny:llama", "--out", ""], "the output path is empty"),
+    (["eval", "fsr", "--model", "ropekit-tiny-256", "--lengths", "2"], "use a length of at least"),
+    (["figures", "--out", ""], "the output path is empty"),
+    (["train", "--set", 'model_overrides={"hidden_size": -1}', "--out", "OUT"], "invalid overrides"),
 ]
 if sys.platform == "linux":
     CASES.append((["figures", "--out", "/proc/ropekit-figures"], "cannot write output '/proc/ropekit-figures'"))

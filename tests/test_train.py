@@ -329,3 +329,10 @@ def test_a_failed_save_names_the_intact_checkpoint_and_a_killed_one_is_cleaned_u
     (tmp_path / ".tmp-checkpoint-0000004-killed").mkdir()  # what a SIGKILL during a save leaves
     train(micro_config(steps=4, save_every=2), tmp_path, resume=True)
     assert not list(tmp_path.glob(".tmp-*")) and (tmp_path / "final").is_dir()
+
+
+def test_a_method_for_some_layer_types_is_a_valid_training_method():
+    cfg = apply_overrides(micro_config(), ["method=yarn:factor=4,original_max_position_embeddings=64@full_attention"])
+    assert cfg.method.endswith("@full_attention")
+    with pytest.raises(ValueError, match="expected a number"):
+        apply_overrides(micro_config(), ["method=pi:factor=abc@full_attention"])

@@ -109,7 +109,9 @@ def build_fsr_samples(
     suf_ids = tokenizer(suffix, add_special_tokens=False).input_ids
     budget = length - len(pre_ids) - len(suf_ids)
     if budget < 16:
-        raise ValueError(f"FSR length {length} leaves {budget} context tokens after the prompt template")
+        need = length - budget + 16
+        raise ValueError(f"FSR length {length} is too short: the prompt template takes {length - budget} tokens and a "
+                         f"context at least 16; use a length of at least {need}")  # fmt: skip
     rng = random.Random(seed * 7919 + length)
     candidates = fsr_candidates(docs)
     rng.shuffle(candidates)
