@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass
 
 from ropekit import analysis
-from ropekit.methods import parse
+from ropekit.methods import MAX_HEAD_DIM, parse
 
 __all__ = ["Candidate", "Advice", "candidates", "diagnose", "advise", "format_table", "PAPER_ABF_BASE"]
 
@@ -77,7 +77,6 @@ class Advice:
         return self.candidates[self.advised]
 
 
-MAX_HEAD_DIM = 1024  # released models rotate at most 512 dimensions a head
 MAX_TARGET_LENGTH = 1 << 20  # the closed forms scan every position up to it: minutes at 1M, hours past
 
 

@@ -34,7 +34,10 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from ropekit.methods import parse
+    from ropekit.methods import MAX_HEAD_DIM, parse
+
+    if args.head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"--head-dim must be <= {MAX_HEAD_DIM}; got {args.head_dim}")
 
     method = parse(args.spec)
     if args.base is not None:
@@ -61,6 +64,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     import ropekit
     from ropekit.models import load_model, load_tokenizer
 
+    if not args.prompt.strip():
+        raise ValueError(f"--prompt {args.prompt!r} gives no tokens; pass some text")
     t0 = time.perf_counter()
     model = load_model(args.model)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s: {type(model).__name__}, "
@@ -70,7 +75,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
         ids = torch.randint(0, model.config.vocab_size, (1, args.length), generator=torch.Generator().manual_seed(0))
     else:
         tok = load_tokenizer(args.model)
-        text = args.prompt * (1 + args.length // max(1, len(tok(args.prompt).input_ids)))
+        per_prompt = len(tok(args.prompt).input_ids)
+        if per_prompt == 0:
+            raise ValueError(f"--prompt {args.prompt!r} gives no tokens; pass some text")
+        text = args.prompt * (1 + args.length // per_prompt)
         ids = tok(text, return_tensors="pt").input_ids[:, : args.length]
     with torch.no_grad():
         before = model(ids).logits
@@ -87,16 +95,17 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _at_least(low: int):
-    """argparse type: an integer >= ``low``."""
+def _at_least(low: int, high: int | None = None):
+    """argparse type: an integer >= ``low`` (and <= ``high``)."""
+    accepted = f">= {low}" if high is None else f"in [{low}, {high}]"
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected an integer {accepted}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected an integer {accepted}, got {value}")
         return value
 
     parse.__name__ = f"integer >= {low}"
@@ -442,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="load a model, patch it, compare logits and generate")
     p.add_argument("--model", default="smollm2-135m", help=_MODEL_HELP)
     p.add_argument("--rope", default="rope", help="method spec (default: rope, which must leave logits unchanged)")
-    p.add_argument("--length", type=_at_least(2), default=256, help="tokens to score")
+    p.add_argument("--length", type=_at_least(2, 1 << 20), default=256, help="tokens to score")
     p.add_argument("--new-tokens", type=_at_least(1), default=16)
     p.add_argument("--prompt", default="The history of the city begins with a small settlement by the river. ")
     p.set_defaults(func=_cmd_check)
@@ -530,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "instructions per 16 B and a roofline model (static figures, not timings)")  # fmt: skip
     p.add_argument("--stage", default="current", help="--static: label of the kernel version (before/after)")
     p.add_argument("--cases", choices=("all", "ci"), default="all", help="--static: all 324 cases or the CI subset")
-    p.add_argument("--jobs", type=int, default=1, help="--static: compile processes")
+    p.add_argument("--jobs", type=_at_least(1), default=1, help="--static: compile processes")
     p.add_argument("--liger-rope", default=None, help="--static: path to liger_kernel/ops/rope.py")
     p.set_defaults(func=_cmd_bench)
 

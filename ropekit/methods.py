@@ -83,6 +83,9 @@ def _rope_inv_freq64(base: float, head_dim: int) -> torch.Tensor:
     return base ** (-exponent)
 
 
+MAX_HEAD_DIM = 1024  # the largest rotary dimension ropekit accepts on its command line (models use <= 512)
+
+
 def _finite_frequencies(inv_freq64):
     """``inv_freq64`` that raises a one-line ValueError where the numbers overflow or come out non-finite
     (e.g. ``ntk:factor=1e300``), rather than an OverflowError or ZeroDivisionError from deep inside."""

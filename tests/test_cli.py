@@ -12,7 +12,7 @@ CASES = [
     (["info", "yarn:factor=2"], "original_max_position_embeddings' is required"),
     (["check", "--model", "tiny:nope"], "unknown tiny model 'nope'"),
     (["check", "--model", "/no/such/model"], "not found"),
-    (["check", "--model", "tiny:llama", "--length", "0"], "--length: expected an integer >= 2"),
+    (["check", "--model", "tiny:llama", "--length", "0"], "--length: expected an integer in [2, 1048576]"),
     (["train", "--preset", "bogus"], "invalid choice: 'bogus'"),
     (["train", "--set", "lr"], "must be key=value"),
     (["train", "--preset", "cpu-extend", "--out", "OUT"], "init_from 'runs/cpu-base/final' not found"),
@@ -32,6 +32,10 @@ CASES = [
     (["eval", "ppl", "--model", "tiny:llama", "--out", ""], "the output path is empty"),
     (["eval", "fsr", "--model", "ropekit-tiny-256", "--lengths", "2"], "use a length of at least"),
     (["figures", "--out", ""], "the output path is empty"),
+    (["info", "rope", "--base", "10000", "--head-dim", "100000000"], "--head-dim must be <= 1024"),  # was a hang
+    (["check", "--model", "ropekit-tiny-256", "--prompt", ""], "--prompt '' gives no tokens"),
+    (["check", "--model", "ropekit-tiny-256", "--length", "100000000"], "expected an integer in [2, 1048576]"),
+    (["bench", "--static", "--jobs", "0"], "expected an integer >= 1"),
     (["train", "--set", 'model_overrides={"hidden_size": -1}', "--out", "OUT"], "invalid overrides"),
 ]
 if sys.platform == "linux":
