@@ -236,8 +236,10 @@ def read_method(config) -> _methods.RopeMethod:
 
 
 def saved_method_conflict(config) -> str | None:
-    """Where ``config.ropekit``'s method and the config's own rope parameters disagree (a hand edit of one),
-    as one line saying which wins in which loader; None when they agree or nothing was saved."""
+    """Where ``config.ropekit``'s method and the config's own rope parameters give different frequencies (a
+    hand edit of one), as one line saying which wins in which loader; None when they agree or nothing was
+    saved. Compared by their numbers (float64 frequencies and attention factor), not key by key: a 4.x
+    config stores fewer keys for the same method."""
     saved = (getattr(config, "ropekit", None) or {}).get("method")
     if not saved:
         return None
@@ -246,19 +248,24 @@ def saved_method_conflict(config) -> str | None:
     for lt, m in methods.items():
         if isinstance(m, _methods.Native) or m.hf_type is None or lt not in own:
             continue  # native: the rope parameters are the method; xPos: no rope parameters hold it
-        want, have = m.to_hf(rotary_dim), own[lt]
-        for key, value in want.items():
-            got = have.get(key)
-            same = got == value or (
-                isinstance(value, float) and isinstance(got, (int, float)) and math.isclose(got, value, rel_tol=1e-6)
+        have = own[lt]
+        try:
+            theirs = _methods.from_hf(have).resolve(  # dynamic NTK's original length is the config's
+                base=float(have["rope_theta"]), max_position_embeddings=int(config.max_position_embeddings)
             )
-            if not same:
-                where = "" if lt is None else f" (layer type {lt})"
-                return (
-                    f"config.ropekit says {saved!r} but the config's rope parameters{where} have {key}={got!r} "
-                    f"(the method's: {value!r}): ropekit.load_model applies config.ropekit, plain from_pretrained the "
-                    "rope parameters; delete config.ropekit from config.json to use the rope parameters"
-                )
+            same = torch.allclose(m.inv_freq64(rotary_dim), theirs.inv_freq64(rotary_dim), rtol=1e-9, atol=0)
+            same = same and math.isclose(m.attention_factor, theirs.attention_factor, rel_tol=1e-9)
+        except (ValueError, KeyError, TypeError):
+            same = False  # rope parameters ropekit cannot read are not the saved method either
+        if not same:
+            want = m.to_hf(rotary_dim)
+            shown = [f"{k}={have.get(k)!r}" for k in want if have.get(k) != want[k]] or [repr(have)]
+            where = "" if lt is None else f" (layer type {lt})"
+            return (
+                f"config.ropekit says {saved!r} but the config's rope parameters{where} give other frequencies "
+                f"({', '.join(shown)}): ropekit.load_model applies config.ropekit, plain from_pretrained the rope "
+                "parameters; delete config.ropekit from config.json to use the rope parameters"
+            )
     return None
 
 

@@ -646,6 +646,14 @@ def test_transformers_4_saves_only_what_the_family_reloads(tmp_path):
     assert fresh.config.to_dict() == before and not isinstance(fresh.model.rotary_emb, hf.RopekitRotary)
 
 
+@pytest.mark.parametrize("spec", NATIVE)
+def test_a_saved_method_agrees_with_the_rope_parameters_it_wrote(tmp_path, spec):
+    model = load_model("tiny:llama")
+    ropekit.patch(model, spec)
+    model.save_pretrained(tmp_path)  # 4.x keeps fewer keys (no YaRN truncate): compared by the numbers
+    assert hf.saved_method_conflict(AutoConfig.from_pretrained(tmp_path)) is None
+
+
 def test_a_hand_edit_that_contradicts_the_saved_method_is_named_on_load(tmp_path):
     import json
 
@@ -662,6 +670,6 @@ def test_a_hand_edit_that_contradicts_the_saved_method_is_named_on_load(tmp_path
     else:
         config["rope_theta"] = 500000.0
     path.write_text(json.dumps(config))
-    with pytest.warns(UserWarning, match=r"rope_theta=500000.0 .*ropekit.load_model applies config.ropekit"):
+    with pytest.warns(UserWarning, match=r"other frequencies \(rope_theta=500000.0\): ropekit.load_model applies"):
         reloaded = load_model(str(tmp_path))
     assert str(reloaded.model.rotary_emb.method) == "pi:base=10000,factor=4"  # the saved method won, as it says
