@@ -212,7 +212,7 @@ def run(cfg: AblationConfig, out: str | Path, *, log=print) -> dict:
 
     out = check_writable(out, kind="folder")
     rank, _ = parallel.rank_and_world()
-    with sole_writer(out) if rank == 0 else contextlib.nullcontext():
+    with sole_writer(out, kind="folder") if rank == 0 else contextlib.nullcontext():
         return _run(cfg, out, log=log)
 
 

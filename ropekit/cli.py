@@ -144,8 +144,10 @@ def _check_device(device: str | None) -> None:
         raise ValueError(f"--device {device!r} is not a device; accepted: cpu, cuda, cuda:N") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device} needs CUDA, which this machine lacks; accepted here: cpu")
-    if kind not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device!r} is not supported; accepted: cpu, cuda, cuda:N")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device} needs Apple's MPS, which this machine lacks; accepted here: cpu")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device!r} is not supported; accepted: cpu, cuda, cuda:N, mps")
 
 
 def _load_for_eval(args, tokenizer):
@@ -183,11 +185,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         docs = data.load_documents(args.data)
         _, val = data.split_documents(docs, val_fraction=args.val_fraction, seed=args.split_seed)
     tokenizer = load_tokenizer(args.tokenizer or args.model)  # before the model: the checks below need only it
-    config = {k: v for k, v in vars(args).items() if k != "func"}
-    common = dict(n=args.n, seed=args.seed, experiment=args.experiment, config=config)
-    done = _lengths_done(args.out, args.experiment, config) if args.out else set()
     stride = getattr(args, "stride", None)  # ppl's options
     span = getattr(args, "span", None) or 4 * max(args.lengths)  # one span for every window size (sliding)
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    if stride:
+        config["span"] = span  # as the rows record it, so a rerun recognises them
+    common = dict(n=args.n, seed=args.seed, experiment=args.experiment, config=config)
+    done = _lengths_done(args.out, args.experiment, config) if args.out else set()
     tokens = None
     if args.task == "ppl":  # tokenised once; every length must fit a document before the first is scored
         from ropekit.data import tokenize_documents
@@ -209,7 +213,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if args.task == "passkey":
             rows = run.eval_passkey(model, tokenizer, [length], **common)
         elif args.task == "ppl" and stride:
-            rows = run.eval_ppl_sliding(model, tokenizer, val, [length], stride=stride, span=span, **common)
+            rows = run.eval_ppl_sliding(model, tokenizer, val, [length], stride=stride, span=span, tokens=tokens,
+                                        **common)  # fmt: skip
         elif args.task == "ppl":
             rows = run.eval_ppl(model, tokenizer, val, [length], bin_size=args.bin_size, tokens=tokens, **common)
         else:

@@ -176,8 +176,10 @@ def _series(rows, metric, x: str = "context_length"):
 
 
 def _repeated_points(rows) -> int:
-    """How many rows repeat an (experiment, variant, metric, length, position) point of an earlier row."""
-    keys = [(r["experiment"], r["variant"], r["metric"], r["context_length"], r["position"], r["depth"]) for r in rows]
+    """How many rows repeat an earlier row's point: its experiment, variant, metric, length, position, depth and
+    settings (a rerun's rows; per-sample rows differ in their settings' sample)."""
+    keys = [(r["experiment"], r["variant"], r["metric"], r["context_length"], r["position"], r["depth"], r["config"])
+            for r in rows]  # fmt: skip
     return len(keys) - len(set(keys))
 
 

@@ -109,21 +109,26 @@ def locked(path: str | Path, timeout: float = 600.0) -> FileLock:
 
 
 @contextlib.contextmanager
-def sole_writer(path: str | Path) -> Iterator[None]:
-    """Hold ``path`` (a run folder, or an output file) for this process alone while the block runs.
+def sole_writer(path: str | Path, *, kind: str) -> Iterator[None]:
+    """Hold ``path`` (``kind`` "folder": a run folder; "file": an output file) for this process alone while
+    the block runs.
 
     A second process that asks while the first holds it gets a one-line ValueError naming the holder,
     at once; a holder that dies (even by SIGKILL) releases it. The lock file sits in the folder (a
     folder) or beside the file (``.<name>.writer.lock``), with the holder's pid, host and start time
     in a file beside it."""
+    if kind not in ("folder", "file"):
+        raise ValueError(f"kind must be 'folder' or 'file'; got {kind!r}")
     path = Path(path)
-    base = path / ".writer" if path.is_dir() else path.with_name(f".{path.name}.writer")
+    base = path / ".writer" if kind == "folder" else path.with_name(f".{path.name}.writer")
     base.parent.mkdir(parents=True, exist_ok=True)
     lock, holder = FileLock(str(base) + ".lock", timeout=0), Path(str(base) + ".holder")
     try:
         lock.acquire()
     except Timeout:
         who = holder.read_text().strip() if holder.is_file() else "holder unknown"
+        if who.startswith(f"pid {os.getpid()} on {socket.gethostname()},"):
+            raise ValueError(f"{str(path)!r} is already being written by this process ({who})") from None
         raise ValueError(
             f"{str(path)!r} is being written by another ropekit process ({who}); "
             "wait for it to end or pass another output"

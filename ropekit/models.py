@@ -204,7 +204,7 @@ def _from_pretrained(name: str, *, config_only: bool = False, **kwargs):
     except (OSError, ValueError) as err:  # transformers' "not a valid model identifier", offline, no config
         raise ValueError(f"cannot load model {name!r}: {_reason(err)} (accepted: {_ACCEPTED_SPECS})") from None
     except Exception as err:  # noqa: BLE001 - damaged weights, a config value the family refuses: one line
-        raise ValueError(f"cannot load model {name!r}: {type(err).__name__}: {_reason(err)}") from None
+        raise ValueError(f"cannot load model {name!r}: {type(err).__name__}: {_reason(err)}") from err
 
 
 def _reason(err: BaseException) -> str:
@@ -262,7 +262,7 @@ def load_model(
             config = tiny_config(info["family"], **config_overrides)
         except Exception as err:  # noqa: BLE001 - transformers' config validation, typed or not: one line
             bad = f"invalid overrides {config_overrides} for tiny:{info['family']}"
-            raise ValueError(f"{bad}: {_reason(err)}") from None
+            raise ValueError(f"{bad}: {_reason(err)}") from err
         config._attn_implementation = attn
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

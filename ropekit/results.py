@@ -161,7 +161,8 @@ def _damaged(fields: list[str], header: list[str]) -> str | None:
     if len(fields) != len(header):
         return f"{len(fields)} fields where its header has {len(header)}"
     for name, value in zip(header, fields, strict=True):
-        if name in _JSON_COLUMNS and value:
+        # ropekit writes at least {}: an empty last column is a row cut right after its last comma
+        if name in _JSON_COLUMNS and (value or name == header[-1]):
             try:
                 json.loads(value)
             except ValueError:
@@ -174,7 +175,7 @@ def read_rows(path: str | Path) -> list[dict[str, str]]:
 
     A missing file has no rows. A file ropekit did not write, or a damaged row, is a ValueError naming the
     file and the line. A last line without its newline is an append in progress in another process (or one
-    cut off), and is not read."""
+    cut off), and is read only when it is a whole row."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -182,8 +183,9 @@ def read_rows(path: str | Path) -> list[dict[str, str]]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"{str(path)!r} is not a ropekit result CSV (not UTF-8 text: {err.reason})") from None
-    if text and not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
+    last = ""
+    if text and not text.endswith("\n"):  # kept below only if it is a whole row (a hand edit dropped the newline)
+        text, last = text[: text.rfind("\n") + 1], text[text.rfind("\n") + 1 :]
     reader = csv.reader(io.StringIO(text, newline=""))
     header = next(reader, None)
     if header is None:
@@ -197,6 +199,9 @@ def read_rows(path: str | Path) -> list[dict[str, str]]:
         if why:
             raise ValueError(f"{str(path)!r}, line {reader.line_num}: a damaged row ({why}); remove that line")
         rows.append(_upgrade(dict(zip(header, fields, strict=True))))
+    fields = next(csv.reader([last]), []) if last else []
+    if fields and not _damaged(fields, header):
+        rows.append(_upgrade(dict(zip(header, fields, strict=True))))
     return rows
 
 
@@ -209,8 +214,8 @@ def _csv_text(rows: Iterable[dict[str, Any]], *, header: bool) -> str:
     return buf.getvalue()
 
 
-def _tail_line(path: Path) -> str:
-    """The file's text after its last newline (the whole last line when the file lacks its final newline)."""
+def _tail_line(path: Path) -> bytes:
+    """The file's bytes after its last newline (the whole last line when the file lacks its final newline)."""
     with open(path, "rb") as fh:
         size = fh.seek(0, os.SEEK_END)
         chunk = 1 << 16
@@ -220,7 +225,7 @@ def _tail_line(path: Path) -> str:
             data = fh.read(size - start)
             cut = data.rfind(b"\n")
             if cut >= 0 or start == 0:
-                return data[cut + 1 :].decode("utf-8", errors="replace")
+                return data[cut + 1 :]
             chunk *= 4
 
 
@@ -247,14 +252,14 @@ def append_rows(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
         if read_only(path):
             raise ValueError(f"cannot append to {str(path)!r}: the file is read-only")
         tail = _tail_line(path)
-        if tail:  # no final newline: a hand edit that dropped it, or an append cut off mid-row
-            fields = next(csv.reader([tail]), [])
+        if tail:  # no final newline: a hand edit that dropped it, or an append cut off mid-row (mid-character too)
+            fields = next(csv.reader([tail.decode("utf-8", errors="replace")]), [])
             if _damaged(fields, header):
                 lines = sum(1 for _ in open(path, "rb"))
                 warnings.warn(f"{path}: dropped line {lines}, a row cut off by an interrupted append", stacklevel=2)
                 with open(path, "r+b") as fh:
-                    fh.truncate(path.stat().st_size - len(tail.encode("utf-8")))
-                tail = ""
+                    fh.truncate(path.stat().st_size - len(tail))  # the torn bytes exactly
+                tail = b""
         if header != COLUMNS:  # a file with an older header: write it whole
             atomic_write_text(path, _csv_text([*read_rows(path), *rows], header=True))
             return

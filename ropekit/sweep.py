@@ -250,7 +250,7 @@ def run_sweep(
 
     out = Path(out)
     check_writable(out)
-    with sole_writer(out):
+    with sole_writer(out, kind="file"):
         return _run_sweep(model, tokenizer, docs, methods, settings, out, experiment=experiment, log=log)
 
 

@@ -369,7 +369,7 @@ def save_checkpoint(
         raise ValueError(
             f"cannot write {folder.name} in {out}: {type(err).__name__}: {str(err).strip()[:200]}; "
             f"{'the last checkpoint, ' + kept[-1].name + ', is intact' if kept else 'no checkpoint was written'}"
-        ) from None
+        ) from err
     atomic_write_text(out / "latest", folder.name)  # a hint for people and tools; resume scans the folders
     for old in _checkpoints(out)[:-2]:
         shutil.rmtree(old, ignore_errors=True)
@@ -671,7 +671,7 @@ def train(
 
     rank, _ = parallel.rank_and_world()
     check_writable(out, kind="folder")
-    with sole_writer(out) if rank == 0 else contextlib.nullcontext():
+    with sole_writer(out, kind="folder") if rank == 0 else contextlib.nullcontext():
         return _train(cfg, out, resume=resume, stop_after=stop_after, corpus=corpus)
 
 

@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -53,3 +54,26 @@ def hf_rope_parameters(config, rope_type: str, seq_len: int | None = None):
         return LlamaRotaryEmbedding.compute_default_rope_parameters(config)
     kwargs = {"seq_len": seq_len} if seq_len is not None else {}
     return ROPE_INIT_FUNCTIONS[rope_type](config, None, **kwargs)
+
+
+@contextlib.contextmanager
+def held_by_another_process(path, kind: str):
+    """``ropekit.files.sole_writer(path, kind=kind)`` held by a child process until the block ends."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    path = Path(path)
+    code = (
+        "import time\nfrom ropekit.files import sole_writer\n"
+        f"with sole_writer({str(path)!r}, kind={kind!r}):\n    print('held', flush=True)\n    time.sleep(600)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        yield child.pid
+    finally:
+        child.kill()
+        child.wait()
+        time.sleep(0.05)

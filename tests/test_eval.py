@@ -182,6 +182,12 @@ def test_an_interrupted_eval_keeps_each_finished_length_and_a_rerun_skips_it(tmp
     assert rows[: len(first)] == first and {r["context_length"] for r in rows[len(first) :]} == {"512"}
     assert main([*common, "--lengths", "128", "--n", "3"]) == 0  # other settings: a new evaluation
     assert sum(r["metric"] == "ppl" and r["context_length"] == "128" for r in read_rows(out)) == 2
+    sliding = [*common, "--lengths", "64,128", "--stride", "32"]  # its span defaults to 4 x the longest window
+    assert main(sliding) == 0
+    before = len(read_rows(out))
+    capsys.readouterr()
+    assert main(sliding) == 0 and len(read_rows(out)) == before
+    assert "L=64: its rows are already in" in capsys.readouterr().out
 
 
 def test_a_model_with_non_finite_outputs_writes_no_row(tmp_path, saved_model, capsys):

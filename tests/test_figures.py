@@ -139,10 +139,11 @@ def test_demo_plumbing_on_the_micro_preset_and_resume(tmp_path):
     run(cfg, tmp_path, log=logs.append)
     assert sum("done earlier" in line for line in logs) == 1 + 1 + 2 * 4
     assert len(read_rows(result["results"])) == len(rows)
-    from ropekit.files import sole_writer
+    from .conftest import held_by_another_process
 
-    with sole_writer(tmp_path), pytest.raises(ValueError, match="being written by another ropekit process"):
-        run(cfg, tmp_path, log=logs.append)  # a second demo into a folder one is writing
+    with held_by_another_process(tmp_path, "folder"):  # a second demo into a folder another one is writing
+        with pytest.raises(ValueError, match="being written by another ropekit process"):
+            run(cfg, tmp_path, log=logs.append)
 
 
 def test_the_plan_prints_the_regime_derivation_and_the_controls():

@@ -162,8 +162,28 @@ def test_a_complete_last_row_without_its_newline_is_kept(tmp_path):
     path = tmp_path / "rows.csv"
     append_rows(path, [_row()])
     path.write_bytes(path.read_bytes().rstrip(b"\n"))  # a hand edit dropped the final newline
+    assert [r["value"] for r in read_rows(path)] == ["1.0"]  # read, not hidden
     append_rows(path, [_row(2.0)])
     assert [r["value"] for r in read_rows(path)] == ["1.0", "2.0"]
+
+
+@pytest.mark.parametrize(
+    "torn",
+    [
+        'e,v,m,2,,,2.0,1,0,x,cpu,"{""a"": ""\xc3',  # cut inside a two-byte UTF-8 character
+        "e,v,m,2,,,2.0,1,0,x,cpu,{},t,",  # cut right after the comma before the config
+    ],
+)
+def test_cutting_a_torn_row_leaves_the_row_before_it_whole(tmp_path, torn):
+    path = tmp_path / "rows.csv"
+    append_rows(path, [make_row(experiment="e", variant="v", metric="m", context_length=1, value=1.0, n=1, seed=0,
+                                config={"note": "Zürich"}, prov=PROV)])  # fmt: skip
+    with open(path, "ab") as fh:
+        fh.write(torn.encode("latin-1"))
+    with pytest.warns(UserWarning, match="dropped line 3"):
+        append_rows(path, [_row(2.0)])
+    rows = read_rows(path)
+    assert [r["value"] for r in rows] == ["1.0", "2.0"] and json.loads(rows[0]["config"]) == {"note": "Zürich"}
 
 
 def test_a_damaged_row_is_named_by_file_and_line(tmp_path):
@@ -174,3 +194,18 @@ def test_a_damaged_row_is_named_by_file_and_line(tmp_path):
     path.write_text("".join(lines))
     with pytest.raises(ValueError, match=r"rows.csv', line 2: a damaged row \(its \w+ is not valid JSON\)"):
         read_rows(path)
+
+
+def test_one_writer_at_a_time_and_a_nested_hold_names_this_process(tmp_path):
+    from ropekit.files import sole_writer
+
+    from .conftest import held_by_another_process
+
+    with held_by_another_process(tmp_path / "rows.csv", "file") as pid:
+        with pytest.raises(ValueError, match=rf"another ropekit process \(pid {pid} on"):
+            with sole_writer(tmp_path / "rows.csv", kind="file"):
+                pass
+    with sole_writer(tmp_path / "rows.csv", kind="file"):  # released when its holder died (killed)
+        with pytest.raises(ValueError, match="already being written by this process"):
+            with sole_writer(tmp_path / "rows.csv", kind="file"):
+                pass

@@ -61,9 +61,9 @@ def test_sweep_ranks_reproducibly_and_resumes(tmp_path, saved_model, capsys):
     capsys.readouterr()
     assert main(_argv(saved_model, a)) == 0  # resumed: nothing left to evaluate
     assert "already in" in capsys.readouterr().out and len(read_rows(a)) == len(rows)
-    from ropekit.files import sole_writer
+    from .conftest import held_by_another_process
 
-    with sole_writer(a):  # an identical sweep still running elsewhere: a second one would double every row
+    with held_by_another_process(a, "file"):  # an identical sweep running elsewhere: a second doubles every row
         assert main(_argv(saved_model, a)) == 2
     assert "being written by another ropekit process" in capsys.readouterr().err and len(read_rows(a)) == len(rows)
 

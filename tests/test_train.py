@@ -288,10 +288,10 @@ def test_a_non_finite_loss_stops_the_run_and_saves_nothing_of_it(tmp_path, monke
 
 
 def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path):
-    from ropekit.files import sole_writer
+    from .conftest import held_by_another_process
 
-    with sole_writer(tmp_path):  # another ropekit process holds the folder
-        with pytest.raises(ValueError, match=r"being written by another ropekit process \(pid \d+ on "):
+    with held_by_another_process(tmp_path, "folder") as pid:  # another ropekit process holds the folder
+        with pytest.raises(ValueError, match=rf"being written by another ropekit process \(pid {pid} on "):
             train(micro_config(), tmp_path)
     assert not list(tmp_path.glob("checkpoint-*")) and not (tmp_path / "metrics.jsonl").exists()
     train(micro_config(steps=1), tmp_path)  # released: the folder can be written again

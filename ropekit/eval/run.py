@@ -111,6 +111,7 @@ def eval_ppl_sliding(
     experiment: str = "eval",
     variant: str | None = None,
     config: dict[str, Any] | None = None,
+    tokens: TokenCache | None = None,
 ) -> list[dict]:
     """Rows ``ppl_sliding`` per window size: ``span`` tokens from each of ``n`` documents scored with a
     sliding window of that size and ``stride`` (each token once, with >= window - stride tokens of context)."""
@@ -119,7 +120,7 @@ def eval_ppl_sliding(
     import torch
 
     _check(windows, n, stride=stride, span=span)
-    cache = tokenize_documents(docs, tokenizer)
+    cache = tokens if tokens is not None else tokenize_documents(docs, tokenizer)
     device = next(model.parameters()).device
     metrics = []
     for W in windows:
