@@ -276,6 +276,8 @@ def table5(results: str | Path, length: int) -> str:
 
 def draw_all(out: str | Path, results: list[str | Path] = ()) -> list[Path]:
     for r in results:  # a wrong path fails before the analytic figures' seconds of work
+        if Path(r).is_dir():
+            raise ValueError(f"results {str(r)!r} is a folder; pass a result CSV")
         if not Path(r).is_file():
             raise ValueError(f"results file {str(r)!r} not found")
         if not read_rows(r):

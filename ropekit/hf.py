@@ -1057,6 +1057,15 @@ def patch(
     try:
         contract = _contract(model)
     except Unsupported as err:
+        own = get_layered_rope_parameters(config) if config is not None else {}
+        for lt, params in own.items():  # a base <= 0 breaks the probe; say that, not what the probe saw
+            theta = params.get("rope_theta")
+            if isinstance(theta, (int, float)) and not theta > 0:
+                where = "" if lt is None else f" ({lt})"
+                raise ValueError(
+                    f"ropekit.patch cannot patch model_type {model_type!r}: its rope_theta{where} is {theta!r}; "
+                    "RoPE needs a base > 0 (see the model's config.json)"
+                ) from None
         raise Unsupported(f"ropekit.patch cannot patch model_type {model_type!r}: {err}") from None
     base_model, original = contract.base_model, contract.original
     previous = rotary_of(base_model)

@@ -161,6 +161,11 @@ def _damaged(fields: list[str], header: list[str]) -> str | None:
     if len(fields) != len(header):
         return f"{len(fields)} fields where its header has {len(header)}"
     for name, value in zip(header, fields, strict=True):
+        if name == "value":
+            try:
+                float(value)
+            except ValueError:
+                return f"its value {value[:20]!r} is not a number"
         # ropekit writes at least {}: an empty last column is a row cut right after its last comma
         if name in _JSON_COLUMNS and (value or name == header[-1]):
             try:

@@ -105,6 +105,8 @@ def test_rows_of_two_experiments_with_one_variant_are_two_lines_and_a_rerun_is_d
     assert {p.name for p in written} >= {"r_ppl.png"}  # named after the file, not after its first experiment
     with pytest.raises(ValueError, match="results file .*missing.csv' not found"):
         figures.draw_all(tmp_path / "figs", [tmp_path / "missing.csv"])
+    with pytest.raises(ValueError, match="is a folder; pass a result CSV"):
+        figures.draw_all(tmp_path / "figs", [tmp_path])
 
 
 def test_demo_plumbing_on_the_micro_preset_and_resume(tmp_path):

@@ -673,3 +673,13 @@ def test_a_hand_edit_that_contradicts_the_saved_method_is_named_on_load(tmp_path
     with pytest.warns(UserWarning, match=r"other frequencies \(rope_theta=500000.0\): ropekit.load_model applies"):
         reloaded = load_model(str(tmp_path))
     assert str(reloaded.model.rotary_emb.method) == "pi:base=10000,factor=4"  # the saved method won, as it says
+
+
+def test_a_config_whose_rope_theta_is_not_positive_is_named():
+    model = load_model("tiny:llama")
+    params = hf.get_rope_parameters(model.config)
+    hf.set_rope_parameters(model.config, {**params, "rope_theta": -5.0})
+    with torch.no_grad():
+        model.model.rotary_emb.inv_freq.fill_(float("nan"))  # what HF's rotary module computes from base -5
+    with pytest.raises(ValueError, match=r"its rope_theta is -5.0; RoPE needs a base > 0"):
+        ropekit.patch(model, "pi:factor=2")

@@ -209,3 +209,11 @@ def test_one_writer_at_a_time_and_a_nested_hold_names_this_process(tmp_path):
         with pytest.raises(ValueError, match="already being written by this process"):
             with sole_writer(tmp_path / "rows.csv", kind="file"):
                 pass
+
+
+def test_a_value_that_is_not_a_number_is_named_by_file_and_line(tmp_path):
+    path = tmp_path / "rows.csv"
+    append_rows(path, [_row(), _row(2.0)])
+    path.write_text(path.read_text().replace(",2.0,", ",abc,"))
+    with pytest.raises(ValueError, match=r"line 3: a damaged row \(its value 'abc' is not a number\)"):
+        read_rows(path)
