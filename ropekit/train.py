@@ -467,7 +467,6 @@ def setup(cfg: TrainConfig, out: str | Path, resume: bool) -> _Run:
     if cfg.init_from and not Path(cfg.init_from).expanduser().exists() and looks_like_path(cfg.init_from):
         raise ValueError(f"init_from {cfg.init_from!r} not found: pass the folder of a saved model (e.g. a base "
                          "run's final/) or a hub id")  # fmt: skip
-    check_writable(out, kind="folder")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
