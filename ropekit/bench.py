@@ -24,6 +24,7 @@ draws GB/s against sequence length per provider from that CSV.
 from __future__ import annotations
 
 import importlib.util
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -31,7 +32,18 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Shape", "TRAINING_SHAPES", "SMOKE_SHAPES", "run_benchmark", "result_rows"]
+__all__ = [
+    "Shape",
+    "TRAINING_SHAPES",
+    "DECODING_SHAPES",
+    "SMOKE_SHAPES",
+    "run_benchmark",
+    "result_rows",
+    "TRAIN_STEP_MODELS",
+    "model_flops_per_step",
+    "check_train_step",
+    "run_train_step",
+]
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,8 @@ TRAINING_SHAPES = [
     Shape(1, 8192, 32, 8, 64),
     Shape(1, 8192, 32, 8, 128, R=64),
 ]
+# decoding: one new token per sequence (T is the batch's new tokens, B sequences), Llama 3 8B's heads
+DECODING_SHAPES = [Shape(B, 1, 32, 8, 128) for B in (1, 64, 256)]
 SMOKE_SHAPES = [Shape(1, 64, 4, 2, 32, dtype="float32"), Shape(1, 128, 4, 2, 32, R=16, dtype="float32")]
 
 
@@ -106,11 +120,11 @@ def _providers(shape: Shape, device: torch.device, flash_attn_rotary: str | None
     table_bytes = 2 * shape.T * rotary_dim * elem  # cos + sin, (T, R) each, in the activation dtype
     out: dict[str, tuple] = {}
 
-    if device.type == "cuda":
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter: plumbing, not speed
         out["ropekit-triton"] = (lambda q, k: apply_rope(q, k, positions, method, rotary_dim=rotary_dim,
                                                          backend="triton"), 0)  # fmt: skip
     else:
-        out["ropekit-triton"] = "needs CUDA (the interpreter is not a speed)"
+        out["ropekit-triton"] = "needs CUDA (or TRITON_INTERPRET=1, a correctness path, not a speed)"
 
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -256,39 +270,157 @@ def result_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def e2e_training_step(seq_len: int, *, patched: bool, steps: int = 3, device: str = "cuda") -> dict:
-    """Tokens/s and peak memory of a ~100M-parameter Llama training step (bf16 autocast, SDPA), with or
-    without the ropekit patch (``abf:base=500000`` through the Triton kernel)."""
-    import ropekit
-    from ropekit.models import load_model
+# A training step of a whole model: three providers on the same model, batch and seed.
+#   hf             the unpatched transformers model, its own loss (``model(input_ids, labels=...)``);
+#   ropekit-patch  the same model patched with ``TRAIN_METHOD`` (the Triton kernel on CUDA), the same loss;
+#   ropekit-train  the patched model with the trainer's loss (``ropekit.train.loss_of``).
+# Model shapes: random initialisation (weights never travel), float32 weights and AdamW state with bf16 autocast
+# on CUDA (as ``ropekit train``), SDPA attention, activation checkpointing, micro-batch 1.
+TRAIN_STEP_MODELS: dict[str, dict] = {
+    # SmolLM2-135M's shape (ropekit.models' ``smollm2-135m``): 30 x 576, GQA 9/3, a 49,152-token vocabulary
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    # Llama 3.2 1B's shape: 16 x 2048, GQA 32/8, a 128,256-token vocabulary
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    # the dry run's: seconds on a CPU
+    "micro": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False),
+}  # fmt: skip
+TRAIN_STEP_PROVIDERS = ("hf", "ropekit-patch", "ropekit-train")
+TRAIN_METHOD = "abf:base=500000"
+MAX_TRAIN_STEP_LENGTH = 2**17
+# Dense bf16 tensor-core peak by device name (vendor datasheets, TFLOP/s): the MFU denominator. A device not
+# listed gets no MFU row (its achieved TFLOP/s row still lands).
+PEAK_BF16_TFLOPS = {"NVIDIA H200": 989.4, "NVIDIA H100 80GB HBM3": 989.4, "NVIDIA A100-SXM4-80GB": 312.0,
+                    "NVIDIA A100-SXM4-40GB": 312.0}  # fmt: skip
 
-    model = load_model("tiny:llama", hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                       num_attention_heads=12, num_key_value_heads=4, vocab_size=32000,
-                       max_position_embeddings=seq_len, device=device)  # fmt: skip
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    if patched:
-        ropekit.patch(model, "abf:base=500000", max_position_embeddings=seq_len)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, 32000, (1, seq_len), device=device)
+
+def model_flops_per_step(shape: dict, seq_len: int, batch: int = 1) -> float:
+    """Model FLOPs of one causal-LM training step (forward + backward, recomputation not counted):
+    6 x (matmul parameters incl. the LM head) x tokens, plus causal attention's 6 x layers x width x T^2."""
+    d, L, V = shape["hidden_size"], shape["num_hidden_layers"], shape["vocab_size"]
+    head_dim = shape.get("head_dim") or d // shape["num_attention_heads"]
+    q_width, kv_width = shape["num_attention_heads"] * head_dim, shape["num_key_value_heads"] * head_dim
+    per_layer = d * q_width * 2 + d * kv_width * 2 + 3 * d * shape["intermediate_size"]  # q,o + k,v + MLP
+    dense = 6 * (L * per_layer + d * V) * seq_len
+    attention = 6 * L * q_width * seq_len * seq_len  # QK^T and AV, half of them under the causal mask
+    return float(batch * (dense + attention))
+
+
+def _max_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+def check_train_step(models, lengths, providers=TRAIN_STEP_PROVIDERS) -> None:
+    """Refuse an unknown model shape or provider and a length out of range, before any work."""
+    for name in models:
+        if name not in TRAIN_STEP_MODELS:
+            raise ValueError(f"unknown train-step model {name!r}; accepted: {', '.join(TRAIN_STEP_MODELS)}")
+    for name in providers:
+        if name not in TRAIN_STEP_PROVIDERS:
+            raise ValueError(f"unknown train-step provider {name!r}; accepted: {', '.join(TRAIN_STEP_PROVIDERS)}")
+    for T in lengths:
+        if not 2 <= T <= MAX_TRAIN_STEP_LENGTH:
+            raise ValueError(f"train-step length {T} out of range; accepted: 2 to {MAX_TRAIN_STEP_LENGTH}")
+
+
+def _time_train_steps(model, opt, ids: torch.Tensor, provider: str, steps: int, label: str) -> float:
+    """Seconds per optimizer step, over ``steps`` steps after one warm-up (kernels compile, the allocator
+    fills); the CUDA allocator's peak is reset after the warm-up."""
+    from ropekit.train import loss_of
+
+    cuda = ids.is_cuda
+    pos = torch.arange(ids.shape[1], device=ids.device)[None]
 
     def step():
-        with torch.autocast(device, dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
+        if provider == "ropekit-train":
+            loss = loss_of(model, ids, pos)  # bf16 autocast on CUDA, as the trainer
+        else:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss
 
-    step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
+    loss = step()
+    if not torch.isfinite(loss):
+        raise ValueError(f"{label}: non-finite loss {float(loss)}")
+    if cuda:
+        torch.cuda.synchronize(ids.device)
+        torch.cuda.reset_peak_memory_stats(ids.device)
+    t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    torch.cuda.synchronize()
-    dt = (time.perf_counter() - t) / steps
-    return {"seq_len": seq_len, "patched": patched, "tokens_per_s": seq_len / dt,
-            "peak_gb": torch.cuda.max_memory_allocated() / 1e9}  # fmt: skip
+    if cuda:
+        torch.cuda.synchronize(ids.device)
+    return (time.perf_counter() - t0) / steps
+
+
+def run_train_step(models: list[str], lengths: list[int], *, providers=TRAIN_STEP_PROVIDERS, steps: int = 2,
+                   device: str | None = None, log=print) -> list[dict]:  # fmt: skip
+    """Time ``steps`` optimizer steps (after one warm-up) of each model shape at each length for each provider;
+    returns result rows: tokens/s, achieved TFLOP/s, MFU (where the device's peak is known) and peak memory
+    (CUDA: the allocator's peak; CPU: the process's resident high-water mark, never reset, labelled so)."""
+    from transformers import AutoModelForCausalLM
+
+    import ropekit
+    from ropekit.models import tiny_config
+    from ropekit.results import make_row, provenance
+
+    check_train_step(models, lengths, providers)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    prov = provenance(dev)
+    cuda = dev.type == "cuda"
+    peak = PEAK_BF16_TFLOPS.get(prov["device"]) if cuda else None
+    rows = []
+    for name in models:
+        shape = TRAIN_STEP_MODELS[name]
+        for T in lengths:
+            for provider in providers:
+                torch.manual_seed(0)
+                config = tiny_config("llama", **shape, max_position_embeddings=T, attn_implementation="sdpa")
+                with torch.device(dev):
+                    model = AutoModelForCausalLM.from_config(config)
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.train()
+                if provider != "hf":
+                    ropekit.patch(model, TRAIN_METHOD, max_position_embeddings=T)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+                ids = torch.randint(0, shape["vocab_size"], (1, T), device=dev)
+                try:
+                    dt = _time_train_steps(model, opt, ids, provider, steps, f"{provider} @ {name}, T={T}")
+                except torch.OutOfMemoryError:
+                    log(f"  {provider:14s} {name:13s} T={T:6d}: out of memory (no rows)")
+                    del model, opt
+                    torch.cuda.empty_cache()
+                    continue
+                tflops = model_flops_per_step(shape, T) / dt / 1e12
+                measures = {"tokens_per_s": T / dt, "step_s": dt, "tflops": tflops}
+                if peak:
+                    measures["mfu"] = tflops / peak
+                if cuda:
+                    measures["peak_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 1e9
+                else:
+                    measures["max_rss_gb (process high-water mark)"] = _max_rss_gb()
+                n_params = sum(p.numel() for p in model.parameters())
+                cfg = {"model": name, "params": n_params, "steps": steps, "batch": 1, "method": TRAIN_METHOD,
+                       "dtype": "fp32 weights, bf16 autocast" if cuda else "float32", "checkpointing": True,
+                       "attention": "sdpa", "peak_bf16_tflops": peak}  # fmt: skip
+                for metric, value in measures.items():
+                    rows.append(make_row(experiment="train_step", variant=f"{provider} @ {name}", metric=metric,
+                                         context_length=T, value=value, n=steps, seed=0, config=cfg,
+                                         prov=prov))  # fmt: skip
+                mem = measures.get("peak_mem_gb", measures.get("max_rss_gb (process high-water mark)"))
+                log(f"  {provider:14s} {name:13s} T={T:6d}: {T / dt:10.0f} tok/s, {tflops:7.1f} TFLOP/s"
+                    + (f", MFU {measures['mfu']:.3f}" if peak else "") + f", memory {mem:.2f} GB")  # fmt: skip
+                del model, opt
+                if cuda:
+                    torch.cuda.empty_cache()
+    return rows
 
 
 def run_static(out: str | None, *, stage: str, cases: str = "all", jobs: int = 1, liger_rope: str | None = None,

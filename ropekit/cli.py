@@ -133,6 +133,14 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _name_list(text: str) -> list[str]:
+    """Comma-separated names (validated by the command that uses them, before any work)."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return values
+
+
 def _check_device(device: str | None) -> None:
     import torch
 
@@ -324,21 +332,38 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         bench.run_static(args.out, stage=args.stage, cases=args.cases, jobs=args.jobs, liger_rope=args.liger_rope,
                          flash_attn_rotary=args.flash_attn_rotary)  # fmt: skip
         return 0
-    shapes = bench.SMOKE_SHAPES if args.smoke else bench.TRAINING_SHAPES
-    rows = bench.run_benchmark(shapes, flash_attn_rotary=args.flash_attn_rotary)
-    if args.out:
-        from ropekit.figures import draw_bench
-        from ropekit.results import append_rows
+    # rows land after each shape (each model and length), so a run cut short keeps what it measured
+    from ropekit.results import append_rows
 
-        result = bench.result_rows(rows)
-        append_rows(args.out, result)
-        print(f"{len(result)} rows appended to {args.out}")
+    if args.train_step:
+        bench.check_train_step(args.models, args.lengths)
+        count = 0
+        for model in args.models:
+            for length in args.lengths:
+                rows = bench.run_train_step([model], [length])
+                if args.out:
+                    append_rows(args.out, rows)
+                count += len(rows)
+        if args.out:
+            print(f"{count} rows appended to {args.out}")
+        return 0
+    if args.smoke:
+        plan = [(shape, ("fwd", "bwd", "fwd+bwd")) for shape in bench.SMOKE_SHAPES]
+    else:  # training shapes forward and backward, decoding shapes forward only
+        plan = [(shape, ("fwd", "bwd", "fwd+bwd")) for shape in bench.TRAINING_SHAPES]
+        plan += [(shape, ("fwd",)) for shape in bench.DECODING_SHAPES]
+    count = 0
+    for shape, ops in plan:
+        rows = bench.result_rows(bench.run_benchmark([shape], ops=ops, flash_attn_rotary=args.flash_attn_rotary))
+        if args.out:
+            append_rows(args.out, rows)
+        count += len(rows)
+    if args.out:
+        print(f"{count} rows appended to {args.out}")
         if args.plot:
+            from ropekit.figures import draw_bench
+
             print(draw_bench(args.out, args.plot))
-    if args.e2e:
-        for seq_len in (8192, 32768):
-            for patched in (False, True):
-                print(bench.e2e_training_step(seq_len, patched=patched))
     return 0
 
 
@@ -538,7 +563,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="CSV to append rows to")
     p.add_argument("--plot", default=None, help="PNG of GB/s against sequence length (needs --out)")
     p.add_argument("--flash-attn-rotary", default=None, help="path to flash_attn/ops/triton/rotary.py")
-    p.add_argument("--e2e", action="store_true", help="also time a ~100M Llama training step with/without the patch")
+    p.add_argument("--train-step", action="store_true",
+                   help="time whole training steps instead (HF unpatched, patched, ropekit's loss): tokens/s,\n"
+                        "TFLOP/s, MFU, peak memory per model shape and length")  # fmt: skip
+    p.add_argument("--models", type=_name_list, default=["smollm2-135m", "llama-1b"],
+                   help="--train-step: comma-separated model shapes (smollm2-135m, llama-1b, micro)")  # fmt: skip
+    p.add_argument("--lengths", type=_int_list, default=[8192, 16384, 32768], help="--train-step: sequence lengths")
     p.add_argument("--static", action="store_true",
                    help="no GPU needed: compile the kernel for sm_80/sm_90 and report registers, access widths,\n"
                         "instructions per 16 B and a roofline model (static figures, not timings)")  # fmt: skip

@@ -51,7 +51,10 @@ COLUMNS = [
 @functools.lru_cache(maxsize=1)
 def _git_sha() -> str:
     """The checkout's commit, read once per process (a run that outlives a commit keeps its own sha:
-    long runs call this when they start)."""
+    long runs call this when they start). ``ROPEKIT_GIT_SHA`` names it where the tree travelled without
+    its ``.git`` (a copy sent to a lent GPU machine)."""
+    if os.environ.get("ROPEKIT_GIT_SHA"):
+        return os.environ["ROPEKIT_GIT_SHA"]
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True)
