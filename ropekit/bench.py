@@ -5,7 +5,9 @@
 
 Providers (each skipped with a note when it cannot run here):
 
-- ``ropekit-triton``: ``apply_rope(backend="triton")`` (angles from positions, no table);
+- ``ropekit-triton``: the Triton kernel as a patched model calls it (``apply_rope_params``: the method's
+  numbers made once per forward, angles from positions, no table); ``ropekit-triton+params`` the public
+  ``apply_rope(q, k, positions, "abf:base=500000")``, which parses, checks and makes those numbers per call;
 - ``hf-eager``: transformers' ``apply_rotary_pos_emb`` with the cos/sin of its rotary module, with the
   table built inside the timed call (``hf-eager+table``) and outside it (``hf-eager``);
 - ``torch-compile``: ``torch.compile`` of the ropekit torch reference;
@@ -110,7 +112,9 @@ def _hf_tables(shape: Shape, positions: torch.Tensor, dtype, device):
 def _providers(shape: Shape, device: torch.device, flash_attn_rotary: str | None):
     """name -> (forward fn(q, k) -> (q, k), extra table bytes) for this shape, or a reason it cannot run."""
     from ropekit import apply_rope
+    from ropekit.methods import parse
     from ropekit.reference import RopeParams, apply_rope_reference
+    from ropekit.rotary import apply_rope_params, rope_params
 
     dtype = getattr(torch, shape.dtype)
     rotary_dim = shape.R or shape.D
@@ -121,9 +125,15 @@ def _providers(shape: Shape, device: torch.device, flash_attn_rotary: str | None
     out: dict[str, tuple] = {}
 
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter: plumbing, not speed
-        out["ropekit-triton"] = (lambda q, k: apply_rope(q, k, positions, method, rotary_dim=rotary_dim,
-                                                         backend="triton"), 0)  # fmt: skip
-    else:
+        # as a patched model calls it: the method's numbers made once per forward, outside the timed call
+        params = rope_params(parse(method), rotary_dim, positions)
+        out["ropekit-triton"] = (lambda q, k: apply_rope_params(q, k, positions, params, backend="triton"), 0)
+    if device.type == "cuda":
+        # the public one-call API: parses the spec, checks the inputs, makes the numbers (a host sync for
+        # int64 positions, a host-to-device copy of the frequencies) on every call
+        out["ropekit-triton+params"] = (lambda q, k: apply_rope(q, k, positions, method, rotary_dim=rotary_dim,
+                                                                backend="triton"), 0)  # fmt: skip
+    elif "ropekit-triton" not in out:
         out["ropekit-triton"] = "needs CUDA (or TRITON_INTERPRET=1, a correctness path, not a speed)"
 
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb

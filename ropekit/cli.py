@@ -336,10 +336,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from ropekit.results import append_rows
 
     if args.train_step:
-        bench.check_train_step(args.models, args.lengths)
+        lengths = args.lengths or [8192, 16384, 32768]
+        bench.check_train_step(args.models, lengths)
         count = 0
         for model in args.models:
-            for length in args.lengths:
+            for length in lengths:
                 rows = bench.run_train_step([model], [length])
                 if args.out:
                     append_rows(args.out, rows)
@@ -350,7 +351,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.smoke:
         plan = [(shape, ("fwd", "bwd", "fwd+bwd")) for shape in bench.SMOKE_SHAPES]
     else:  # training shapes forward and backward, decoding shapes forward only
-        plan = [(shape, ("fwd", "bwd", "fwd+bwd")) for shape in bench.TRAINING_SHAPES]
+        kept = [shape for shape in bench.TRAINING_SHAPES if not args.lengths or shape.T in args.lengths]
+        if not kept:
+            known = sorted({shape.T for shape in bench.TRAINING_SHAPES})
+            raise ValueError(f"bench --lengths {args.lengths}: no training shape has them; accepted: {known}")
+        plan = [(shape, ("fwd", "bwd", "fwd+bwd")) for shape in kept]
         plan += [(shape, ("fwd",)) for shape in bench.DECODING_SHAPES]
     count = 0
     for shape, ops in plan:
@@ -568,7 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "TFLOP/s, MFU, peak memory per model shape and length")  # fmt: skip
     p.add_argument("--models", type=_name_list, default=["smollm2-135m", "llama-1b"],
                    help="--train-step: comma-separated model shapes (smollm2-135m, llama-1b, micro)")  # fmt: skip
-    p.add_argument("--lengths", type=_int_list, default=[8192, 16384, 32768], help="--train-step: sequence lengths")
+    p.add_argument("--lengths", type=_int_list, default=None,
+                   help="sequence lengths: --train-step's (default 8192,16384,32768), or the training shapes'\n"
+                        "to keep (default all; decoding shapes always run)")  # fmt: skip
     p.add_argument("--static", action="store_true",
                    help="no GPU needed: compile the kernel for sm_80/sm_90 and report registers, access widths,\n"
                         "instructions per 16 B and a roofline model (static figures, not timings)")  # fmt: skip

@@ -167,7 +167,7 @@ class RopeMethod:
 
     @classmethod
     def keys(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
+        return list(_field_types(cls))
 
     # -- resolution against a model ----------------------------------------------------------
     def resolve(self, *, base: float, max_position_embeddings: int | None = None) -> RopeMethod:
@@ -732,6 +732,19 @@ class Native(RopeMethod):
 METHODS: dict[str, type[RopeMethod]] = {
     cls.name: cls for cls in (Rope, ABF, PI, NTK, DynamicNTK, YaRN, Llama3, XPos, LongRoPE, Proportional, Native)
 }
+# Each method's fields and their types, read once here: ``parse`` runs inside ``torch.compile``d code
+# (``apply_rope(q, k, pos, "pi:factor=4")``), and TorchDynamo 2.11 cannot trace ``dataclasses.fields`` of a class.
+_FIELD_TYPES: dict[str, dict[str, str]] = {
+    name: {f.name: str(f.type) for f in dataclasses.fields(cls)} for name, cls in METHODS.items()
+}
+
+
+def _field_types(cls: type[RopeMethod]) -> dict[str, str]:
+    """{field name: type annotation} of a method class (a registered one from the table above)."""
+    known = _FIELD_TYPES.get(cls.name)
+    return known if known is not None else {f.name: str(f.type) for f in dataclasses.fields(cls)}
+
+
 # Hugging Face rope_type -> the method that reads it (ABF, NTK and xPos write "default" but are read back as
 # plain RoPE unless the saved ropekit spec names them).
 HF_TYPES: dict[str, type[RopeMethod]] = {
@@ -766,7 +779,7 @@ def _format_value(value: Any) -> str:
 
 
 def _coerce(method: type[RopeMethod], key: str, text: str) -> Any:
-    ftype = {f.name: f.type for f in dataclasses.fields(method)}[key]
+    ftype = _field_types(method)[key]
     try:
         return parse_typed(text, str(ftype))
     except ValueError as err:

@@ -45,9 +45,20 @@ def tolerance(out: torch.Tensor) -> float:
     return mag * (16 * EPS32 + extra) + 1e-30
 
 
+def saturated(x: torch.Tensor) -> torch.Tensor:
+    """A half-precision output with its overflow clamped to the largest finite value: a float32 result a few
+    ulps either side of the overflow threshold rounds to inf in one implementation and to the largest
+    finite value in the other, which is the same result; an inf where the other side is far from the
+    threshold still differs by at least the distance to it."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        big = torch.finfo(x.dtype).max
+        return x.detach().float().clamp(-big, big)
+    return x
+
+
 def assert_kernel_matches(oq, ok, rq, rk):
-    torch.testing.assert_close(oq, rq, rtol=0, atol=tolerance(rq))
-    torch.testing.assert_close(ok, rk, rtol=0, atol=tolerance(rk))
+    torch.testing.assert_close(saturated(oq), saturated(rq), rtol=0, atol=tolerance(rq))
+    torch.testing.assert_close(saturated(ok), saturated(rk), rtol=0, atol=tolerance(rk))
 
 
 @st.composite
