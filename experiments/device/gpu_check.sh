@@ -7,19 +7,19 @@
 #   bash experiments/device/gpu_check.sh --dry-run OUT  every stage on a CPU at micro sizes (CI runs this)
 #
 # Stages and budgets (seconds, GPU / dry run):
-#   a. tests   75 / 150  the `gpu` tests: the kernel at real sizes in 3 dtypes x 9 methods x 2 layouts forward
+#   a. tests   60 / 150  the `gpu` tests: the kernel at real sizes in 3 dtypes x 9 methods x 2 layouts forward
 #                        and backward, past 2^31 elements, torch.compile(fullgraph=True), the patch on CUDA
 #                        (dry run: the same file's gpu selection, which skips, and one kernel test in
 #                        Triton's interpreter)                                                -> gpu_tests.csv
-#   b. bench   90 / 180  `ropekit bench`: the kernel against HF eager (table inside/outside the call),
+#   b. bench  120 / 180  `ropekit bench`: the kernel against HF eager (table inside/outside the call),
 #                        torch.compile of the reference, Liger-Kernel and flash-attention's Triton rotary, on
 #                        the training shapes (fwd, bwd, fwd+bwd) and decoding shapes (fwd), GB/s and the
 #                        fraction of a measured device-to-device copy (dry run: --smoke)      -> bench_rope.csv
-#   c. train   90 / 120  `ropekit bench --train-step`: SmolLM2-135M and Llama-3.2-1B shapes (random init) at
+#   c. train   75 / 120  `ropekit bench --train-step`: SmolLM2-135M and Llama-3.2-1B shapes (random init) at
 #                        8k/16k/32k, bf16 autocast, activation checkpointing; HF unpatched, patched, and
 #                        ropekit's trainer loss: tokens/s, TFLOP/s, MFU, peak memory
 #                        (dry run: the micro shape at 64/256)                                 -> train_step.csv
-#   d. demo   110 / 150  `ropekit demo` (the tiny preset, its built-in default) on CUDA: controls first, then
+#   d. demo   100 / 150  `ropekit demo` (the tiny preset, its built-in default) on CUDA: controls first, then
 #                        the variants; resumable (dry run: --preset micro)  -> demo_results.csv, demo_wall_times.json
 # Every stage's wall time and exit status (124: cut at its budget) -> stages.csv; all output -> log.txt.
 # Seven files: the device tool returns at most eight.
@@ -76,18 +76,18 @@ run_stage() {  # run_stage NAME GPU_BUDGET DRY_BUDGET COMMAND...: its output to 
 }
 
 if [ "$DRY" = 1 ]; then
-    run_stage a 75 150 python3 experiments/device/gpu_check.py tests "$OUT/gpu_tests.csv" -- \
+    run_stage a 60 150 python3 experiments/device/gpu_check.py tests "$OUT/gpu_tests.csv" -- \
         tests/test_kernel.py -k "gpu or test_gqa_with_one_key_head"
-    run_stage b 90 180 python3 -m ropekit.cli bench --smoke --out "$OUT/bench_rope.csv" "${FA[@]}"
-    run_stage c 90 120 python3 -m ropekit.cli bench --train-step --models micro --lengths 64,256 \
+    run_stage b 120 180 python3 -m ropekit.cli bench --smoke --out "$OUT/bench_rope.csv" "${FA[@]}"
+    run_stage c 75 120 python3 -m ropekit.cli bench --train-step --models micro --lengths 64,256 \
         --out "$OUT/train_step.csv"
-    run_stage d 110 150 python3 -m ropekit.cli demo --preset micro --out "$WORK/demo"
+    run_stage d 100 150 python3 -m ropekit.cli demo --preset micro --out "$WORK/demo"
 else
-    run_stage a 75 150 python3 experiments/device/gpu_check.py tests "$OUT/gpu_tests.csv" -- \
+    run_stage a 60 150 python3 experiments/device/gpu_check.py tests "$OUT/gpu_tests.csv" -- \
         -m gpu tests/test_kernel.py
-    run_stage b 90 180 python3 -m ropekit.cli bench --out "$OUT/bench_rope.csv" "${FA[@]}"
-    run_stage c 90 120 python3 -m ropekit.cli bench --train-step --out "$OUT/train_step.csv"
-    run_stage d 110 150 python3 -m ropekit.cli demo --out "$WORK/demo"
+    run_stage b 120 180 python3 -m ropekit.cli bench --out "$OUT/bench_rope.csv" "${FA[@]}"
+    run_stage c 75 120 python3 -m ropekit.cli bench --train-step --out "$OUT/train_step.csv"
+    run_stage d 100 150 python3 -m ropekit.cli demo --out "$WORK/demo"
 fi
 [ -f "$WORK/demo/results.csv" ] && cp "$WORK/demo/results.csv" "$OUT/demo_results.csv"
 [ -f "$WORK/demo/wall_times.json" ] && cp "$WORK/demo/wall_times.json" "$OUT/demo_wall_times.json"
