@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 import ropekit
 from ropekit import apply_rope
-from ropekit.methods import parse
+from ropekit.methods import XPOS_MAX_EXPONENT, parse
 from ropekit.models import load_model
-from ropekit.rotary import apply_rope_
+from ropekit.rotary import apply_rope_, rope_params
 
 pytest.importorskip("triton")
 
@@ -56,9 +56,39 @@ def saturated(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def assert_kernel_matches(oq, ok, rq, rk):
-    torch.testing.assert_close(saturated(oq), saturated(rq), rtol=0, atol=tolerance(rq))
-    torch.testing.assert_close(saturated(ok), saturated(rk), rtol=0, atol=tolerance(rk))
+def xpos_amplification(method: str, positions: torch.Tensor, rotary_dim: int) -> torch.Tensor | None:
+    """The largest xPos scale exp(|(t - center) rate|) x attention factor at each position, shaped to broadcast
+    over (B, H, T, D); None for a method without xPos."""
+    params = rope_params(parse(method), rotary_dim, positions)
+    if params.xpos_rate is None:
+        return None
+    rel = positions.double()[..., None] - params.xpos_center
+    exponent = (rel * params.xpos_rate.double()).abs().clamp(max=XPOS_MAX_EXPONENT).amax(-1, keepdim=True)
+    amp = torch.exp(exponent) * params.attention_factor  # (T, 1) or (B, T, 1)
+    return amp[:, None] if amp.dim() == 3 else amp
+
+
+def assert_kernel_matches(oq, ok, rq, rk, inputs=None, amplification=None):
+    """Kernel against reference. With xPos (``amplification``, from ``xpos_amplification``), a float32 rounding
+    of the rotation happens before the position's scale multiplies it, so the bound at each element is
+    16 float32 ulps of the inputs' magnitude (``inputs``: what was rotated) times that scale, plus one
+    rounding of the output dtype; far from the center in float16 that bound passes anything, as the values
+    themselves overflow."""
+    if amplification is None:
+        torch.testing.assert_close(saturated(oq), saturated(rq), rtol=0, atol=tolerance(rq))
+        torch.testing.assert_close(saturated(ok), saturated(rk), rtol=0, atol=tolerance(rk))
+        return
+    for out, ref, x in zip((oq, ok), (rq, rk), inputs, strict=True):
+        x_max = x.detach().float().abs().max().item()
+        extra = 0.0 if ref.dtype == torch.float32 else torch.finfo(ref.dtype).eps
+        bound = 16 * EPS32 * 2 * x_max * amplification.float() + extra * saturated(ref).abs() + 1e-30
+        diff = (saturated(out) - saturated(ref)).abs()
+        assert not torch.isnan(diff).any(), "NaN in the kernel's or the reference's output"
+        worst = (diff - bound).argmax()
+        assert (diff <= bound).all(), (
+            f"{(diff > bound).sum().item()} elements beyond the bound; worst at flat index "
+            f"{worst.item()}: {saturated(out).flatten()[worst].item()} vs {saturated(ref).flatten()[worst].item()}"
+        )
 
 
 @st.composite
@@ -248,11 +278,12 @@ def test_gpu_real_sizes_forward_backward(dtype, method, layout):
     oq, ok = apply_rope(q, k, pos, method, layout=layout, backend="triton")
     q2, k2 = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
     rq, rk = apply_rope(q2, k2, pos, method, layout=layout, backend="torch")
-    assert_kernel_matches(oq, ok, rq, rk)
+    amp = xpos_amplification(method, pos, D)  # None but for xPos
+    assert_kernel_matches(oq, ok, rq, rk, inputs=(q, k), amplification=amp)
     g = (torch.randn_like(rq), torch.randn_like(rk))
     torch.autograd.backward((oq, ok), g)
     torch.autograd.backward((rq, rk), g)
-    assert_kernel_matches(q.grad, k.grad, q2.grad, k2.grad)
+    assert_kernel_matches(q.grad, k.grad, q2.grad, k2.grad, inputs=g, amplification=amp)
 
 
 @pytest.mark.gpu
@@ -310,3 +341,21 @@ def test_gpu_patch_routes_through_the_kernel():
     finally:
         launch.rope_launch = original
     assert len(calls) == model.config.num_hidden_layers and isinstance(model.model.rotary_emb, hf.RopekitRotary)
+
+
+def test_xpos_bound_passes_overflow_and_catches_an_error_where_values_are_finite():
+    # float16 xPos: far from the center the values overflow (any result passes), near it the bound is tight
+    method, D = "xpos:base=10000,scale_base=8", 16
+    pos = torch.tensor([0, 1, 2, 400])  # 400 / 8 = 50 scale lengths from the center: beyond float16's range
+    q = torch.randn(1, 2, 4, D, dtype=torch.float16)
+    k = torch.randn(1, 1, 4, D, dtype=torch.float16)
+    rq, rk = apply_rope(q, k, pos, method, backend="torch")
+    amp = xpos_amplification(method, pos, D)
+    assert torch.isinf(rk[:, :, 3]).any() and torch.isfinite(rk[:, :, :3]).all()  # k's scale grows away from it
+    far_q, far_k = rq.clone(), rk.clone()
+    far_q[:, :, 3], far_k[:, :, 3] = 0, 0  # overflowed (k) or vanished (q): no meaningful value to compare
+    assert_kernel_matches(far_q, far_k, rq, rk, inputs=(q, k), amplification=amp)
+    near = rq.clone()
+    near[0, 0, 1, 0] += 0.25  # a finite position: an error of a quarter is far beyond 16 float32 ulps
+    with pytest.raises(AssertionError, match="1 elements beyond the bound"):
+        assert_kernel_matches(near, rk, rq, rk, inputs=(q, k), amplification=amp)
