@@ -10,7 +10,8 @@ Providers (each skipped with a note when it cannot run here):
   ``apply_rope(q, k, positions, "abf:base=500000")``, which parses, checks and makes those numbers per call;
 - ``hf-eager``: transformers' ``apply_rotary_pos_emb`` with the cos/sin of its rotary module, with the
   table built inside the timed call (``hf-eager+table``) and outside it (``hf-eager``);
-- ``torch-compile``: ``torch.compile`` of the ropekit torch reference;
+- ``hf-compile``: ``torch.compile`` of transformers' ``apply_rotary_pos_emb`` (the table made outside the call);
+- ``torch-compile``: ``torch.compile`` of the ropekit torch reference (float64 angles: exact, not fast);
 - ``liger``: Liger-Kernel's ``LigerRopeFunction`` (PyPI ``liger-kernel``);
 - ``flash-attn-triton``: flash-attention's pure-Triton ``apply_rotary`` loaded from the file given with
   ``--flash-attn-rotary PATH`` (``flash_attn/ops/triton/rotary.py`` from the sdist).
@@ -149,7 +150,11 @@ def _providers(shape: Shape, device: torch.device, flash_attn_rotary: str | None
     out["hf-eager+table"] = (hf_with_table, table_bytes)
     out["hf-eager"] = (lambda q, k: _hf_apply(apply_rotary_pos_emb, q, k, cos, sin, rotary_dim), table_bytes)
 
-    params = RopeParams(__import__("ropekit").parse(method).inv_freq64(rotary_dim).to(device))
+    # torch.compile of transformers' own rotation, the table made outside the call (as hf-eager)
+    hf_compiled = torch.compile(lambda q, k: _hf_apply(apply_rotary_pos_emb, q, k, cos, sin, rotary_dim))
+    out["hf-compile"] = (hf_compiled, table_bytes)
+    # torch.compile of ropekit's reference: float64 angles (exact, and slow on GPUs without fast float64)
+    params = RopeParams(parse(method).inv_freq64(rotary_dim).to(device))
     compiled = torch.compile(lambda q, k: apply_rope_reference(q, k, positions, params))
     out["torch-compile"] = (compiled, 0)
 

@@ -527,17 +527,24 @@ def draw_sweep(summary_csv: str | Path, png: str | Path) -> list[Path]:
     return [png]
 
 
-def draw_bench(results: str | Path, png: str | Path, *, op: str = "fwd") -> Path:
-    """GB/s against sequence length, one line per provider and shape family, from ``ropekit bench`` rows."""
+def draw_bench(results: str | Path, png: str | Path, *, op: str = "fwd", measure: str = "gb_per_s",
+               family: str | None = None, min_length: int = 1) -> Path:  # fmt: skip
+    """``measure`` (GB/s, or pct_of_copy) against sequence length, one line per provider and shape family, from
+    ``ropekit bench`` rows; ``family`` keeps one shape family (e.g. ``"B=1,Hq=32,Hk=8,D=128,bfloat16"``) and
+    ``min_length`` drops shorter rows (2: leave out the decoding shapes, T = 1)."""
     plt = _plt()
-    rows = [r for r in read_rows(results) if r["experiment"] == "kernel_bench"]
-    series = _series(rows, f"{op} gb_per_s")
+    rows = [r for r in read_rows(results)
+            if r["experiment"] == "kernel_bench" and int(r["context_length"]) >= min_length]  # fmt: skip
+    if family:
+        rows = [r for r in rows if r["variant"].endswith(f" @ {family}")]
+    series = _series(rows, f"{op} {measure}")
     if not series:
-        raise ValueError(f"no '{op} gb_per_s' kernel_bench rows in {results}")
+        raise ValueError(f"no '{op} {measure}' kernel_bench rows in {results}" + (f" for {family}" if family else ""))
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for variant, pts in sorted(series.items()):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, label=variant)
-    ax.set(xscale="log", xlabel="sequence length T", ylabel=f"GB/s ({op})")
+    label = "% of device-to-device copy" if measure == "pct_of_copy" else "GB/s"
+    ax.set(xscale="log", xlabel="sequence length T", ylabel=f"{label} ({op})")
     ax.set_title(", ".join(sorted({r["device"] for r in rows})), fontsize=8)
     ax.legend(fontsize=6)
     png = Path(png)

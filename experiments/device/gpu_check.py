@@ -27,8 +27,9 @@ class _Outcomes:
         entry["duration_s"] += report.duration
         if report.failed or (report.skipped and entry["outcome"] == "passed"):
             entry["outcome"] = "failed" if report.failed else "skipped"
-            text = str(report.longrepr) if report.longrepr else ""
-            entry["message"] = text.strip().splitlines()[-1][:300] if text.strip() else ""
+            lines = (str(report.longrepr) if report.longrepr else "").strip().splitlines()
+            errors = [line[1:].strip() for line in lines if line.startswith("E ") and line[1:].strip()]
+            entry["message"] = " / ".join(errors[:3])[:300] if errors else (lines[-1][:300] if lines else "")
 
 
 def tests(rows_path: str, pytest_args: list[str]) -> int:
