@@ -419,6 +419,9 @@ def _probe_layout(fn, original: nn.Module, layer_type: str | None, buffer: torch
     x = torch.zeros(1, 7, 1, device=buffer.device)
     with torch.no_grad():
         cos, sin = original(x, positions) if layer_type is None else original(x, positions, layer_type)
+        # a dynamic rotary module (dynamic NTK, LongRoPE) swaps its inv_freq for the length it is called at:
+        # compare with the frequencies that made this (cos, sin), not those of the model's last forward
+        buffer = _inv_freq_buffers(original).get(layer_type, buffer)
         width = 2 * buffer.numel()
         gen = torch.Generator().manual_seed(0)
         q = torch.randn(1, 2, 7, width, generator=gen).to(buffer.device)

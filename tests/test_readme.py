@@ -95,6 +95,9 @@ def test_the_tested_versions_the_readme_states_are_the_ones_ci_installs():
     assert oldest, "the README no longer states the oldest tested transformers"
     assert f'"transformers=={oldest.group(1)}"' in (ROOT / ".ci" / "run").read_text()
     assert f'"transformers>={oldest.group(1)},' in (ROOT / "pyproject.toml").read_text()
+    image = re.search(r"\*\*transformers ([\d.]+) and Triton ([\d.]+)\*\* \(the lent", README)
+    assert image, "the README no longer states the GPU image's versions CI tests"
+    assert f'"transformers=={image.group(1)}" "triton=={image.group(2)}"' in (ROOT / ".ci" / "run").read_text()
 
 
 def test_the_pins_lie_within_the_declared_ranges():
