@@ -45,6 +45,8 @@ __all__ = [
     "TRAIN_STEP_MODELS",
     "model_flops_per_step",
     "check_train_step",
+    "measure_train_step",
+    "memory_split",
     "run_train_step",
 ]
 
@@ -298,6 +300,9 @@ TRAIN_STEP_MODELS: dict[str, dict] = {
     # Llama 3.2 1B's shape: 16 x 2048, GQA 32/8, a 128,256-token vocabulary
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    # a 49,152-token vocabulary on a narrow model: the loss head dominates memory (a 32k step on a 24 GB CPU)
+    "vocab49k-256": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True),
     # the dry run's: seconds on a CPU
     "micro": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False),
@@ -326,7 +331,7 @@ def model_flops_per_step(shape: dict, seq_len: int, batch: int = 1) -> float:
 def _max_rss_gb() -> float:
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
 
 
 def check_train_step(models, lengths, providers=TRAIN_STEP_PROVIDERS) -> None:
@@ -375,66 +380,125 @@ def _time_train_steps(model, opt, ids: torch.Tensor, provider: str, steps: int, 
     return (time.perf_counter() - t0) / steps
 
 
-def run_train_step(models: list[str], lengths: list[int], *, providers=TRAIN_STEP_PROVIDERS, steps: int = 2,
-                   device: str | None = None, log=print) -> list[dict]:  # fmt: skip
-    """Time ``steps`` optimizer steps (after one warm-up) of each model shape at each length for each provider;
-    returns result rows: tokens/s, achieved TFLOP/s, MFU (where the device's peak is known) and peak memory
-    (CUDA: the allocator's peak; CPU: the process's resident high-water mark, never reset, labelled so)."""
+def measure_train_step(name: str, T: int, provider: str, *, steps: int = 2, device: str = "cpu") -> dict | None:
+    """One model shape, length and provider: {"step_s", "params", "peak_gb", "baseline_gb"} or None when out of
+    memory. CUDA: the allocator's peak over the timed steps (baseline 0); CPU: this process's resident
+    high-water mark and its value before the model was built (run it in a fresh process: the mark never falls)."""
     from transformers import AutoModelForCausalLM
 
     import ropekit
     from ropekit.models import tiny_config
+
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    if not cuda:  # the baseline after the libraries' lazy imports and first-call set-up: a micro step first
+        micro = AutoModelForCausalLM.from_config(tiny_config("llama", **TRAIN_STEP_MODELS["micro"]))
+        micro(input_ids=torch.zeros(1, 8, dtype=torch.long), labels=torch.zeros(1, 8, dtype=torch.long)).loss.backward()
+        del micro
+    baseline = 0.0 if cuda else _max_rss_gb()
+    shape = TRAIN_STEP_MODELS[name]
+    torch.manual_seed(0)
+    config = tiny_config("llama", **shape, max_position_embeddings=T, attn_implementation="sdpa")
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(config)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    if provider != "hf":
+        ropekit.patch(model, TRAIN_METHOD, max_position_embeddings=T)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    ids = torch.randint(0, shape["vocab_size"], (1, T), device=dev)
+    n_params = sum(p.numel() for p in model.parameters())
+    try:
+        dt = _time_train_steps(model, opt, ids, provider, steps, f"{provider} @ {name}, T={T}")
+        peak = torch.cuda.max_memory_allocated(dev) / 1e9 if cuda else _max_rss_gb()
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        del model, opt
+        if cuda:
+            torch.cuda.empty_cache()
+    return {"step_s": dt, "params": n_params, "peak_gb": peak, "baseline_gb": baseline}
+
+
+def _measure_in_child(name: str, T: int, provider: str, steps: int) -> dict | None:
+    """``measure_train_step`` in a fresh Python process (CPU: its resident high-water mark is this step's);
+    None when the system killed it for memory."""
+    import json
+    import subprocess
+    import sys
+
+    call = f"measure_train_step({name!r}, {T}, {provider!r}, steps={steps}, device='cpu')"
+    code = f"import json; from ropekit.bench import measure_train_step; print('RESULT', json.dumps({call}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode in (-9, 137):  # the kernel's out-of-memory killer
+        return None
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"train step {provider} @ {name}, T={T}: the measuring process failed:\n{out.stderr[-2000:]}"
+        )
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def memory_split(shape: dict, T: int, params: int) -> dict[str, float]:
+    """The parts of a training step's memory known in advance (GB, float32): parameters + gradients + AdamW's
+    two moments (16 bytes a parameter), and the checkpointed layer inputs (layers x T x width x 4 bytes)."""
+    return {"params_grads_adam_gb": 16 * params / 1e9,
+            "checkpointed_inputs_gb": shape["num_hidden_layers"] * T * shape["hidden_size"] * 4 / 1e9}  # fmt: skip
+
+
+def run_train_step(models: list[str], lengths: list[int], *, providers=TRAIN_STEP_PROVIDERS, steps: int = 2,
+                   device: str | None = None, log=print) -> list[dict]:  # fmt: skip
+    """Time ``steps`` optimizer steps (after one warm-up) of each model shape at each length for each provider;
+    returns result rows: tokens/s, achieved TFLOP/s, MFU (where the device's peak is known), the peak memory
+    (CUDA: the allocator's; CPU: the resident high-water mark of a fresh process per measurement, less its
+    value before the model was built) and its split: parameters + gradients + AdamW state and checkpointed
+    layer inputs (known in advance), and the rest (activations of the layer being recomputed, the loss head,
+    attention's workspace), with ``peak_over_static`` = peak / (the two known parts)."""
     from ropekit.results import make_row, provenance
 
     check_train_step(models, lengths, providers)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     prov = provenance(dev)
     cuda = dev.type == "cuda"
-    peak = PEAK_BF16_TFLOPS.get(prov["device"]) if cuda else None
+    peak_flops = PEAK_BF16_TFLOPS.get(prov["device"]) if cuda else None
     rows = []
     for name in models:
         shape = TRAIN_STEP_MODELS[name]
         for T in lengths:
             for provider in providers:
-                torch.manual_seed(0)
-                config = tiny_config("llama", **shape, max_position_embeddings=T, attn_implementation="sdpa")
-                with torch.device(dev):
-                    model = AutoModelForCausalLM.from_config(config)
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                model.train()
-                if provider != "hf":
-                    ropekit.patch(model, TRAIN_METHOD, max_position_embeddings=T)
-                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-                ids = torch.randint(0, shape["vocab_size"], (1, T), device=dev)
-                try:
-                    dt = _time_train_steps(model, opt, ids, provider, steps, f"{provider} @ {name}, T={T}")
-                except torch.OutOfMemoryError:
+                if cuda:
+                    got = measure_train_step(name, T, provider, steps=steps, device=str(dev))
+                else:
+                    got = _measure_in_child(name, T, provider, steps)
+                if got is None:
                     log(f"  {provider:14s} {name:13s} T={T:6d}: out of memory (no rows)")
-                    del model, opt
-                    torch.cuda.empty_cache()
                     continue
+                dt = got["step_s"]
                 tflops = model_flops_per_step(shape, T) / dt / 1e12
                 measures = {"tokens_per_s": T / dt, "step_s": dt, "tflops": tflops}
-                if peak:
-                    measures["mfu"] = tflops / peak
-                if cuda:
-                    measures["peak_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 1e9
-                else:
-                    measures["max_rss_gb (process high-water mark)"] = _max_rss_gb()
-                n_params = sum(p.numel() for p in model.parameters())
-                cfg = {"model": name, "params": n_params, "steps": steps, "batch": 1, "method": TRAIN_METHOD,
+                if peak_flops:
+                    measures["mfu"] = tflops / peak_flops
+                split = memory_split(shape, T, got["params"])
+                used = got["peak_gb"] - got["baseline_gb"]
+                known = sum(split.values())
+                measures.update({"peak_mem_gb": used, **split, "rest_gb": used - known,
+                                 "peak_over_static": used / known})  # fmt: skip
+                if not cuda:
+                    measures["baseline_rss_gb"] = got["baseline_gb"]
+                cfg = {"model": name, "params": got["params"], "steps": steps, "batch": 1, "method": TRAIN_METHOD,
                        "dtype": "fp32 weights, bf16 autocast" if cuda else "float32", "checkpointing": True,
-                       "attention": "sdpa", "peak_bf16_tflops": peak}  # fmt: skip
+                       "attention": "sdpa", "peak_bf16_tflops": peak_flops,
+                       "memory": "CUDA allocator peak" if cuda else "resident high-water mark of a fresh process, "
+                                 "less its value before the model was built"}  # fmt: skip
                 for metric, value in measures.items():
                     rows.append(make_row(experiment="train_step", variant=f"{provider} @ {name}", metric=metric,
                                          context_length=T, value=value, n=steps, seed=0, config=cfg,
                                          prov=prov))  # fmt: skip
-                mem = measures.get("peak_mem_gb", measures.get("max_rss_gb (process high-water mark)"))
                 log(f"  {provider:14s} {name:13s} T={T:6d}: {T / dt:10.0f} tok/s, {tflops:7.1f} TFLOP/s"
-                    + (f", MFU {measures['mfu']:.3f}" if peak else "") + f", memory {mem:.2f} GB")  # fmt: skip
-                del model, opt
-                if cuda:
-                    torch.cuda.empty_cache()
+                    + (f", MFU {measures['mfu']:.3f}" if peak_flops else "")
+                    + f", memory {used:.2f} GB = {known:.2f} known + {used - known:.2f} rest "
+                    f"({used / known:.2f}x)")  # fmt: skip
     return rows
 
 

@@ -337,11 +337,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.train_step:
         lengths = args.lengths or [8192, 16384, 32768]
-        bench.check_train_step(args.models, lengths)
+        bench.check_train_step(args.models, lengths, args.providers)
         count = 0
         for model in args.models:
             for length in lengths:
-                rows = bench.run_train_step([model], [length])
+                rows = bench.run_train_step([model], [length], providers=args.providers, steps=args.steps)
                 if args.out:
                     append_rows(args.out, rows)
                 count += len(rows)
@@ -572,7 +572,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time whole training steps instead (HF unpatched, patched, ropekit's loss): tokens/s,\n"
                         "TFLOP/s, MFU, peak memory per model shape and length")  # fmt: skip
     p.add_argument("--models", type=_name_list, default=["smollm2-135m", "llama-1b"],
-                   help="--train-step: comma-separated model shapes (smollm2-135m, llama-1b, micro)")  # fmt: skip
+                   help="--train-step: shapes (smollm2-135m, llama-1b, vocab49k-256, micro)")  # fmt: skip
+    p.add_argument("--providers", type=_name_list, default=["hf", "ropekit-patch", "ropekit-train"],
+                   help="--train-step: hf (unpatched, HF's loss), ropekit-patch (patched, HF's loss),\n"
+                        "ropekit-train (patched, ropekit's chunked loss)")  # fmt: skip
+    p.add_argument("--steps", type=_at_least(1), default=2, help="--train-step: timed steps after one warm-up")
     p.add_argument("--lengths", type=_int_list, default=None,
                    help="sequence lengths: --train-step's (default 8192,16384,32768), or the training shapes'\n"
                         "to keep (default all; decoding shapes always run)")  # fmt: skip

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ropekit.analysis import regime_variants
 from ropekit.files import atomic_folder, atomic_write_text, check_writable, sole_writer
+from ropekit.loss import final_hidden, head_of, linear_cross_entropy, logit_transform
 from ropekit.typed import parse_typed
 
 __all__ = [
@@ -567,11 +568,19 @@ def loss_of(
 ) -> torch.Tensor:
     """Next-token cross-entropy of a (B, T) batch, weighted by ``weights[:, :-1]`` when given (each the
     weight of predicting the next token): the weighted mean, or with ``reduction="sum"`` the weighted
-    sum; bf16 autocast on CUDA, float32 elsewhere."""
+    sum; bf16 autocast on CUDA, float32 elsewhere. Scored from the head's input in chunks
+    (``ropekit.loss``) where the head is a bias-free linear layer, from the full logits otherwise."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if ids.is_cuda else contextlib.nullcontext()
+    head = head_of(model)
     with autocast:
-        logits = model(input_ids=ids, position_ids=pos).logits
-    ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+        if head is not None:  # from the head's input in chunks: no (B x T x vocabulary) float32 logits
+            hidden = final_hidden(model, ids, pos)[:, :-1]
+            ce = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, ids[:, 1:].reshape(-1),
+                                      transform=logit_transform(model.config))  # fmt: skip
+        else:
+            logits = model(input_ids=ids, position_ids=pos).logits
+            ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                 reduction="none")  # fmt: skip
     w = torch.ones_like(ce) if weights is None else weights[:, :-1].reshape(-1)
     total = (ce * w).sum()
     return total if reduction == "sum" else total / w.sum().clamp_min(1e-6)

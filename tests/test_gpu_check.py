@@ -86,5 +86,5 @@ def test_train_step_refuses_an_unknown_model_before_any_work():
     out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        "ropekit: error: unknown train-step model 'nope'; accepted: smollm2-135m, llama-1b, micro"
+        "ropekit: error: unknown train-step model 'nope'; accepted: smollm2-135m, llama-1b, vocab49k-256, micro"
     ]

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ropekit.data import TokenCache
+from ropekit.loss import logit_transform
 from ropekit.stats import mean_interval
 
 __all__ = [
@@ -63,14 +64,12 @@ def token_nll(
     kwargs = {"position_ids": position_ids.reshape(1, -1)} if position_ids is not None else {}
     hidden = decoder(input_ids=ids, use_cache=False, **kwargs).last_hidden_state[0]  # (L, H)
     targets = ids[0, 1:]
+    transform = logit_transform(model.config)  # soft-capping, Granite's and Cohere's logit scales
     out = torch.empty(targets.numel(), dtype=torch.float32, device=hidden.device)
     hits = torch.empty(targets.numel(), dtype=torch.bool, device=hidden.device)
     for start in range(0, targets.numel(), chunk):
         end = min(start + chunk, targets.numel())
-        logits = head(hidden[start:end]).float()  # (c, V): one chunk at a time
-        if getattr(model.config, "final_logit_softcapping", None):
-            cap = model.config.final_logit_softcapping
-            logits = torch.tanh(logits / cap) * cap
+        logits = transform(head(hidden[start:end]).float())  # (c, V): one chunk at a time
         out[start:end] = F.cross_entropy(logits, targets[start:end], reduction="none")
         hits[start:end] = logits.argmax(-1) == targets[start:end]
     return (out, hits) if with_hits else out

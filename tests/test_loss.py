@@ -1,0 +1,111 @@
+"""The chunked linear cross-entropy against the plain (T x V) loss, forward and backward; the trainer's loss on
+every tiny family (with their post-head transforms) against the model's own logits; evaluation reads the same
+transforms."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ropekit.loss import LogitTransform, final_hidden, linear_cross_entropy, logit_transform
+from ropekit.models import TINY, load_model
+from ropekit.train import loss_of
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def plain(hidden, weight, targets, transform):
+    return F.cross_entropy(transform(hidden @ weight.T), targets, reduction="none")
+
+
+def close(got, want, scale):
+    """float32 agreement: a few ulps of the magnitudes that were summed (logits of a d-term dot product)."""
+    torch.testing.assert_close(got, want, rtol=0, atol=64 * EPS32 * scale)
+
+
+@pytest.mark.parametrize("transform", [LogitTransform(), LogitTransform(scale=0.25), LogitTransform(cap=3.0),
+                                       LogitTransform(scale=4.0, cap=5.0)])  # fmt: skip
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_forward_and_backward_equal_the_plain_loss(transform, chunk):
+    torch.manual_seed(0)
+    N, d, V = 37, 16, 101
+    hidden = torch.randn(N, d, requires_grad=True)
+    weight = torch.randn(V, d, requires_grad=True)
+    targets = torch.randint(0, V, (N,))
+    token_weights = torch.rand(N) * 8  # the retrieval examples' per-token weights
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    got = linear_cross_entropy(hidden, weight, targets, transform=transform, chunk=chunk)
+    want = plain(h2, w2, targets, transform)
+    scale = float((hidden.abs() @ weight.abs().T).max()) * max(transform.scale, 1.0)
+    close(got, want, scale)
+    (got * token_weights).sum().backward()
+    (want * token_weights).sum().backward()
+    close(hidden.grad, h2.grad, scale * float(token_weights.max()) * float(weight.abs().max()))
+    close(weight.grad, w2.grad, scale * float(token_weights.sum()) * float(hidden.abs().max()))
+
+
+def test_no_tokens_by_vocabulary_tensor_is_kept_for_backward():
+    N, d, V = 512, 8, 1000
+    hidden = torch.randn(N, d, requires_grad=True)
+    weight = torch.randn(V, d, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        linear_cross_entropy(hidden, weight, torch.randint(0, V, (N,)), chunk=64)
+    assert saved and max(saved) < N * V // 10  # hidden, weight, targets, one logsumexp per token
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        plain(hidden, weight, torch.randint(0, V, (N,)), LogitTransform())
+    assert max(saved) >= N * V  # the plain loss keeps the logits (the hook sees what it would cost)
+
+
+def test_bad_shapes_and_chunk_are_named():
+    with pytest.raises(ValueError, match="must agree on d"):
+        linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 6), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"targets must be \(N,\) = \(3,\)"):
+        linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="chunk must be an integer >= 1; got 0"):
+        linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), chunk=0)
+
+
+# The families' post-head transforms, switched on where the tiny config leaves them off.
+TRANSFORMS = {"granite": {"logits_scaling": 4.0}, "gemma3": {"final_logit_softcapping": 3.0}}
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_trainer_loss_equals_the_models_own_logits_forward_and_backward(family):
+    torch.manual_seed(0)
+    model = load_model(f"tiny:{family}", **TRANSFORMS.get(family, {}))
+    if family in TRANSFORMS:
+        assert not logit_transform(model.config).identity
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    pos = torch.arange(24)[None].expand(2, -1)
+    weights = torch.rand(2, 24) * 8
+    got = loss_of(model, ids, pos, weights, reduction="sum")
+    got_grads = torch.autograd.grad(got, [p for p in model.parameters()], allow_unused=True)
+    logits = model(input_ids=ids, position_ids=pos).logits  # the model's own head and transform
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    want = (ce * weights[:, :-1].reshape(-1)).sum()
+    want_grads = torch.autograd.grad(want, [p for p in model.parameters()], allow_unused=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        if w is None:
+            assert g is None or not g.abs().any()
+            continue
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * float(w.abs().max()) + 1e-7)
+
+
+def test_final_hidden_is_the_heads_input_and_leaves_the_head_in_place():
+    model = load_model("tiny:llama")
+    ids = torch.randint(0, 512, (1, 10))
+    hidden = final_hidden(model, ids)
+    torch.testing.assert_close(model.lm_head(hidden), model(ids).logits)
+    assert "forward" not in vars(model.lm_head)  # the head's own forward is back
+
+
+def test_evaluation_applies_the_post_head_transform():
+    from ropekit.eval.perplexity import token_nll
+
+    model = load_model("tiny:granite", logits_scaling=4.0)
+    ids = torch.randint(0, 512, (1, 30))
+    with torch.no_grad():
+        logits = model(ids).logits[0, :-1]
+    want = F.cross_entropy(logits, ids[0, 1:], reduction="none")  # Granite's own logits, divided by 4
+    torch.testing.assert_close(token_nll(model, ids, chunk=7), want, rtol=1e-5, atol=1e-5)
