@@ -502,6 +502,32 @@ def run_train_step(models: list[str], lengths: list[int], *, providers=TRAIN_STE
     return rows
 
 
+def _cells(got: list[dict], key: str, fmt: str, which=(0, 1, 2)) -> str:
+    return ", ".join(format(got[i][key], fmt) if key in got[i] else "–" for i in which)
+
+
+def train_step_table(rows: list[dict]) -> list[str]:
+    """Markdown rows of ``train_step`` result rows: per model and length, HF's tokens/s, the patched and
+    ropekit-loss ratios to it, MFU where known, and each provider's peak memory against the known parts."""
+    from collections import defaultdict
+
+    data: dict[tuple[str, int, str], dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        provider, model = r["variant"].split(" @ ")
+        data[(model, int(r["context_length"]), provider)][r["metric"]] = float(r["value"])
+    out = ["| model | T | tokens/s (hf, patched, ropekit loss) | MFU (hf, ropekit loss) | peak GB (hf, patched, "
+           "ropekit loss) | known GB | ropekit loss peak / known |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for model, T in sorted({(m, T) for m, T, _ in data}, key=lambda k: (k[0], k[1])):
+        got = [data.get((model, T, p), {}) for p in TRAIN_STEP_PROVIDERS]
+        known = next((g["params_grads_adam_gb"] + g["checkpointed_inputs_gb"] for g in got
+                      if "params_grads_adam_gb" in g), None)  # fmt: skip
+        ratio = f"{got[2]['peak_over_static']:.2f}" if "peak_over_static" in got[2] else "–"
+        known_cell = "–" if known is None else f"{known:.2f}"
+        out.append(f"| {model} | {T:,} | {_cells(got, 'tokens_per_s', ',.0f')} | {_cells(got, 'mfu', '.3f', (0, 2))} | "
+                   f"{_cells(got, 'peak_mem_gb', '.2f')} | {known_cell} | {ratio} |")  # fmt: skip
+    return out
+
+
 def run_static(out: str | None, *, stage: str, cases: str = "all", jobs: int = 1, liger_rope: str | None = None,
                flash_attn_rotary: str | None = None, log=print) -> list[dict]:  # fmt: skip
     """``ropekit bench --static``: compile every case for sm_80 and sm_90 on this machine (no GPU) and

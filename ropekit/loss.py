@@ -24,10 +24,10 @@ __all__ = [
     "linear_cross_entropy",
     "head_of",
     "final_hidden",
-    "DEFAULT_CHUNK",
+    "CHUNK_BYTES",
 ]
 
-DEFAULT_CHUNK = 4096  # rows per block: 4,096 x 128k vocabulary x 4 bytes = 2 GiB at most, far less for most
+CHUNK_BYTES = 2**26  # one float32 (rows x vocabulary) block: 64 MiB (341 rows of a 49,152-token vocabulary)
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def linear_cross_entropy(
     targets: torch.Tensor,
     *,
     transform: LogitTransform | None = None,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """Per-token ``-log softmax(transform(hidden @ weight.T))[target]`` in float32, shape (N,).
 
@@ -121,7 +121,8 @@ def linear_cross_entropy(
         hidden: (N, d) the head's input; weight: (V, d) the head's weight (no bias).
         targets: (N,) token ids in [0, V).
         transform: what the model does to the logits before the softmax (``logit_transform(config)``).
-        chunk: rows per block; the matmuls run in the autocast dtype when autocast is on (as the head
+        chunk: rows per block (default: as many as fit ``CHUNK_BYTES`` of float32 logits; the backward holds
+            about three such blocks); the matmuls run in the autocast dtype when autocast is on (as the head
             would), the softmax in float32.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
@@ -129,6 +130,8 @@ def linear_cross_entropy(
                          f"{tuple(weight.shape)}")  # fmt: skip
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets must be (N,) = ({hidden.shape[0]},); got {tuple(targets.shape)}")
+    if chunk is None:
+        chunk = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be an integer >= 1; got {chunk!r}")
     transform = transform or LogitTransform()

@@ -16,6 +16,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from ropekit.bench import train_step_table
 from ropekit.results import read_rows
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,29 +113,6 @@ def _decode_table(rows) -> list[str]:
     return out
 
 
-def _train_table(rows, models=None) -> list[str]:
-    data: dict[tuple[str, int, str], dict[str, float]] = defaultdict(dict)
-    for r in rows:
-        provider, model = r["variant"].split(" @ ")
-        data[(model, int(r["context_length"]), provider)][r["metric"]] = float(r["value"])
-    keys = sorted({(m, T) for m, T, _ in data if models is None or m in models})
-    out = ["| model | T | HF tokens/s | patched / HF | ropekit loss / HF | MFU (HF, patched) | peak GB (HF, patched) |",
-           "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for model, T in keys:
-        hf, patch, train = (data.get((model, T, p), {}) for p in ("hf", "ropekit-patch", "ropekit-train"))
-        if not hf:
-            continue
-        mfu = f"{hf.get('mfu', float('nan')):.3f}, {patch.get('mfu', float('nan')):.3f}"
-        mem = f"{hf.get('peak_mem_gb', float('nan')):.1f}, {patch.get('peak_mem_gb', float('nan')):.1f}"
-        ratios = f"{_ratio(patch, hf)} | {_ratio(train, hf)}"
-        out.append(f"| {model} | {T:,} | {hf['tokens_per_s']:,.0f} | {ratios} | {mfu} | {mem} |")
-    return out
-
-
-def _ratio(d: dict, hf: dict) -> str:
-    return f"{d['tokens_per_s'] / hf['tokens_per_s']:.2f}" if d else "–"
-
-
 def report() -> str:
     bench, train = _rows("bench_rope.csv"), _rows("train_step.csv")
     runs = _runs(_rows("stages.csv"))
@@ -169,7 +147,7 @@ def report() -> str:
                   f"unpatched model with its own loss, *patched* the same model with `{cfg['method']}` through the "
                   "kernel, *ropekit loss* the patched model with the trainer's `loss_of`. MFU counts model FLOPs "
                   f"(no recomputation) against {cfg['peak_bf16_tflops']} TFLOP/s dense bf16.", "",
-                  *_train_table(train), "",
+                  *train_step_table(train), "",
                   f"{cfg['steps']} timed steps are few: where two providers' ratio to HF lies outside 0.9–1.1 in "
                   "opposite directions at the same length (8k here), the difference is noise of the first length "
                   "measured, not a property of either path; from 16k on the three agree within 8%.", ""]  # fmt: skip
@@ -187,7 +165,7 @@ def summary() -> str:
                   *_bench_table(bench, "fwd+bwd", SUMMARY_PROVIDERS), ""]  # fmt: skip
     if train:
         ((sha, device, v),) = _runs(train)
-        lines += [f"Training steps on {device} (run {sha}):", "", *_train_table(train), ""]
+        lines += [f"Training steps on {device} (run {sha}):", "", *train_step_table(train), ""]
     lines.append(END)
     return "\n".join(lines)
 
