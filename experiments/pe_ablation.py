@@ -5,12 +5,13 @@
     python experiments/pe_ablation.py --preset small --data D  # one GPU, 2k -> 16k on a folder of long texts
     python experiments/pe_ablation.py --preset paper --dry-run # Llama 2 7B, 4k -> 32k: the plan
 
-Presets and the pipeline live in ropekit/ablation.py (``ropekit.ablation.demo``); this script calls them.
+Presets and the pipeline live in ropekit/studies/ablation.py (``ropekit.studies.ablation.demo``); this script
+calls them.
 """
 
 import argparse
 
-from ropekit.ablation import PRESETS, demo
+from ropekit.studies.ablation import PRESETS, demo
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -4,7 +4,7 @@
 
 Methods: rope, pi:factor=2, yarn:factor=2,original_max_position_embeddings=8192, abf:base=1000000.
 PPL at 2k, 8k, 16k on held-out Shakespeare plays (a few windows each); FSR at 1k-8k. The rows carry
-the device and versions; the README quotes them.
+the device and versions; docs/results.md quotes them.
 """
 
 import argparse

@@ -11,7 +11,7 @@
   every m <= L. The condition is not monotone in b (a base can pass while a slightly larger one fails),
   so the search scans a log grid upwards and refines the first bracket where the condition flips.
 - ``bound_length``, ``granularity_per_pair``, ``full_period_pairs``: the same quantities for any
-  frequencies (a method's ``inv_freq64``), for ``ropekit.advise``.
+  frequencies (a method's ``inv_freq64``), for ``ropekit.studies.advise``.
 """
 
 from __future__ import annotations

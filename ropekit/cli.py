@@ -14,13 +14,34 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from ropekit import data, parallel
+from ropekit.eval import run
+from ropekit.eval.harness import export_tasks
+from ropekit.eval.perplexity import select_windows
+from ropekit.eval.retrieval import build_fsr_samples
+from ropekit.figures import draw_all
+from ropekit.files import check_writable
+from ropekit.hf import head_and_rotary_dim, parse_layered, patch, read_method
+from ropekit.methods import MAX_HEAD_DIM, METHODS, parse
+from ropekit.models import load_config, load_model, load_tokenizer
+from ropekit.results import append_rows, read_rows
+from ropekit.studies import bench, sweep
+from ropekit.studies.ablation import PRESETS as DEMO_PRESETS
+from ropekit.studies.ablation import demo
+from ropekit.studies.advise import advise, draw_advice, format_table
+from ropekit.studies.bench import draw_bench
+from ropekit.studies.sweep import SweepSettings, draw_sweep
+from ropekit.train import PRESETS as TRAIN_PRESETS
+from ropekit.train import apply_overrides, train
+
 __all__ = ["main"]
 
 _MODEL_HELP = "tiny:<family>, smollm2-135m, ropekit-tiny-256, a .gguf, a folder or hub id (ropekit.models)"
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    from ropekit.methods import METHODS
 
     for name, cls in METHODS.items():
         if name == "native":
@@ -34,7 +55,6 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from ropekit.methods import MAX_HEAD_DIM, parse
 
     if args.head_dim > MAX_HEAD_DIM:
         raise ValueError(f"--head-dim must be <= {MAX_HEAD_DIM}; got {args.head_dim}")
@@ -59,10 +79,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    import torch
-
-    import ropekit
-    from ropekit.models import load_model, load_tokenizer
 
     if not args.prompt.strip():
         raise ValueError(f"--prompt {args.prompt!r} gives no tokens; pass some text")
@@ -82,7 +98,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         ids = tok(text, return_tensors="pt").input_ids[:, : args.length]
     with torch.no_grad():
         before = model(ids).logits
-        handle = ropekit.patch(model, args.rope)
+        handle = patch(model, args.rope)
         after = model(ids).logits
         nll_before = torch.nn.functional.cross_entropy(before[0, :-1], ids[0, 1:]).item()
         nll_after = torch.nn.functional.cross_entropy(after[0, :-1], ids[0, 1:]).item()
@@ -142,7 +158,6 @@ def _name_list(text: str) -> list[str]:
 
 
 def _check_device(device: str | None) -> None:
-    import torch
 
     if device is None:
         return
@@ -159,13 +174,10 @@ def _check_device(device: str | None) -> None:
 
 
 def _load_for_eval(args, tokenizer):
-    from ropekit.models import load_model
 
     model = load_model(args.model, device=args.device)
     if args.rope:
-        import ropekit
-
-        ropekit.patch(model, args.rope)
+        patch(model, args.rope)
     vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:
         raise ValueError(f"the tokenizer ({args.tokenizer or args.model}) has {len(tokenizer)} tokens but the model "
@@ -174,19 +186,11 @@ def _load_for_eval(args, tokenizer):
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from ropekit import data
-    from ropekit.eval import run
-    from ropekit.models import load_tokenizer
-    from ropekit.results import append_rows
 
     if args.rope:
-        from ropekit.hf import parse_layered
-
         parse_layered(args.rope)  # a malformed spec fails before any model is loaded ('...@full_attention' too)
     _check_device(args.device)
     if args.out is not None:
-        from ropekit.files import check_writable
-
         check_writable(args.out)  # before the evaluation, not after it
     t0 = time.perf_counter()
     if args.task != "passkey":  # the text source is checked before the model is loaded
@@ -202,15 +206,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     done = _lengths_done(args.out, args.experiment, config) if args.out else set()
     tokens = None
     if args.task == "ppl":  # tokenised once; every length must fit a document before the first is scored
-        from ropekit.data import tokenize_documents
-        from ropekit.eval.perplexity import select_windows
-
-        tokens = tokenize_documents(val, tokenizer)
+        tokens = data.tokenize_documents(val, tokenizer)
         for length in args.lengths:
             select_windows(tokens, span if stride else length, 1, args.seed)
     elif args.task == "fsr":  # a length too short for the prompt template fails before any scoring
-        from ropekit.eval.retrieval import build_fsr_samples
-
         for length in args.lengths:
             build_fsr_samples(val, tokenizer, length, n=1, seed=args.seed)
     model = _load_for_eval(args, tokenizer)
@@ -250,7 +249,6 @@ _SHOWN = ("ppl", "ppl_sliding", "fsr_rouge_l", "fsr_token_accuracy", "fsr_target
 def _lengths_done(out: str, experiment: str, config: dict) -> set[int]:
     """Lengths whose rows ``out`` already holds from an evaluation of this experiment with these settings
     (every setting but the list of lengths): a rerun after an interruption skips them."""
-    from ropekit.results import read_rows
 
     want = json.loads(json.dumps({k: v for k, v in config.items() if k != "lengths"}, default=str))
     done = set()
@@ -264,8 +262,6 @@ def _lengths_done(out: str, experiment: str, config: dict) -> set[int]:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from ropekit.eval.harness import export_tasks
-    from ropekit.files import check_writable
 
     check_writable(args.out, kind="folder")
 
@@ -277,10 +273,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ropekit import parallel
-    from ropekit.train import PRESETS, apply_overrides, train
 
-    cfg = apply_overrides(PRESETS[args.preset](), args.set or [])  # validated: a bad value fails here
+    cfg = apply_overrides(TRAIN_PRESETS[args.preset](), args.set or [])  # validated: a bad value fails here
     if args.print_config:
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
         return 0
@@ -294,8 +288,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from ropekit.ablation import demo
-
     result = demo(args.preset, out=args.out, data=args.data, dry_run=args.dry_run, world_size=args.world_size,
                   force=args.force)  # fmt: skip
     if result:
@@ -304,8 +296,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_figures(args: argparse.Namespace) -> int:
-    from ropekit.figures import draw_all
-    from ropekit.files import check_writable
 
     check_writable(args.out, kind="folder")
 
@@ -315,8 +305,6 @@ def _cmd_figures(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from ropekit import bench
-    from ropekit.files import check_writable
 
     if args.plot and not args.out:
         raise ValueError("bench --plot needs --out: the plot is drawn from the rows written there")
@@ -333,7 +321,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                          flash_attn_rotary=args.flash_attn_rotary)  # fmt: skip
         return 0
     # rows land after each shape (each model and length), so a run cut short keeps what it measured
-    from ropekit.results import append_rows
 
     if args.train_step:
         lengths = args.lengths or [8192, 16384, 32768]
@@ -366,29 +353,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.out:
         print(f"{count} rows appended to {args.out}")
         if args.plot:
-            from ropekit.figures import draw_bench
-
             print(draw_bench(args.out, args.plot))
     return 0
 
 
 def _rope_of(config) -> tuple[int, float, int]:
     """(rotary dim, base, trained length) a model config describes."""
-    from ropekit.hf import head_and_rotary_dim, read_method
 
     return head_and_rotary_dim(config)[1], float(read_method(config).base), int(config.max_position_embeddings)
 
 
 def _model_rope(spec: str, device=None):
     """(model, rotary dim, base, trained length) of a model spec; ValueError if it cannot be loaded."""
-    from ropekit.models import load_model
 
     model = load_model(spec, device=device)  # a missing or unreachable model is a one-line ValueError
     return model, *_rope_of(model.config)
 
 
 def _advice_from_args(args: argparse.Namespace, model_info=None):
-    from ropekit.advise import advise
 
     if model_info is not None:
         _, head_dim, base, trained = model_info
@@ -403,10 +385,6 @@ def _advice_from_args(args: argparse.Namespace, model_info=None):
 
 
 def _cmd_advise(args: argparse.Namespace) -> int:
-    from ropekit.advise import format_table
-    from ropekit.figures import draw_advice
-    from ropekit.files import check_writable
-    from ropekit.models import load_config
 
     if args.plot:
         check_writable(args.plot)
@@ -420,8 +398,6 @@ def _cmd_advise(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from ropekit import data, sweep
-    from ropekit.models import load_tokenizer
 
     if bool(args.methods) == bool(args.from_advise):
         raise ValueError("sweep needs exactly one of --methods 'spec;spec;...' and --from-advise")
@@ -429,8 +405,6 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     out = args.out or f"runs/sweep_{args.model.replace('/', '_').replace(':', '_')}.csv"
     sweep.check_writable(out)  # before the model loads or anything runs
     if args.plot:
-        from ropekit.files import check_writable
-
         check_writable(args.plot)
     _check_device(args.device)
     t0 = time.perf_counter()
@@ -453,8 +427,6 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     print(sweep.format_summary(summary))
     print(f"rows: {out}\nsummary: {sweep.summary_path(out)}\ntable: {sweep.table_path(out)}")
     if args.plot:
-        from ropekit.figures import draw_sweep
-
         for path in draw_sweep(sweep.summary_path(out), args.plot):
             print(path)
     print(f"done in {time.perf_counter() - t0:.1f}s")
@@ -512,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument(
                 "--data", default="shakespeare", help="'shakespeare', a folder of .txt/.txt.gz, or hf:<name>"
             )
-            e.add_argument("--val-fraction", type=_fraction, default=0.15)
+            e.add_argument("--val-fraction", type=_fraction, default=data.VAL_FRACTION)
             e.add_argument("--split-seed", type=int, default=0, help="seed of the document-level split")
         if task == "ppl":
             e.add_argument("--bin-size", type=_at_least(1), default=None, help="per-position loss bin size (tokens)")
@@ -529,12 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lengths", type=_int_list, default=[1024, 2048, 4096])
     e.add_argument("--n", type=_at_least(1), default=20)
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--val-fraction", type=_fraction, default=0.15)
+    e.add_argument("--val-fraction", type=_fraction, default=data.VAL_FRACTION)
     e.add_argument("--split-seed", type=int, default=0)
     e.set_defaults(func=_cmd_export)
-
-    from ropekit.ablation import PRESETS as DEMO_PRESETS
-    from ropekit.train import PRESETS as TRAIN_PRESETS
 
     p = sub.add_parser("train", help="(continued) pretraining with one RoPE method; see ropekit/train.py")
     p.add_argument("--preset", default="tiny-base", choices=list(TRAIN_PRESETS), help="training preset")
@@ -563,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", action="append", help="result CSV to draw (repeatable)")
     p.set_defaults(func=_cmd_figures)
 
-    p = sub.add_parser("bench", help="rotary kernel benchmark against peers (see ropekit/bench.py)")
+    p = sub.add_parser("bench", help="rotary kernel benchmark against peers (see ropekit/studies/bench.py)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (runs anywhere, torch providers only on CPU)")
     p.add_argument("--out", default=None, help="CSV to append rows to")
     p.add_argument("--plot", default=None, help="PNG of GB/s against sequence length (needs --out)")
@@ -607,14 +576,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--base", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--tasks", default="ppl,fsr,passkey", help="comma-separated subset of ppl, fsr, passkey")
-    from ropekit.sweep import SweepSettings as S
 
+    S = SweepSettings  # the defaults
     p.add_argument("--n-ppl", type=int, default=None, help=f"prompts whose text is a PPL window ({S.n_ppl})")
     p.add_argument("--n-fsr", type=int, default=None, help=f"prompts scored for FSR, teacher-forced ({S.n_fsr})")
     p.add_argument("--n-passkey", type=int, default=None, help=f"prompts with a passkey, spread depths ({S.n_passkey})")
     p.add_argument("--data", default="shakespeare", help="'shakespeare', a folder of .txt/.txt.gz, or hf:<name>")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
-    p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--val-fraction", type=_fraction, default=data.VAL_FRACTION)
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="result CSV (resumed if it holds rows of the same sweep)")

@@ -1,6 +1,7 @@
 """Files: the one place ropekit writes to disk safely.
 
 - ``atomic_write_text``: a whole file or nothing (temporary file in the same folder, then a rename);
+- ``csv_text`` / ``write_csv``: the one CSV writer (a table as text; a whole table, atomically);
 - ``atomic_folder``: a whole folder or nothing (checkpoints, the final model);
 - ``locked``: an inter-process lock beside a file (``filelock``), for appends by several processes;
 - ``sole_writer``: one process at a time writes a run folder or an output (a second one is refused);
@@ -11,12 +12,14 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import datetime
+import io
 import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -24,6 +27,8 @@ from filelock import FileLock, Timeout
 __all__ = [
     "atomic_path",
     "atomic_write_text",
+    "csv_text",
+    "write_csv",
     "atomic_folder",
     "locked",
     "sole_writer",
@@ -75,6 +80,23 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+
+
+def csv_text(rows: Iterable[Mapping | Sequence], columns: Sequence[str], *, header: bool = True) -> str:
+    """``rows`` as CSV text under ``columns``: each row a mapping (keys beyond ``columns`` ignored, missing ones
+    empty) or a sequence in the columns' order; ``header=False`` for rows to append to an existing table."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    if header:
+        writer.writerow(columns)
+    for row in rows:
+        writer.writerow([row.get(c, "") for c in columns] if isinstance(row, Mapping) else row)
+    return buf.getvalue()
+
+
+def write_csv(path: str | Path, rows: Iterable[Mapping | Sequence], columns: Sequence[str]) -> None:
+    """Write a whole CSV table atomically (see ``csv_text``): the old file stays until the new one is complete."""
+    atomic_write_text(path, csv_text(rows, columns))
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ an attention factor that multiplies both q and k (YaRN), and for xPos a per-pair
 It never sees a model config: the Hugging Face mapping works on plain ``rope_parameters`` dicts
 (``to_hf`` / ``from_hf``) and ``ropekit.hf`` applies them to config objects.
 
-Formulas (Xiong et al. 2023 and the methods after it; see the README's method table):
+Formulas (Xiong et al. 2023 and the methods after it; see the method table in docs/choosing.md):
 
 - RoPE (Su et al. 2021):       theta_j = b^(-2j/d)
 - ABF (Xiong et al. 2023):     RoPE with a larger base b' (paper: 10,000 -> 500,000)

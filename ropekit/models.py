@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from ropekit.files import cache_dir
+from ropekit.hf import patch, saved_method_conflict
 
 __all__ = [
     "load_model",
@@ -297,8 +298,6 @@ def load_model(
     if saved is not None and not isinstance(saved, dict):
         raise ValueError(f"{spec}: config.ropekit must be a mapping like {{'method': 'pi:factor=4'}}; got {saved!r}")
     if reapply and saved and saved.get("method"):
-        from ropekit.hf import patch, saved_method_conflict
-
         conflict = saved_method_conflict(model.config)
         if conflict:
             warnings.warn(conflict, stacklevel=2)

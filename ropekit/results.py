@@ -26,9 +26,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ropekit.files import atomic_write_text, locked, read_only
+import torch
+import transformers
 
-__all__ = ["COLUMNS", "provenance", "make_row", "append_rows", "read_rows", "atomic_write_text"]
+from ropekit.files import atomic_write_text, csv_text, locked, read_only, write_csv
+from ropekit.version import __version__
+
+__all__ = ["COLUMNS", "provenance", "make_row", "append_rows", "write_rows", "read_rows"]
 
 COLUMNS = [
     "experiment",
@@ -49,7 +53,7 @@ COLUMNS = [
 
 
 @functools.lru_cache(maxsize=1)
-def _git_sha() -> str:
+def git_sha() -> str:
     """The checkout's commit, read once per process (a run that outlives a commit keeps its own sha:
     long runs call this when they start). ``ROPEKIT_GIT_SHA`` names it where the tree travelled without
     its ``.git`` (a copy sent to a lent GPU machine)."""
@@ -69,8 +73,6 @@ def _git_sha() -> str:
 
 
 def device_name(device: Any = None) -> str:
-    import torch
-
     dev = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     if dev.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(dev))
@@ -78,9 +80,6 @@ def device_name(device: Any = None) -> str:
 
 
 def versions() -> dict[str, str]:
-    import torch
-    import transformers
-
     out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
     try:
         import triton
@@ -88,8 +87,6 @@ def versions() -> dict[str, str]:
         out["triton"] = triton.__version__
     except ImportError:
         pass
-    from ropekit import __version__
-
     out["ropekit"] = __version__
     return out
 
@@ -97,7 +94,7 @@ def versions() -> dict[str, str]:
 def provenance(device: Any = None) -> dict[str, str]:
     """git sha, device name, library versions and a UTC timestamp for result rows."""
     return {
-        "git_sha": _git_sha(),
+        "git_sha": git_sha(),
         "device": device_name(device),
         "versions": json.dumps(versions(), sort_keys=True),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -213,15 +210,6 @@ def read_rows(path: str | Path) -> list[dict[str, str]]:
     return rows
 
 
-def _csv_text(rows: Iterable[dict[str, Any]], *, header: bool) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
-    if header:
-        writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
 def _tail_line(path: Path) -> bytes:
     """The file's bytes after its last newline (the whole last line when the file lacks its final newline)."""
     with open(path, "rb") as fh:
@@ -252,7 +240,7 @@ def append_rows(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     path = Path(path)
     with locked(path):
         if not path.is_file() or path.stat().st_size == 0:
-            atomic_write_text(path, _csv_text(rows, header=True))
+            atomic_write_text(path, csv_text(rows, COLUMNS))
             return
         with open(path, encoding="utf-8", errors="replace", newline="") as fh:
             header = next(csv.reader([fh.readline()]), [])
@@ -269,15 +257,21 @@ def append_rows(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
                     fh.truncate(path.stat().st_size - len(tail))  # the torn bytes exactly
                 tail = b""
         if header != COLUMNS:  # a file with an older header: write it whole
-            atomic_write_text(path, _csv_text([*read_rows(path), *rows], header=True))
+            atomic_write_text(path, csv_text([*read_rows(path), *rows], COLUMNS))
             return
         size = path.stat().st_size
         try:
             with open(path, "a", encoding="utf-8", newline="") as fh:  # whole lines, under the lock
-                fh.write(("\n" if tail else "") + _csv_text(rows, header=False))
+                fh.write(("\n" if tail else "") + csv_text(rows, COLUMNS, header=False))
                 fh.flush()
                 os.fsync(fh.fileno())
         except OSError as err:
             with open(path, "r+b") as fh:
                 fh.truncate(size)
             raise ValueError(f"cannot append to {str(path)!r}: {err.strerror or err}; the file is as it was") from None
+
+
+def write_rows(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
+    """Replace ``path`` with exactly these result rows (a summary, a figure's rows), atomically. For rows that
+    accumulate (a run's results), use ``append_rows``."""
+    write_csv(path, rows, COLUMNS)

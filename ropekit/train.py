@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -31,11 +32,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from ropekit import data as data_mod
+from ropekit import mix, parallel
 from ropekit.analysis import regime_variants
 from ropekit.files import atomic_folder, atomic_write_text, check_writable, sole_writer
+from ropekit.hf import parse_layered, patch
 from ropekit.loss import final_hidden, head_of, linear_cross_entropy, logit_transform
-from ropekit.typed import parse_typed
+from ropekit.models import load_model, load_tokenizer, looks_like_path
+from ropekit.typed import config_differences, parse_typed
 
 __all__ = [
     "TrainConfig",
@@ -62,7 +68,7 @@ class TrainConfig:
     max_position_embeddings: int | None = None  # recorded in the config; default seq_len
     # data
     data: str = "shakespeare"  # 'shakespeare', a folder of .txt/.txt.gz, or hf:<name>
-    val_fraction: float = 0.15
+    val_fraction: float = data_mod.VAL_FRACTION
     split_seed: int = 0
     tokenizer: str | None = None  # tokenizer folder; default: init_from's, else train a BPE
     vocab_size: int = 2048  # for a trained BPE
@@ -71,7 +77,7 @@ class TrainConfig:
     upsample_long: float = 1.0  # repeat documents longer than long_threshold this many times
     long_threshold: int | None = None
     # a share of rows packed with FIRST-SENTENCE-RETRIEVAL examples from the training documents (loss on
-    # their answers only; ropekit.data.mix_retrieval), contexts of min..max tokens (max: default seq_len,
+    # their answers only; ropekit.mix.mix_retrieval), contexts of min..max tokens (max: default seq_len,
     # each context cut to what fits a row with its question and answer)
     retrieval_share: float = 0.0
     retrieval_min_context: int = 16
@@ -138,7 +144,6 @@ class TrainConfig:
         for key, (ok, accepted) in rules.items():
             if not ok:
                 raise ValueError(f"config {key}={getattr(self, key)!r} is invalid; accepted: {accepted}")
-        from ropekit.hf import parse_layered
 
         parse_layered(self.method)  # a malformed method spec fails here, not after the data is prepared
 
@@ -283,8 +288,6 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
 
 def _attention_implementation(device: torch.device) -> str:
     """flash-attention 2 when it is installed and the run is on CUDA, else PyTorch SDPA (no L x L matrix)."""
-    import importlib.util
-
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
@@ -308,8 +311,6 @@ _RESUME_FREE = {"eval_every", "save_every", "log_every", "device", "compile"}  #
 
 def _check_resume(saved: dict[str, Any], cfg: TrainConfig) -> None:
     """Refuse to resume under another config (a key the checkpoint's ropekit did not have yet counts at its default)."""
-    from ropekit.typed import config_differences
-
     diffs = [d for d in config_differences(saved, cfg) if d.split(":")[0] not in _RESUME_FREE]
     if diffs:
         raise ValueError("cannot resume with a different config (checkpoint -> now): " + "; ".join(diffs))
@@ -453,9 +454,6 @@ class _Run:
 def setup(cfg: TrainConfig, out: str | Path, resume: bool) -> _Run:
     """Ranks, device, seeds, the output folder and the checkpoint to resume from; every check that can
     fail does so here, before data or model is touched."""
-    from ropekit import parallel
-    from ropekit.models import looks_like_path
-
     out = Path(out)
     rank, world = parallel.rank_and_world()
     if cfg.device != "auto" and cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -489,8 +487,6 @@ def setup(cfg: TrainConfig, out: str | Path, resume: bool) -> _Run:
 
 def prepare_data(run: _Run, corpus=None):
     """The corpus (documents, split, tokenizer, token caches): the one handed in, or prepared here."""
-    from ropekit import data as data_mod
-    from ropekit.models import load_tokenizer
 
     cfg = run.cfg
     tokenizer = None
@@ -512,10 +508,6 @@ def prepare_data(run: _Run, corpus=None):
 
 def build_model(run: _Run, tokenizer):
     """Load or build the model, patch it with the method (the experiment's variable), place and shard it."""
-    import ropekit
-    from ropekit import parallel
-    from ropekit.models import load_model
-
     cfg = run.cfg
     attn = _attention_implementation(run.device)
     if run.checkpoint is not None:
@@ -526,7 +518,7 @@ def build_model(run: _Run, tokenizer):
         model = load_model(cfg.model, seed=cfg.seed, vocab_size=len(tokenizer), attn_implementation=attn,
                            **cfg.model_overrides)  # fmt: skip
     if run.checkpoint is None:
-        ropekit.patch(model, cfg.method, max_position_embeddings=cfg.max_position_embeddings or cfg.seq_len)
+        patch(model, cfg.method, max_position_embeddings=cfg.max_position_embeddings or cfg.seq_len)
     model.config.use_cache = False
     model.to(run.device)
     model.train()
@@ -536,7 +528,6 @@ def build_model(run: _Run, tokenizer):
 
 def build_optimizer(run: _Run, model) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only; on resume, its state and the RNGs from the checkpoint."""
-    from ropekit import parallel
 
     cfg = run.cfg
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -597,8 +588,6 @@ def train_step(run: _Run, model, optimizer, stream, step: int) -> tuple[float, f
     The loss is the weighted mean over the whole global batch (every micro-batch of every rank): each
     micro-batch contributes its weighted sum over the global weight, times the ranks whose gradients
     FSDP averages, so rows with few weighted tokens (retrieval examples) count as much on any layout."""
-    from ropekit import parallel
-
     cfg = run.cfg
     for group in optimizer.param_groups:
         group["lr"] = get_lr(step, cfg)
@@ -641,8 +630,6 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 def save(run: _Run, model, tokenizer, optimizer, step: int) -> None:
     """A checkpoint (collective under FSDP: every rank gathers, rank 0 writes)."""
-    from ropekit import parallel
-
     model_state, optimizer_state = parallel.full_state(model, optimizer)
     if run.rank == 0:
         save_checkpoint(run.out, step, model, model_state, optimizer_state, tokenizer,
@@ -652,7 +639,6 @@ def save(run: _Run, model, tokenizer, optimizer, step: int) -> None:
 
 def save_final(run: _Run, model, tokenizer) -> Path:
     """``out/final``: the trained model and its tokenizer, written whole or not at all."""
-    from ropekit import parallel
 
     final = run.out / "final"
     final_state = parallel.full_model_state(model)
@@ -675,8 +661,6 @@ def train(
     (naming the holder). A loss or gradient norm that is not finite stops the run with a ValueError; that
     step is never saved, and the checkpoints before it are left as they were.
     """
-    from ropekit import parallel
-
     rank, _ = parallel.rank_and_world()
     check_writable(out, kind="folder")
     with sole_writer(out, kind="folder") if rank == 0 else contextlib.nullcontext():
@@ -684,9 +668,6 @@ def train(
 
 
 def _train(cfg: TrainConfig, out: str | Path, *, resume: bool, stop_after: int | None, corpus) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
-    from ropekit import data as data_mod
 
     run = setup(cfg, out, resume)
     corpus = prepare_data(run, corpus)
@@ -699,9 +680,9 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool, stop_after: int |
                            reset_positions=cfg.reset_positions, upsample_long=cfg.upsample_long,
                            long_threshold=cfg.long_threshold)  # fmt: skip
     if cfg.retrieval_share:
-        examples = data_mod.retrieval_examples(corpus.train_docs, tokenizer, max_context=cfg.retrieval_context_max,
+        examples = mix.retrieval_examples(corpus.train_docs, tokenizer, max_context=cfg.retrieval_context_max,
                                                seed=cfg.seed)  # fmt: skip
-        stream = data_mod.mix_retrieval(stream, examples, seq_len=cfg.seq_len, share=cfg.retrieval_share,
+        stream = mix.mix_retrieval(stream, examples, seq_len=cfg.seq_len, share=cfg.retrieval_share,
                                         min_context=cfg.retrieval_min_context, max_context=cfg.retrieval_context_max,
                                         eos_id=eos, seed=cfg.seed, answer_weight=cfg.retrieval_weight,
                                         copy_share=cfg.retrieval_copy)  # fmt: skip

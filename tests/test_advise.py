@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from ropekit import analysis
-from ropekit.advise import PAPER_ABF_BASE, advise
 from ropekit.cli import main
 from ropekit.methods import parse
+from ropekit.studies.advise import PAPER_ABF_BASE, advise
 
 
 @pytest.fixture(scope="module")

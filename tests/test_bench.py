@@ -1,6 +1,6 @@
 """The kernel benchmark runs end to end (on CPU: the torch providers on tiny shapes) and records provenance."""
 
-from ropekit import bench
+from ropekit.studies import bench
 
 
 def test_benchmark_smoke_rows_have_times_bandwidth_and_provenance(tmp_path):
@@ -16,8 +16,8 @@ def test_benchmark_smoke_rows_have_times_bandwidth_and_provenance(tmp_path):
     shape = bench.SMOKE_SHAPES[0]
     table = 2 * shape.T * shape.D * 4
     assert hf["bytes"] == 2 * (2 * shape.qk_bytes() + table)  # q, k read and written (twice for fwd+bwd) + table
-    from ropekit.figures import draw_bench
     from ropekit.results import append_rows, read_rows
+    from ropekit.studies.bench import draw_bench
 
     append_rows(tmp_path / "b.csv", bench.result_rows(rows))  # the one result-row format, one value per row
     stored = read_rows(tmp_path / "b.csv")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from ropekit import data
+from ropekit.mix import mix_retrieval, retrieval_examples
 
 
 def test_gutenberg_header_and_footer_are_cut_and_wrapped_lines_joined():
@@ -156,7 +157,7 @@ def _retrieval_corpus():
                                             f"here and on, {'and on, ' * 30}until it ends.\n" for j in range(6)))
             for i in range(4)]  # fmt: skip
     tok = data.train_tokenizer(docs, vocab_size=300)
-    return docs, tok, data.retrieval_examples(docs, tok, max_context=48)
+    return docs, tok, retrieval_examples(docs, tok, max_context=48)
 
 
 def test_retrieval_mix_rows_train_on_first_sentences_of_training_documents_only():
@@ -164,10 +165,10 @@ def test_retrieval_mix_rows_train_on_first_sentences_of_training_documents_only(
 
     docs, tok, examples = _retrieval_corpus()
     text = data.pack(data.tokenize_documents(docs, tok), 128, eos_id=tok.eos_token_id)
-    mix = data.mix_retrieval(text, examples, seq_len=128, share=0.5, min_context=16, max_context=48,
+    mix = mix_retrieval(text, examples, seq_len=128, share=0.5, min_context=16, max_context=48,
                              eos_id=tok.eos_token_id, seed=3)  # fmt: skip
     rows = [next(mix) for _ in range(40)]
-    again = data.mix_retrieval(data.pack(data.tokenize_documents(docs, tok), 128, eos_id=tok.eos_token_id), examples,
+    again = mix_retrieval(data.pack(data.tokenize_documents(docs, tok), 128, eos_id=tok.eos_token_id), examples,
                                seq_len=128, share=0.5, min_context=16, max_context=48, eos_id=tok.eos_token_id,
                                seed=3)  # fmt: skip
     repeated = [next(again) for _ in range(40)]
@@ -189,7 +190,7 @@ def test_retrieval_mix_rows_train_on_first_sentences_of_training_documents_only(
             assert ids[a:b][np.flatnonzero(seg_w)[-1] + 1] == tok.eos_token_id
     assert 10 <= mixed <= 30  # about half the rows
     # retrieval_weight: the same rows, the answers (and only they) weighing answer_weight
-    heavy = data.mix_retrieval(data.pack(data.tokenize_documents(docs, tok), 128, eos_id=tok.eos_token_id), examples,
+    heavy = mix_retrieval(data.pack(data.tokenize_documents(docs, tok), 128, eos_id=tok.eos_token_id), examples,
                                seq_len=128, share=0.5, min_context=16, max_context=48, eos_id=tok.eos_token_id,
                                seed=3, answer_weight=4.0)  # fmt: skip
     changed = 0
@@ -204,7 +205,7 @@ def test_retrieval_mix_rows_train_on_first_sentences_of_training_documents_only(
 def test_copy_examples_ask_for_the_whole_context_back():
     docs, tok, examples = _retrieval_corpus()
     text = data.pack(data.tokenize_documents(docs, tok), 128, eos_id=tok.eos_token_id)
-    mix = data.mix_retrieval(text, examples, seq_len=128, share=1.0, min_context=16, max_context=48,
+    mix = mix_retrieval(text, examples, seq_len=128, share=1.0, min_context=16, max_context=48,
                              eos_id=tok.eos_token_id, seed=0, copy_share=1.0)  # fmt: skip
     q = examples.copy_question
     copies = 0
@@ -226,9 +227,9 @@ def test_retrieval_contexts_reach_as_far_back_as_the_row_allows():
     """With max_context at the row's length, each drawn context is cut to fit its question and answer, so
     the longest examples fill a row: the distance the evaluation at the trained length asks for."""
     docs, tok, _ = _retrieval_corpus()
-    examples = data.retrieval_examples(docs, tok, max_context=96)
+    examples = retrieval_examples(docs, tok, max_context=96)
     text = data.pack(data.tokenize_documents(docs, tok), 96, eos_id=tok.eos_token_id)
-    mix = data.mix_retrieval(text, examples, seq_len=96, share=1.0, min_context=16, max_context=96,
+    mix = mix_retrieval(text, examples, seq_len=96, share=1.0, min_context=16, max_context=96,
                              eos_id=tok.eos_token_id, seed=1)  # fmt: skip
     full = 0
     for ids, pos, w in (next(mix) for _ in range(30)):

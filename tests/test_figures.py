@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from ropekit import analysis, figures
-from ropekit.ablation import PRESETS, plan, run, with_data
 from ropekit.results import make_row, read_rows
+from ropekit.studies.ablation import PRESETS, plan, run, with_data
 
 
 @pytest.mark.parametrize("name,spec", list(analysis.PAPER_VARIANTS.items()))
@@ -97,7 +97,7 @@ def test_rows_of_two_experiments_with_one_variant_are_two_lines_and_a_rerun_is_d
     rows = [ppl("base", L, 10.0) for L in (256, 512)] + [ppl("trained", L, 5.0) for L in (256, 512)]
     rows.append(ppl("trained", 512, 4.0))  # a rerun wrote the point again
     append_rows(tmp_path / "r.csv", rows)
-    series = figures._series(read_rows(tmp_path / "r.csv"), "ppl")
+    series = figures.series(read_rows(tmp_path / "r.csv"), "ppl")
     assert series == {"base: rope:base=10000": [(256, 10.0), (512, 10.0)],
                       "trained: rope:base=10000": [(256, 5.0), (512, 4.0)]}  # fmt: skip
     with pytest.warns(UserWarning, match="1 rows repeat a point"):
@@ -112,7 +112,7 @@ def test_rows_of_two_experiments_with_one_variant_are_two_lines_and_a_rerun_is_d
 def test_demo_plumbing_on_the_micro_preset_and_resume(tmp_path):
     import json
 
-    from ropekit.ablation import CONTROL
+    from ropekit.studies.ablation import CONTROL
 
     cfg = PRESETS["micro"]()
     logs = []

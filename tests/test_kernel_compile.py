@@ -1,6 +1,6 @@
 """The Triton kernel compiles for sm_80 and sm_90 on this CPU machine, and its machine code is sound.
 
-``ropekit.kernels.static`` compiles a covering set of the specialisations the patch and
+``ropekit.studies.kernel_static`` compiles a covering set of the specialisations the patch and
 ``apply_rope``/``apply_rope_`` launch (every dtype, layout, head dim, positions shape, xPos,
 conjugate, in place, plus decode and > 2^31 elements), bound as a real launch binds them, in a fresh
 process (this one runs the kernel in Triton's interpreter) with a fresh Triton cache. From ptxas,
@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from ropekit.kernels import static  # noqa: E402
+from ropekit.studies import kernel_static as static  # noqa: E402
 
 _REASON = static.nvidia_backend_missing()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"no AOT compile: {_REASON}")

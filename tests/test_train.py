@@ -255,7 +255,7 @@ def test_every_training_preset_runs_one_step_on_cpu(name, tmp_path):
 
 
 def test_presets_default_to_data_a_user_has():
-    from ropekit.ablation import PRESETS as DEMO
+    from ropekit.studies.ablation import PRESETS as DEMO
 
     for cfg in [p() for p in PRESETS.values()] + [c for p in DEMO.values() for c in (p().base, p().extend)]:
         assert cfg.data == "shakespeare" or cfg.data.startswith("hf:"), cfg.data  # never a developer's folder

@@ -30,7 +30,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ropekit.results import atomic_write_text
+from transformers import AutoTokenizer
+
+from ropekit import data as data_mod
+from ropekit.eval.perplexity import select_windows
+from ropekit.eval.retrieval import build_fsr_samples, build_passkey_samples
+from ropekit.files import atomic_write_text
+from ropekit.models import load_tokenizer
 
 __all__ = ["export_tasks", "evaluate_in_process"]
 
@@ -156,22 +162,14 @@ def export_tasks(
     lengths: list[int] = (1024, 2048, 4096),
     n: int = 20,
     seed: int = 0,
-    val_fraction: float = 0.15,
+    val_fraction: float = data_mod.VAL_FRACTION,
     split_seed: int = 0,
 ) -> list[Path]:
     """Write the task YAMLs, groups, data and hooks to ``out``; return the written paths.
 
     Each task of length L fits in L tokens including its answer budget (see the module docstring).
     """
-    from ropekit import data as data_mod
-    from ropekit.eval.perplexity import select_windows
-    from ropekit.eval.retrieval import build_fsr_samples, build_passkey_samples
-
     if isinstance(tokenizer, str):
-        from transformers import AutoTokenizer
-
-        from ropekit.models import load_tokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(tokenizer) if Path(tokenizer).is_dir() else load_tokenizer(tokenizer)
     if tokenizer is None:
         raise ValueError("export_tasks needs a tokenizer (a model spec, a folder or a tokenizer object)")

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ropekit import hf
 from ropekit.data import Document
 from ropekit.hf import cache_kwarg, kv_cache_of
 
@@ -88,7 +89,7 @@ def fsr_candidates(docs: list[Document]) -> list[tuple[int, int]]:
     return out
 
 
-def _template_parts(template: str) -> tuple[str, str]:
+def template_parts(template: str) -> tuple[str, str]:
     if template.count("{context}") != 1:
         raise ValueError(f"the FSR template must contain '{{context}}' exactly once; got {template!r}")
     return tuple(template.split("{context}"))  # type: ignore[return-value]
@@ -104,7 +105,7 @@ def build_fsr_samples(
     template: str = DEFAULT_FSR_TEMPLATE,
 ) -> list[FSRSample]:
     """Up to ``n`` FSR prompts of exactly ``length`` tokens from validation documents."""
-    prefix, suffix = _template_parts(template)
+    prefix, suffix = template_parts(template)
     pre_ids = tokenizer(prefix, add_special_tokens=False).input_ids if prefix else []
     suf_ids = tokenizer(suffix, add_special_tokens=False).input_ids
     budget = length - len(pre_ids) - len(suf_ids)
@@ -182,11 +183,9 @@ def _continue_greedy(model, cache, next_id: int, max_new_tokens: int, stop_ids: 
     return generated
 
 
-def _length_dependent(model) -> bool:
+def length_dependent(model) -> bool:
     """Whether the model's frequencies change with the length (dynamic NTK): then a cache cut back to
     the prompt is not the prompt's cache, and scoring and generation take a forward each."""
-    from ropekit import hf
-
     decoder = hf._decoder(model)
     method = getattr(hf.rotary_of(decoder), "method", None) if decoder is not None else None
     if method is not None:
@@ -216,7 +215,7 @@ def score_and_generate(
     if not generate:
         acc, nll = score_target(model, prompt_ids, target_ids)
         return acc, nll, None
-    if _length_dependent(model):
+    if length_dependent(model):
         acc, nll = score_target(model, prompt_ids, target_ids)
         return acc, nll, greedy_generate(model, prompt_ids, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
     device = next(model.parameters()).device

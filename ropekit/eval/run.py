@@ -20,17 +20,25 @@ from ropekit.eval.retrieval import (
     fsr_evaluate,
     passkey_evaluate,
 )
+from ropekit.hf import read_method
 from ropekit.results import make_row, provenance
 
-__all__ = ["eval_ppl", "eval_ppl_sliding", "eval_fsr", "eval_passkey", "eval_ppl_samples", "eval_fsr_samples"]
+__all__ = [
+    "variant_of",
+    "eval_ppl",
+    "eval_ppl_sliding",
+    "eval_fsr",
+    "eval_passkey",
+    "eval_ppl_samples",
+    "eval_fsr_samples",
+]
 
 
-def _variant(model) -> str:
+def variant_of(model) -> str:
+    """The method spec a model runs: a saved ropekit method, else the one its config names."""
     saved = getattr(model.config, "ropekit", None)
     if saved and saved.get("method"):
         return saved["method"]
-    from ropekit.hf import read_method
-
     return str(read_method(model.config))
 
 
@@ -95,7 +103,7 @@ def eval_ppl(
             ]
             metrics.append(("nll", L, r.nll, r.n, {}))
             metrics += [("position_loss", L, v, r.n, {"position": pos, "bin_size": bin_size}) for pos, v in r.bins]
-    return _rows(model, experiment, variant or _variant(model), seed, config or {}, metrics)
+    return _rows(model, experiment, variant or variant_of(model), seed, config or {}, metrics)
 
 
 def eval_ppl_sliding(
@@ -130,7 +138,7 @@ def eval_ppl_sliding(
             nll.append(sliding_window_nll(model, ids, window=W, stride=min(stride, W)))
         mean = torch.cat(nll).mean().item()
         metrics.append(("ppl_sliding", W, math.exp(mean), len(nll), {"stride": stride, "span": span}))
-    return _rows(model, experiment, variant or _variant(model), seed, config or {}, metrics)
+    return _rows(model, experiment, variant or variant_of(model), seed, config or {}, metrics)
 
 
 def eval_fsr(
@@ -160,7 +168,9 @@ def eval_fsr(
             ]
             if generate:
                 metrics.append(("fsr_rouge_l", L, r["rouge_l"], r["n"], {}))
-    return _rows(model, experiment, variant or _variant(model), seed, {**(config or {}), "template": template}, metrics)
+    return _rows(
+        model, experiment, variant or variant_of(model), seed, {**(config or {}), "template": template}, metrics
+    )
 
 
 def eval_passkey(
@@ -189,7 +199,7 @@ def eval_passkey(
             ]
             for d, v in r["by_depth"].items():
                 metrics.append((f"passkey_exact_match@depth={d:g}", L, v["exact_match"], n, {"depth": d}))
-    return _rows(model, experiment, variant or _variant(model), seed, config or {}, metrics)
+    return _rows(model, experiment, variant or variant_of(model), seed, config or {}, metrics)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +245,7 @@ def eval_ppl_samples(
                             ("position_nll", L, value, 1, {**where, "position": s + 1, "bin_size": bin_size})
                         )
                 bar.update(1)
-    return _rows(model, experiment, variant or _variant(model), seed, config or {}, metrics)
+    return _rows(model, experiment, variant or variant_of(model), seed, config or {}, metrics)
 
 
 def eval_fsr_samples(
@@ -266,4 +276,6 @@ def eval_fsr_samples(
                 metrics.append(("fsr_sample_target_nll", L, v["target_nll"], 1, where))
                 if generate:
                     metrics.append(("fsr_sample_rouge_l", L, v["rouge_l"], 1, where))
-    return _rows(model, experiment, variant or _variant(model), seed, {**(config or {}), "template": template}, metrics)
+    return _rows(
+        model, experiment, variant or variant_of(model), seed, {**(config or {}), "template": template}, metrics
+    )

@@ -23,7 +23,7 @@ load (position, q, k, tail) before the angle prologue, then stores, so q and k a
 together. The launcher picks the warps so that the k tile (every k head) gives each thread 16 bytes
 per access, then splits the q heads over more programs where a thread would hold too many q elements
 (those programs rotate q only); fewer warps also mean fewer threads recomputing the same column's
-angle. `ropekit bench --static` (ropekit/kernels/static.py) compiles every specialisation for
+angle. `ropekit bench --static` (ropekit/studies/kernel_static.py) compiles every specialisation for
 sm_80/sm_90 and reports the effect.
 All offsets are int64, so tensors past 2^31 elements are addressed correctly.
 """
@@ -275,7 +275,7 @@ def launch_args(
 ) -> tuple[tuple[int, int], tuple, dict]:
     """(grid, positional args, constexpr/launch options) of ``_rope_kernel`` for these tensors.
 
-    ``rope_launch`` launches exactly this; ``ropekit.kernels.static`` binds it (on meta tensors) to
+    ``rope_launch`` launches exactly this; ``ropekit.studies.kernel_static`` binds it (on meta tensors) to
     compile the kernel ahead of time with the specialisation a real launch gets.
     """
     B, HQ, T, D = q.shape

@@ -28,11 +28,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 
 from ropekit import analysis
+from ropekit.figures import pyplot, save_png
+from ropekit.files import write_csv
 from ropekit.methods import MAX_HEAD_DIM, parse
 
-__all__ = ["Candidate", "Advice", "candidates", "diagnose", "advise", "format_table", "PAPER_ABF_BASE"]
+__all__ = ["Candidate", "Advice", "candidates", "diagnose", "advise", "format_table", "draw_advice", "PAPER_ABF_BASE"]
 
 PAPER_ABF_BASE = 500_000.0  # Xiong et al. 2023 §4.1
 
@@ -215,3 +220,41 @@ def format_table(advice: Advice) -> str:
         "satisfy Men et al.'s condition up to L′ (a closed-form rule: test it with `ropekit sweep --from-advise`).",
     ]
     return "\n".join(lines)
+
+
+def draw_advice(advice, png: str | Path) -> list[Path]:
+    """Fig. 4-form decay curves of every advised candidate on one plot (0 .. 1.25 L'), as moving
+    averages (the raw curves oscillate too fast to tell apart), and their CSV (raw and averaged) beside
+    it as ``<name>_decay.csv``; a file of that name that advise did not write is refused, not replaced."""
+    png = Path(png)
+    csv_path = png.with_name(f"{png.stem}_decay.csv")
+    if csv_path.is_file() and not csv_path.read_bytes().startswith(b"distance,"):
+        raise ValueError(f"{str(csv_path)!r} exists and holds no decay curves; pass another --plot name")
+    plt = pyplot()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    a = advice
+    every = np.arange(int(1.25 * a.target_length) + 1)
+    width = max(1, a.target_length // 128)
+    kernel = np.ones(width) / width
+    raw = {c.label: analysis.attention_decay(c.spec, every, a.head_dim, a.target_length) for c in a.candidates}
+    smooth = {k: np.convolve(v, kernel, mode="same") for k, v in raw.items()}
+    pick = np.unique(np.linspace(0, every[-1], 2001).round().astype(int))
+    header = ["distance", *(c.spec for c in a.candidates), *(f"{c.spec} (mean over {width})" for c in a.candidates)]
+    write_csv(csv_path, [[int(d), *(round(float(raw[k][d]), 6) for k in raw),
+                          *(round(float(smooth[k][d]), 6) for k in raw)] for d in pick], header)  # fmt: skip
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for i, (label, c) in enumerate(smooth.items()):
+        style = dict(lw=2.0, color="k") if i == a.advised else dict(lw=1.0)
+        name = f"{label}{' (advised)' if i == a.advised else ''}: {a.candidates[i].spec}"
+        ax.plot(pick[pick >= width], c[pick[pick >= width]], label=name, **style)
+    for x, name in ((a.trained_length, "L"), (a.target_length, "L′")):
+        ax.axvline(x, color="gray", ls=":", lw=0.8)
+        ax.annotate(f"{name} = {x}", (x, 0), xytext=(3, 3), textcoords="offset points", fontsize=7)
+    ax.axhline(0, color="k", lw=0.4)
+    ax.set(xlabel="distance between query and key tokens",
+           ylabel=f"score before softmax, mean over {width} tokens",
+           title=f"Score decay of all-ones q = k (d = {a.head_dim}, base {a.base:g}; dynamic NTK at L′)")  # fmt: skip
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
+    save_png(fig, png)
+    plt.close(fig)
+    return [png, csv_path]

@@ -30,17 +30,36 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ropekit.analysis import regime_variants
+import torch
+
+from ropekit import data, parallel, stats
+from ropekit.analysis import regime_derivation, regime_variants
+from ropekit.eval import run as ev
+from ropekit.figures import paper_label, pyplot, save_png
+from ropekit.files import atomic_write_text, check_writable, sole_writer
+from ropekit.models import SHIPPED_MODELS, load_model, load_tokenizer, shipped_provenance
+from ropekit.results import append_rows, git_sha, make_row, provenance, read_rows, write_rows
 from ropekit.train import PRESETS as TRAIN
-from ropekit.train import TrainConfig, model_of
+from ropekit.train import TrainConfig, model_of, train
 from ropekit.typed import config_differences
 
-__all__ = ["AblationConfig", "PRESETS", "CONTROL", "demo", "run", "plan", "summarize"]
+__all__ = [
+    "AblationConfig",
+    "PRESETS",
+    "CONTROL",
+    "demo",
+    "run",
+    "plan",
+    "summarize",
+    "ablation_table",
+    "draw_ablation",
+]
 
 PAPER_VARIANTS = ("rope", "pi:factor=8", "abf:base=500000", "xpos:base=500000")
 CONTROL = "base"  # the variant name of the base model evaluated as it is (the controls' row)
@@ -150,8 +169,6 @@ def _slug(spec: str) -> str:
 
 def _shipped_base(spec: str) -> str | None:
     """How a base model shipped with ropekit was made (its provenance.json), or None for other specs."""
-    from ropekit.models import SHIPPED_MODELS, shipped_provenance
-
     if spec not in SHIPPED_MODELS:
         return None
     record = shipped_provenance(spec)
@@ -189,8 +206,6 @@ def plan(cfg: AblationConfig, world_size: int = 1) -> str:
                      f"{cfg.trained_length} (positive), and at {max(cfg.fsr_lengths)} with no extension "
                      "(negative)")  # fmt: skip
     if cfg.variants == regime_variants(b.seq_len):
-        from ropekit.analysis import regime_derivation
-
         m = b.model_overrides
         lines.append(regime_derivation(m["hidden_size"] // m["num_attention_heads"], b.seq_len))
     if cfg.name == "paper":
@@ -205,11 +220,6 @@ def plan(cfg: AblationConfig, world_size: int = 1) -> str:
 def run(cfg: AblationConfig, out: str | Path, *, log=print) -> dict:
     """Run (or resume) the ablation into ``out``; returns wall times and output paths. One run writes a
     folder at a time: a second one started while it runs is refused, naming the holder."""
-    import contextlib
-
-    from ropekit import parallel
-    from ropekit.files import check_writable, sole_writer
-
     out = check_writable(out, kind="folder")
     rank, _ = parallel.rank_and_world()
     with sole_writer(out, kind="folder") if rank == 0 else contextlib.nullcontext():
@@ -217,14 +227,7 @@ def run(cfg: AblationConfig, out: str | Path, *, log=print) -> dict:
 
 
 def _run(cfg: AblationConfig, out: Path, *, log) -> dict:
-    from ropekit import data, figures
-    from ropekit.eval import run as ev
-    from ropekit.files import atomic_write_text
-    from ropekit.models import load_model
-    from ropekit.results import _git_sha, append_rows, read_rows
-    from ropekit.train import train
-
-    _git_sha()  # read now: the rows of a long run record the commit it started from, not a later one
+    git_sha()  # read now: the rows of a long run record the commit it started from, not a later one
     resolved = json.dumps(dataclasses.asdict(cfg), indent=1, default=str)
     saved = out / "ablation_config.json"
     if saved.is_file():  # resuming must not mix two ablations' stages
@@ -257,8 +260,6 @@ def _run(cfg: AblationConfig, out: Path, *, log) -> dict:
     with stage("data"):  # read, split and tokenise once; every stage below shares it
         tokenizer = None
         if not cfg.pretrain_base:  # a released base model brings its tokenizer
-            from ropekit.models import load_tokenizer
-
             tokenizer = load_tokenizer(cfg.extend.init_from)
         corpus = data.prepare_corpus(cfg.base.data, val_fraction=cfg.base.val_fraction,
                                      split_seed=cfg.base.split_seed, tokenizer=tokenizer,
@@ -294,7 +295,7 @@ def _run(cfg: AblationConfig, out: Path, *, log) -> dict:
             skip()
             return
         model = load_model(str(model_folder))
-        config = {"ablation": cfg.name, "method": ev._variant(model)}  # a released base has no config.ropekit
+        config = {"ablation": cfg.name, "method": ev.variant_of(model)}  # a released base has no config.ropekit
         common = dict(experiment=experiment, variant=variant, config=config)
         rows = []
         if (variant, "ppl") not in done:
@@ -323,9 +324,9 @@ def _run(cfg: AblationConfig, out: Path, *, log) -> dict:
 
     with stage("table and figures"):
         summary = summarize(results, cfg, experiment=experiment)
-        table = figures.ablation_table(summary, cfg)
+        table = ablation_table(summary, cfg)
         atomic_write_text(out / "table.md", table)
-        written = figures.draw_ablation(summary, cfg, out / "figures", prefix=experiment)
+        written = draw_ablation(summary, cfg, out / "figures", prefix=experiment)
         log(table)
     times["total"] = sum(times.values())  # of the stages: the wall time of the run that did each
     log("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
@@ -353,13 +354,6 @@ def summarize(results: str | Path, cfg: AblationConfig, *, experiment: str | Non
     with its interval (``mean:``, ``low:``, ``high:``) and the paired difference to ``cfg.reference``
     (``delta:``, ``delta_low:``, ``delta_high:``, ``resolved:``); written to ``summary.csv`` beside
     ``results`` (rewritten each run) and returned."""
-    import csv
-    import io
-
-    from ropekit import stats
-    from ropekit.files import atomic_write_text
-    from ropekit.results import COLUMNS, make_row, provenance, read_rows
-
     results = Path(results)
     rows = [
         r
@@ -384,11 +378,7 @@ def summarize(results: str | Path, cfg: AblationConfig, *, experiment: str | Non
                                         metric=f"{kind}:{metric}", context_length=int(length),
                                         position=int(position) if position else None, value=value,
                                         n=int(values["n"]), seed=0, config=cfg_row, prov=prov))  # fmt: skip
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(summary)
-    atomic_write_text(results.with_name("summary.csv"), buf.getvalue())
+    write_rows(results.with_name("summary.csv"), summary)
     return summary
 
 
@@ -412,11 +402,155 @@ def demo(
     if dry_run:
         return None
     if cfg.needs_gpu and not force:
-        import torch
-
         if not torch.cuda.is_available():
             raise ValueError(f"preset {cfg.name!r} needs CUDA GPUs; use --dry-run to see its plan, or --force")
-    from ropekit import parallel
-
     parallel.init_distributed()  # under torchrun (the paper preset): FSDP2 training on every rank
     return run(cfg, out or f"runs/{cfg.name}", log=log)
+
+
+# ---------------------------------------------------------------------------------------------
+# Its table and figures, drawn from the summary rows (``summarize``)
+# ---------------------------------------------------------------------------------------------
+# metric -> (label, higher is better, shown as perplexity)
+ABLATION_METRICS = {
+    "fsr_sample_token_accuracy": ("FSR teacher-forced token accuracy", True, False),
+    "fsr_sample_rouge_l": ("FSR ROUGE-L F1 x 100 (greedy generation)", True, False),
+    "window_nll": ("perplexity", False, True),
+}
+
+
+def _ablation_values(summary) -> dict[tuple[str, str, int, int | None], float]:
+    """{(variant, kind:metric, length, position): value} from summary rows (dicts or CSV rows)."""
+    out = {}
+    for r in summary:
+        pos = r["position"]
+        out[(r["variant"], r["metric"], int(r["context_length"]), int(pos) if pos not in (None, "") else None)] = float(
+            r["value"]
+        )
+    return out
+
+
+def _variant_label(variant: str, cfg) -> str:
+    if variant == CONTROL:
+        return f"base model, no extension ({cfg.base.method}; control)"
+    return paper_label(variant) + (" (reference)" if variant == cfg.reference else "")
+
+
+def ablation_table(summary, cfg) -> str:
+    """Markdown: the controls' verdict, then per metric a variant x length table of means with 95%
+    intervals and each variant's paired difference to the reference (bold: the interval excludes 0)."""
+    val = _ablation_values(summary)
+    L = cfg.trained_length
+    variants = [v for v in [CONTROL, *cfg.variants] if any(k[0] == v for k in val)]
+    acc = "fsr_sample_token_accuracy"
+    lines = []
+    short = sorted(n for (v, m, n, p) in val if v == CONTROL and m == f"mean:{acc}" and n <= L)
+    if short:
+        worst = min(val[(CONTROL, f"mean:{acc}", n, None)] for n in short)
+        verdict = ("passes" if worst >= cfg.control_accuracy else
+                   "FAILS: the base model retrieves too little at its own length for the FSR comparisons below "
+                   "to measure more than a weak skill")  # fmt: skip
+        lines.append(f"- **Positive control** {verdict}: the base model's lowest FSR accuracy at "
+                     f"{', '.join(map(str, short))} tokens (<= its length {L}) is {worst:.2f} (threshold "
+                     f"{cfg.control_accuracy}).")  # fmt: skip
+    longest = max((n for (v, m, n, p) in val if v == CONTROL and m == f"mean:{acc}"), default=0)
+    if longest > L:  # the longest FSR length (the target, where the lengths reach it)
+        far = val[(CONTROL, f"mean:{acc}", longest, None)]
+        lo, hi = val[(CONTROL, f"low:{acc}", longest, None)], val[(CONTROL, f"high:{acc}", longest, None)]
+        lines.append(f"- **Negative control**: the same model at {longest} tokens with no extension: {far:.2f} "
+                     f"[{lo:.2f}, {hi:.2f}].")  # fmt: skip
+    for metric, (label, higher, as_ppl) in ABLATION_METRICS.items():
+        lengths = sorted({n for (v, m, n, p) in val if m == f"mean:{metric}" and p is None})
+        if not lengths:
+            continue
+        f = math.exp if as_ppl else (lambda x: x)
+        lines += ["", f"**{label}** (mean [95% interval]; Δ: paired difference to {paper_label(cfg.reference)}"
+                  f"{' in NLL' if as_ppl else ''}, {'higher' if higher else 'lower'} is better; **bold**: resolved)",
+                  "", "| variant | " + " | ".join(str(n) for n in lengths) + " |",
+                  "|---|" + "---|" * len(lengths)]  # fmt: skip
+        for v in variants:
+            cells = []
+            for n in lengths:
+                key = (v, f"mean:{metric}", n, None)
+                if key not in val:
+                    cells.append("")
+                    continue
+                lo, hi = val[(v, f"low:{metric}", n, None)], val[(v, f"high:{metric}", n, None)]
+                cell = f"{f(val[key]):.2f}" + ("" if math.isnan(lo) else f" [{f(lo):.2f}, {f(hi):.2f}]")
+                if (v, f"delta:{metric}", n, None) in val:
+                    d, dlo, dhi = (val[(v, f"{k}:{metric}", n, None)] for k in ("delta", "delta_low", "delta_high"))
+                    delta = f"Δ {d:+.3f}" + ("" if math.isnan(dlo) else f" [{dlo:+.3f}, {dhi:+.3f}]")
+                    cell += f"<br>{'**' + delta + '**' if val[(v, f'resolved:{metric}', n, None)] else delta}"
+                cells.append(cell)
+            lines.append(f"| {_variant_label(v, cfg)} | " + " | ".join(cells) + " |")
+    n_fsr = next((int(r["n"]) for r in summary if r["metric"] == f"mean:{acc}"), 0)
+    n_ppl = next((int(r["n"]) for r in summary if r["metric"] == "mean:window_nll"), 0)
+    lines += ["", f"FSR: {n_fsr} prompts per length, PPL: {n_ppl} windows per length, the same for every variant; "
+              "intervals: 95% percentile bootstrap (scipy.stats.bootstrap), deltas paired by sample."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def draw_ablation(summary, cfg, out: str | Path, *, prefix: str) -> list[Path]:
+    """``<prefix>_fsr.png`` (teacher-forced accuracy and ROUGE-L against length, the control dashed),
+    ``<prefix>_ppl.png`` and ``<prefix>_position_loss.png`` (at the target length only), each with 95%
+    intervals, and ``<prefix>_summary.csv`` (the rows they were drawn from)."""
+    plt = pyplot()
+    val = _ablation_values(summary)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    L, target = cfg.trained_length, cfg.extend.seq_len
+    variants = [v for v in [CONTROL, *cfg.variants] if any(k[0] == v for k in val)]
+    device = ", ".join(sorted({r["device"] for r in summary}))
+
+    def curve(ax, metric, *, by_position=False, transform=lambda x: x):
+        for v in variants:
+            xs = sorted(p if by_position else n for (vv, m, n, p) in val
+                        if vv == v and m == f"mean:{metric}" and (p is not None) == by_position
+                        and (not by_position or n == target))  # fmt: skip
+            if not xs:
+                continue
+            key = (lambda x: (target, x)) if by_position else (lambda x: (x, None))
+            y = [transform(val[(v, f"mean:{metric}", *key(x))]) for x in xs]
+            lo = [transform(val[(v, f"low:{metric}", *key(x))]) for x in xs]
+            hi = [transform(val[(v, f"high:{metric}", *key(x))]) for x in xs]
+            style = (dict(color="k", ls="--", marker="s") if v == CONTROL
+                     else dict(color=f"C{cfg.variants.index(v)}", marker="o"))  # fmt: skip
+            ax.plot(xs, y, ms=3, label=_variant_label(v, cfg), **style)
+            ax.fill_between(xs, lo, hi, alpha=0.15, color=style["color"])
+        if not by_position:
+            ax.set_xscale("log", base=2)
+            ax.axvline(L, color="grey", lw=0.6, ls=":")
+            ax.set_xlabel(f"context length (tokens); dotted: the base model's length {L}")
+        ax.legend(fontsize=6)
+
+    written = []
+    panels = [("fsr", [("fsr_sample_token_accuracy", "teacher-forced token accuracy"),
+                       ("fsr_sample_rouge_l", "ROUGE-L F1 x 100")]),
+              ("ppl", [("window_nll", "perplexity")])]  # fmt: skip
+    for name, metrics in panels:
+        metrics = [(m, y) for m, y in metrics if any(k[1] == f"mean:{m}" for k in val)]
+        if not metrics:
+            continue
+        fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+        for ax, (m, ylabel) in zip(axes[0], metrics, strict=True):
+            curve(ax, m, transform=math.exp if m == "window_nll" else (lambda x: x))
+            ax.set_ylabel(ylabel)
+            ax.set_title(ABLATION_METRICS[m][0] if m != "window_nll" else "validation perplexity", fontsize=9)
+            if m == "window_nll":
+                ax.set_yscale("log")
+        fig.suptitle(f"{prefix}: mean and 95% bootstrap interval; {device}", fontsize=8)
+        save_png(fig, out / f"{prefix}_{name}.png")
+        plt.close(fig)
+        written.append(out / f"{prefix}_{name}.png")
+    if any(k[1] == "mean:position_nll" for k in val):
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        curve(ax, "position_nll", by_position=True)
+        ax.axvline(L, color="grey", lw=0.6, ls=":")
+        ax.set(xlabel=f"position in a {target}-token window (bins; dotted: {L})", ylabel="mean NLL in bin")
+        ax.set_title(f"per-position loss at the target length {target}", fontsize=9)
+        fig.suptitle(f"{prefix}: mean and 95% bootstrap interval over windows; {device}", fontsize=8)
+        save_png(fig, out / f"{prefix}_position_loss.png")
+        plt.close(fig)
+        written.append(out / f"{prefix}_position_loss.png")
+    write_rows(out / f"{prefix}_summary.csv", summary)
+    return [*written, out / f"{prefix}_summary.csv"]

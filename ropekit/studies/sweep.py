@@ -36,17 +36,24 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ropekit.hf import format_layered, parse_layered
-from ropekit.results import COLUMNS, append_rows, atomic_write_text, make_row, provenance, read_rows
+from ropekit import files
+from ropekit.data import VAL_FRACTION
+from ropekit.eval import retrieval
+from ropekit.eval.perplexity import token_nll
+from ropekit.eval.run import variant_of
+from ropekit.figures import pyplot, save_png
+from ropekit.files import atomic_write_text, sole_writer
+from ropekit.hf import format_layered, parse_layered, patch
+from ropekit.results import append_rows, make_row, provenance, read_rows, write_rows
 from ropekit.stats import compare, paired_interval
 
 __all__ = [
@@ -62,6 +69,7 @@ __all__ = [
     "summary_path",
     "table_path",
     "markdown_table",
+    "draw_sweep",
 ]
 
 TASKS = ("ppl", "fsr", "passkey")
@@ -92,7 +100,7 @@ class SweepSettings:
     n_fsr: int = 8
     n_passkey: int = 8
     seed: int = 0
-    val_fraction: float = 0.15
+    val_fraction: float = VAL_FRACTION
     split_seed: int = 0
     tokenizer: str | None = None  # another tokenizer than the model's makes other prompts
     protocol: int = 4  # raised when what a sample is changes (3: PPL, FSR and passkey share prompts; 4: needle
@@ -150,10 +158,8 @@ def table_path(out: str | Path) -> Path:
 
 def check_writable(out: str | Path) -> None:
     """Fail before any evaluation if the result CSV or its summary cannot be written."""
-    from ropekit.files import check_writable as _check
-
     for p in (out, summary_path(out), table_path(out)):
-        _check(p)
+        files.check_writable(p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +203,6 @@ def _window_mean(nll, end: int, skip: tuple[int, int] | None) -> tuple[float, in
 def _prompt_values(model, sample, tasks, settings: SweepSettings, length_dependent: bool):
     """PPL window, FSR and passkey scores of one prompt (an ``FSRSample`` or a ``NeedleSample``),
     from one forward of the whole teacher-forced sequence."""
-    from ropekit.eval.perplexity import token_nll
 
     L, Lp = settings.trained_length, settings.target_length
     planted = getattr(sample, "fsr", None) is not None
@@ -246,7 +251,6 @@ def run_sweep(
     holds for these settings), append each sample's rows to ``out`` as soon as it is scored, write
     the summary; return the summary rows. One sweep writes ``out`` at a time: a second one started
     while it runs is refused (it would score every sample twice)."""
-    from ropekit.files import sole_writer
 
     out = Path(out)
     check_writable(out)
@@ -255,12 +259,6 @@ def run_sweep(
 
 
 def _run_sweep(model, tokenizer, docs, methods, settings: SweepSettings, out: Path, *, experiment, log):
-    import time
-
-    import ropekit
-    from ropekit.eval import retrieval
-    from ropekit.eval.run import _variant
-
     methods = [_normalized(m) for m in methods]
     sweep_id = settings.sweep_id
     done = _done(out, experiment, sweep_id)
@@ -275,17 +273,17 @@ def _run_sweep(model, tokenizer, docs, methods, settings: SweepSettings, out: Pa
     n_key = settings.n_passkey if "passkey" in settings.tasks else 0
     for i in range(n_key):  # depths evenly spread: (i + 0.5) / n
         prompts[i] = retrieval.plant_passkey(tokenizer, prompts[i], (i + 0.5) / n_key, seed=settings.seed)
-    native = _variant(model)
+    native = variant_of(model)
     prov = provenance(next(model.parameters()).device)
     for variant in [BASELINE, *methods]:
         todo = [(i, ts) for i, ts in work if any((variant, m, i) not in done for t in ts for m in _metrics(t))]
         if not todo:
             log(f"{variant}: already in {out}, skipped")
             continue
-        handle = None if variant == BASELINE else ropekit.patch(model, variant)
+        handle = None if variant == BASELINE else patch(model, variant)
         try:
             method = str(handle.method) if handle else native
-            length_dependent = retrieval._length_dependent(model)  # a patched or a natively dynamic model
+            length_dependent = retrieval.length_dependent(model)  # a patched or a natively dynamic model
             t_variant = time.perf_counter()
             for i, tasks in todo:
                 t0 = time.perf_counter()
@@ -391,13 +389,7 @@ def summarize(out: str | Path, settings: SweepSettings, *, experiment: str = "sw
                 prov=prov,
             )
         )
-    import csv
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(summary)
-    atomic_write_text(summary_path(out), buf.getvalue())
+    write_rows(summary_path(out), summary)
     atomic_write_text(table_path(out), markdown_table(summary, rows, settings))
     return summary
 
@@ -486,3 +478,40 @@ def format_summary(summary: list[dict]) -> str:
         "95% bootstrap interval; '!': the interval excludes 0. Ranked by NLL at L′."
     )
     return "\n".join(lines + [legend])
+
+
+def draw_sweep(summary_csv: str | Path, png: str | Path) -> list[Path]:
+    """One panel per metric of a sweep summary: each candidate's paired difference to the baseline with
+    its 95% interval, in rank order (filled markers: the interval excludes 0)."""
+    plt = pyplot()
+    rows = read_rows(summary_csv)
+    if not rows:
+        raise ValueError(f"no summary rows in {summary_csv}")
+    val = {(r["variant"], r["metric"]): float(r["value"]) for r in rows}
+    ranked = [v for _, v in sorted((int(val[(v, "rank")]), v) for v, m in val if m == "rank")]
+    metrics = [m for m in SAMPLE_METRICS if any((v, f"delta:{m}") in val for v in ranked)]
+    if not metrics:
+        raise ValueError(f"no paired differences in {summary_csv}")
+    cands = [v for v in ranked if (v, f"delta:{metrics[0]}") in val]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 0.5 * len(cands) + 1.8), squeeze=False)
+    for ax, m in zip(axes[0], metrics, strict=True):
+        for y, v in enumerate(cands):
+            if (v, f"delta:{m}") not in val:
+                continue
+            d, lo, hi = (val[(v, f"{k}:{m}")] for k in ("delta", "delta_low", "delta_high"))
+            filled = bool(val.get((v, f"resolved:{m}")))
+            ax.errorbar([d], [y], xerr=[[d - lo], [hi - d]] if lo == lo else None, fmt="o",
+                        mfc="C0" if filled else "white", color="C0", capsize=3)  # fmt: skip
+        ax.axvline(0, color="k", lw=0.6)
+        ax.set_yticks(range(len(cands)), cands if ax is axes[0][0] else [""] * len(cands), fontsize=6)
+        ax.invert_yaxis()
+        better = "higher" if SAMPLE_METRICS[m][1] else "lower"
+        ax.set_title(f"Δ {SAMPLE_METRICS[m][2]} ({better} is better)", fontsize=8)
+    n = int(next(r["n"] for r in rows if r["metric"].startswith("delta:")))
+    fig.suptitle(f"{Path(summary_csv).stem}: paired difference to the model as it is, 95% bootstrap "
+                 f"interval (n = {n}); rank order top to bottom", fontsize=8)  # fmt: skip
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    save_png(fig, png)
+    plt.close(fig)
+    return [png]

@@ -20,7 +20,7 @@ What is read, and from where:
 A roofline *model* (not a measurement) turns those counts into an estimated fraction of copy
 bandwidth; its assumptions are in ``DEVICES`` and printed with every report.
 
-    python -m ropekit.kernels.static --cases ci --json      # what tests/test_kernel_compile.py runs
+    python -m ropekit.studies.kernel_static --cases ci --json      # what tests/test_kernel_compile.py runs
     ropekit bench --static --out figures/kernel_static_after.csv
 
 Run it in a process without ``TRITON_INTERPRET=1`` (the interpreter replaces ``@triton.jit``
@@ -29,7 +29,11 @@ functions); ``analyse`` does so in a subprocess when called from an interpreted 
 
 from __future__ import annotations
 
+import argparse
+import collections
 import contextlib
+import importlib.util
+import inspect
 import io
 import itertools
 import json
@@ -38,7 +42,12 @@ import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ropekit.results import make_row, provenance, read_rows
 
 __all__ = [
     "Case",
@@ -202,8 +211,6 @@ def nvidia_backend_missing() -> str | None:
 
 
 def _takes_arch(fn) -> bool:
-    import inspect
-
     return len(inspect.signature(fn).parameters) > 0
 
 
@@ -227,8 +234,6 @@ class Launch:
 
 
 def _meta_tensors(case: Case):
-    import torch
-
     dt = getattr(torch, case.dtype)
     B, T, D = case.B, case.T, case.D
     q = torch.empty(B, T, case.Hq, D, device="meta", dtype=dt).transpose(1, 2)  # (B, Hq, T, D), as attention
@@ -243,8 +248,6 @@ def _elem(case: Case) -> int:
 
 def ropekit_launch(case: Case) -> Launch:
     """The kernel, bound by the real launcher's code (``rope.launch_args``) on meta tensors."""
-    import torch
-
     from ropekit.kernels import rope
 
     q, k, positions = _meta_tensors(case)
@@ -272,8 +275,6 @@ class _Recorder:
 
 
 def _load_file(name: str, path: str):
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -288,8 +289,6 @@ def peer_cases() -> list[Case]:
 def liger_launch(case: Case, path: str) -> Launch:
     """Liger-Kernel's ``_triton_rope`` bound by its own ``rope_forward`` (backward: ``rope_backward``)
     on meta tensors, with an HF cos/sin table (B or 1, T, R) in the activation dtype."""
-    import torch
-
     mod = _load_file("liger_rope", path)
     rec = _Recorder(mod._triton_rope)
     mod._triton_rope = rec
@@ -308,8 +307,6 @@ def liger_launch(case: Case, path: str) -> Launch:
 def flash_attn_launch(case: Case, path: str) -> Launch:
     """flash-attention's Triton ``rotary_kernel`` bound by its ``apply_rotary`` (q and k: two launches;
     q's is compiled) on meta tensors, cos/sin (T, R/2) in the activation dtype."""
-    import torch
-
     mod = _load_file("fa_rotary", path)
     rec = _Recorder(mod.rotary_kernel)
     mod.rotary_kernel = rec
@@ -654,8 +651,6 @@ def _analyse_here(cases, archs=ARCHS, jobs=1, log=None, provider="ropekit-triton
             if launch is not None:
                 unique.setdefault(key, (case, arch, provider, path))
     if jobs > 1 and len(unique) > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
         with ProcessPoolExecutor(jobs) as pool:
             compiled = dict(zip(unique, pool.map(_compile_one, unique.values(), chunksize=1), strict=True))
     else:
@@ -708,7 +703,7 @@ def analyse(cases, archs=ARCHS, jobs=1, log=None, cache_dir=None, provider="rope
     if cache_dir is not None:
         env["TRITON_CACHE_DIR"] = cache_dir
     spec = {"cases": [asdict(c) for c in cases], "archs": list(archs), "jobs": jobs, "provider": provider, "path": path}
-    proc = subprocess.run([sys.executable, "-m", "ropekit.kernels.static", "--stdin"], input=json.dumps(spec),
+    proc = subprocess.run([sys.executable, "-m", "ropekit.studies.kernel_static", "--stdin"], input=json.dumps(spec),
                           capture_output=True, text=True, env=env)  # fmt: skip
     if proc.returncode != 0:
         raise RuntimeError(f"static analysis subprocess failed:\n{proc.stderr[-4000:]}")
@@ -721,8 +716,6 @@ def analyse(cases, archs=ARCHS, jobs=1, log=None, cache_dir=None, provider="rope
 
 def report_rows(results: list[dict], stage: str) -> list[dict]:
     """Long-format result rows (``ropekit.results``): one per case x arch x metric."""
-    from ropekit.results import make_row, provenance
-
     prov = provenance("cpu")
     prov["device"] = "static (ptxas/cuobjdump on CPU; no GPU)"
     rows = []
@@ -743,11 +736,7 @@ def report_rows(results: list[dict], stage: str) -> list[dict]:
 
 def summary(paths: list[str]) -> str:
     """Ranges (min-max) of the headline figures per stage x provider x arch x layout x dtype class,
-    read back from report CSVs: what the README quotes."""
-    import collections
-
-    from ropekit.results import read_rows
-
+    read back from report CSVs: what docs/kernel.md quotes."""
     groups: dict = collections.defaultdict(lambda: collections.defaultdict(list))
     for path in paths:
         for row in read_rows(path):
@@ -779,8 +768,6 @@ def summary(paths: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     p = argparse.ArgumentParser(description="compile the rotary kernel for sm_80/sm_90 on CPU and read its code")
     p.add_argument("--cases", choices=("ci", "all"), default="ci")
     p.add_argument("--arch", default="80,90")

@@ -20,20 +20,37 @@ Times are p20/p50/p80 from ``triton.testing.do_bench`` on CUDA (a perf_counter l
 GB/s counts the bytes that must move: q and k read and written once (plus any cos/sin table a
 provider reads). ``copy`` is ``torch.Tensor.copy_`` of the same byte count in the same run: the
 ratio to it is the fraction of achievable bandwidth. ``result_rows`` turns the measurements into
-result rows (``ropekit.results``: device, library versions, git sha); ``ropekit.figures.draw_bench``
+result rows (``ropekit.results``: device, library versions, git sha); ``draw_bench``
 draws GB/s against sequence length per provider from that CSV.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+from ropekit.figures import pyplot, save_png, series
+from ropekit.hf import patch
+from ropekit.methods import parse
+from ropekit.models import tiny_config
+from ropekit.reference import RopeParams, apply_rope_reference
+from ropekit.results import append_rows, make_row, provenance, read_rows
+from ropekit.rotary import apply_rope, apply_rope_params, rope_params
+from ropekit.studies import kernel_static as static
+from ropekit.train import loss_of
 
 __all__ = [
     "Shape",
@@ -48,6 +65,8 @@ __all__ = [
     "measure_train_step",
     "memory_split",
     "run_train_step",
+    "train_step_table",
+    "draw_bench",
 ]
 
 
@@ -99,9 +118,6 @@ def _timer(fn: Callable[[], object], device: torch.device) -> tuple[float, float
 
 
 def _hf_tables(shape: Shape, positions: torch.Tensor, dtype, device):
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
     rotary_dim = shape.R or shape.D
     # the table covers the rotary channels only (head_dim = rotary_dim here): (1, T, R) cos and sin
     rope = {"rope_type": "default", "rope_theta": 500000.0}
@@ -114,11 +130,6 @@ def _hf_tables(shape: Shape, positions: torch.Tensor, dtype, device):
 
 def _providers(shape: Shape, device: torch.device, flash_attn_rotary: str | None):
     """name -> (forward fn(q, k) -> (q, k), extra table bytes) for this shape, or a reason it cannot run."""
-    from ropekit import apply_rope
-    from ropekit.methods import parse
-    from ropekit.reference import RopeParams, apply_rope_reference
-    from ropekit.rotary import apply_rope_params, rope_params
-
     dtype = getattr(torch, shape.dtype)
     rotary_dim = shape.R or shape.D
     positions = torch.arange(shape.T, device=device)
@@ -138,8 +149,6 @@ def _providers(shape: Shape, device: torch.device, flash_attn_rotary: str | None
                                                                 backend="triton"), 0)  # fmt: skip
     elif "ropekit-triton" not in out:
         out["ropekit-triton"] = "needs CUDA (or TRITON_INTERPRET=1, a correctness path, not a speed)"
-
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     rotary, x = _hf_tables(shape, positions, dtype, device)
     pos2d = positions[None]
@@ -204,8 +213,6 @@ def _hf_apply(fn, q, k, cos, sin, rotary_dim):
 def run_benchmark(shapes: list[Shape], *, ops=("fwd", "bwd", "fwd+bwd"), flash_attn_rotary: str | None = None,
                   device: str | None = None, log=print) -> list[dict]:  # fmt: skip
     """Time every provider on every shape and op; returns long-format rows (one per provider/op/shape)."""
-    from ropekit.results import provenance
-
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     prov = provenance(dev)
     rows = []
@@ -272,8 +279,6 @@ def result_rows(rows: list[dict]) -> list[dict]:
     variant = provider @ shape family (the shape without T), metric = "<op> <measure>", context_length = T,
     so a figure groups by columns only; bytes moved and the full shape go in the config.
     """
-    from ropekit.results import make_row
-
     prov_keys = ("git_sha", "device", "versions", "timestamp")
     out = []
     for r in rows:
@@ -350,8 +355,6 @@ def check_train_step(models, lengths, providers=TRAIN_STEP_PROVIDERS) -> None:
 def _time_train_steps(model, opt, ids: torch.Tensor, provider: str, steps: int, label: str) -> float:
     """Seconds per optimizer step, over ``steps`` steps after one warm-up (kernels compile, the allocator
     fills); the CUDA allocator's peak is reset after the warm-up."""
-    from ropekit.train import loss_of
-
     cuda = ids.is_cuda
     pos = torch.arange(ids.shape[1], device=ids.device)[None]
 
@@ -384,11 +387,6 @@ def measure_train_step(name: str, T: int, provider: str, *, steps: int = 2, devi
     """One model shape, length and provider: {"step_s", "params", "peak_gb", "baseline_gb"} or None when out of
     memory. CUDA: the allocator's peak over the timed steps (baseline 0); CPU: this process's resident
     high-water mark and its value before the model was built (run it in a fresh process: the mark never falls)."""
-    from transformers import AutoModelForCausalLM
-
-    import ropekit
-    from ropekit.models import tiny_config
-
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     if not cuda:  # the baseline after the libraries' lazy imports and first-call set-up: a micro step first
@@ -404,7 +402,7 @@ def measure_train_step(name: str, T: int, provider: str, *, steps: int = 2, devi
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     if provider != "hf":
-        ropekit.patch(model, TRAIN_METHOD, max_position_embeddings=T)
+        patch(model, TRAIN_METHOD, max_position_embeddings=T)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     ids = torch.randint(0, shape["vocab_size"], (1, T), device=dev)
     n_params = sum(p.numel() for p in model.parameters())
@@ -423,12 +421,8 @@ def measure_train_step(name: str, T: int, provider: str, *, steps: int = 2, devi
 def _measure_in_child(name: str, T: int, provider: str, steps: int) -> dict | None:
     """``measure_train_step`` in a fresh Python process (CPU: its resident high-water mark is this step's);
     None when the system killed it for memory."""
-    import json
-    import subprocess
-    import sys
-
     call = f"measure_train_step({name!r}, {T}, {provider!r}, steps={steps}, device='cpu')"
-    code = f"import json; from ropekit.bench import measure_train_step; print('RESULT', json.dumps({call}))"
+    code = f"import json; from ropekit.studies.bench import measure_train_step; print('RESULT', json.dumps({call}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode in (-9, 137):  # the kernel's out-of-memory killer
@@ -455,8 +449,6 @@ def run_train_step(models: list[str], lengths: list[int], *, providers=TRAIN_STE
     value before the model was built) and its split: parameters + gradients + AdamW state and checkpointed
     layer inputs (known in advance), and the rest (activations of the layer being recomputed, the loss head,
     attention's workspace), with ``peak_over_static`` = peak / (the two known parts)."""
-    from ropekit.results import make_row, provenance
-
     check_train_step(models, lengths, providers)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     prov = provenance(dev)
@@ -509,8 +501,6 @@ def _cells(got: list[dict], key: str, fmt: str, which=(0, 1, 2)) -> str:
 def train_step_table(rows: list[dict]) -> list[str]:
     """Markdown rows of ``train_step`` result rows: per model and length, HF's tokens/s, the patched and
     ropekit-loss ratios to it, MFU where known, and each provider's peak memory against the known parts."""
-    from collections import defaultdict
-
     data: dict[tuple[str, int, str], dict[str, float]] = defaultdict(dict)
     for r in rows:
         provider, model = r["variant"].split(" @ ")
@@ -537,8 +527,6 @@ def run_static(out: str | None, *, stage: str, cases: str = "all", jobs: int = 1
     ``liger_kernel/ops/rope.py`` from the ``liger-kernel`` wheel; ``flash_attn_rotary``:
     ``flash_attn/ops/triton/rotary.py`` from the flash-attn sdist); otherwise a line says why not.
     """
-    from ropekit.kernels import static
-
     reason = static.nvidia_backend_missing()
     if reason:
         log(f"static report skipped: {reason}")
@@ -555,8 +543,32 @@ def run_static(out: str | None, *, stage: str, cases: str = "all", jobs: int = 1
     log(static.model_assumptions())
     rows = static.report_rows(results, stage)
     if out:
-        from ropekit.results import append_rows
-
         append_rows(out, rows)
         log(f"{len(rows)} rows appended to {out}")
     return rows
+
+
+def draw_bench(results: str | Path, png: str | Path, *, op: str = "fwd", measure: str = "gb_per_s",
+               family: str | None = None, min_length: int = 1) -> Path:  # fmt: skip
+    """``measure`` (GB/s, or pct_of_copy) against sequence length, one line per provider and shape family, from
+    ``ropekit bench`` rows; ``family`` keeps one shape family (e.g. ``"B=1,Hq=32,Hk=8,D=128,bfloat16"``) and
+    ``min_length`` drops shorter rows (2: leave out the decoding shapes, T = 1)."""
+    plt = pyplot()
+    rows = [r for r in read_rows(results)
+            if r["experiment"] == "kernel_bench" and int(r["context_length"]) >= min_length]  # fmt: skip
+    if family:
+        rows = [r for r in rows if r["variant"].endswith(f" @ {family}")]
+    lines = series(rows, f"{op} {measure}")
+    if not lines:
+        raise ValueError(f"no '{op} {measure}' kernel_bench rows in {results}" + (f" for {family}" if family else ""))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for variant, pts in sorted(lines.items()):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, label=variant)
+    label = "% of device-to-device copy" if measure == "pct_of_copy" else "GB/s"
+    ax.set(xscale="log", xlabel="sequence length T", ylabel=f"{label} ({op})")
+    ax.set_title(", ".join(sorted({r["device"] for r in rows})), fontsize=8)
+    ax.legend(fontsize=6)
+    png = Path(png)
+    save_png(fig, png)
+    plt.close(fig)
+    return png
