@@ -1,4 +1,5 @@
-"""docs/training.md's measured section, generated from figures/train_step_cpu.csv.
+"""docs/training.md: how `ropekit train` works (PREAMBLE below, fixed prose), then its measured memory section,
+generated from figures/train_step_cpu.csv.
 
     # the measurement (two CPU cores: about 40 minutes; each step in a fresh process)
     ropekit bench --train-step --models vocab49k-256 --lengths 8192,16384,32768 --providers ropekit-train \\
@@ -20,12 +21,67 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from ropekit.bench import train_step_table
 from ropekit.results import read_rows
+from ropekit.studies.bench import train_step_table
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = ROOT / "figures" / "train_step_cpu.csv"
 PAGE = ROOT / "docs" / "training.md"
+
+# The page's fixed first part: how `ropekit train` works (prose, not generated from the rows). Edit it here,
+# then run this script; tests/test_readme.py runs its bash block's command lines through the CLI parser.
+PREAMBLE = """\
+# Training
+
+```bash
+# the shipped base (ropekit-tiny-256) at 2,048
+ropekit train --preset tiny-extend --set method=pi:factor=8 --out runs/pi
+# that base from scratch at 256 (~35 minutes)
+ropekit train --preset cpu-base --out runs/base
+ropekit train --preset tiny-extend --set init_from=runs/base/final --set method=pi:factor=8 --out runs/pi2
+# continue where it stopped
+ropekit train --preset tiny-extend --set init_from=runs/base/final --set method=pi:factor=8 --out runs/pi2 --resume
+torchrun --nproc-per-node 8 -m ropekit.cli train --preset paper --set method=abf:base=500000 --out runs/7b-abf
+```
+
+The model is patched with the method first (recorded in every checkpoint's config), then AdamW with
+linear warm-up and cosine decay, gradient accumulation to `tokens_per_step`, bf16 autocast on CUDA
+and float32 on CPU, gradient clipping, SDPA attention, optional activation checkpointing and
+`torch.compile`, JSONL metrics and a tqdm bar with loss and tokens/s, periodic validation loss. Data:
+a byte-level BPE trained on the training split (or the model's tokenizer), documents tokenised once
+into a cached uint32 file, packed into sequences with EOS between documents, positions running on or
+reset per document (`reset_positions`), optional upsampling of long documents. The loss is scored
+from the head's input in chunks whose logits the backward recomputes (`ropekit/loss.py`), so no
+(tokens × vocabulary) float32 tensor exists in a step; `ropekit bench --train-step` measures a step's
+peak memory and splits it (below, generated from its rows).
+
+Checkpoints (weights as safetensors, optimizer, schedule position, RNG, data position, a manifest of
+sha256 hashes) are folders written whole or not at all. `--resume` finds the newest checkpoint by
+scanning the run folder (the `latest` file is only a hint), verifies it against its manifest, and
+continues bit-for-bit on CPU (tested); it refuses a changed config (naming the difference), a corrupt
+newest checkpoint (naming the file) and any pickled code: optimizer and RNG state hold only tensors
+and plain values and load with `weights_only=True`. Without `--resume`, a folder that holds
+checkpoints is never written to. `metrics.jsonl` holds each step once, also after a kill and resume.
+One process writes a run folder at a time (`train`, `demo`, `sweep`): a second one is refused,
+naming the holder's pid and host. A loss or gradient norm that is not finite stops the run with exit
+2; nothing of that step is saved and the message names the intact checkpoint. A corrupt newest
+checkpoint is refused with the name of an intact one before it; a save that fails (a full disk)
+names the checkpoint still intact. `config.json` records the sizes of the model actually trained.
+
+Presets are Python functions in `ropekit/train.py` built on one table of model sizes (`MODEL_SIZES`:
+micro, tiny, small); the demo's presets are built from them. `small-*` and `paper` read PG19 from the
+Hugging Face hub (`hf:emozilla/pg19`); offline, pass `--set data=FOLDER` (any folder of `.txt` /
+`.txt.gz`). `--set key=value` overrides are typed, unknown keys refused, and every value is checked
+before any work (`steps=-3`, `seq_len=0`, `micro_batch=0`, a bad method spec, a missing `init_from`, an
+unwritable `--out`: exit 2 and one line); `--print-config` shows the resolved, validated config.
+
+**Multi-GPU.** `fsdp=true` under `torchrun` shards each decoder layer and the root with FSDP2
+(`fully_shard`), after activation checkpointing and compile. Tested on CPU with two gloo processes:
+the losses equal a single-process run on the same global batch (to 1e-5). The paper preset (Llama 2
+7B, 32,768 tokens, lr 2e-5, 2,000 warm-up steps, cosine, 4,194,304 tokens per step, 20,000 steps =
+80B tokens) needs about 40 GB per GPU on 8 × 80 GB; the derivation, and what context parallelism adds
+past one GPU's activation memory, are in `ropekit/parallel.py` (context parallelism is not wired in).
+"""
 
 
 def _values(rows) -> dict[tuple[str, str, int], dict[str, float]]:
@@ -61,7 +117,8 @@ def page() -> str:
     versions = json.loads(rows[0]["versions"])
     sha = sorted({r["git_sha"] for r in rows})
     lines = [
-        "# Training memory: what a long-context step costs",
+        PREAMBLE,
+        "## Memory: what a long-context step costs",
         "",
         "`ropekit train` scores next tokens from the head's input in chunks (`ropekit.loss.linear_cross_entropy`:",
         "the backward recomputes each chunk's logits), so no (tokens x vocabulary) float32 tensor exists in a",

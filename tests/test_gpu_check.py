@@ -1,5 +1,6 @@
-"""The prepared GPU run: its dry run on this CPU writes every stage's rows; its report and the README's GPU block
-are generated from the committed rows; the training-step FLOPs match a count of the model's own matmuls."""
+"""The prepared GPU run: its dry run on this CPU writes every stage's rows; its report and the GPU block of
+docs/kernel.md are generated from the committed rows; the training-step FLOPs match a count of the model's own
+matmuls."""
 
 import json
 import os
@@ -10,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ropekit.ablation import CONTROL
-from ropekit.bench import TRAIN_STEP_MODELS, model_flops_per_step
 from ropekit.results import read_rows
+from ropekit.studies.ablation import CONTROL
+from ropekit.studies.bench import TRAIN_STEP_MODELS, model_flops_per_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +57,7 @@ def test_git_sha_of_a_tree_without_git_comes_from_the_environment(tmp_path):
     assert out.stdout.strip() == "0123456789ab"
 
 
-def test_gpu_report_and_readme_block_are_generated_from_the_committed_rows():
+def test_gpu_report_and_kernel_page_block_are_generated_from_the_committed_rows():
     result = subprocess.run([sys.executable, "experiments/device/gpu_report.py", "--check"], cwd=ROOT,
                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
     assert result.returncode == 0, result.stderr

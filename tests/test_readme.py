@@ -1,6 +1,8 @@
-"""The README says only what runs: its Python blocks execute, its ropekit command lines parse, and its
-set-up and test commands are the ones CI runs."""
+"""The README and the pages under docs/ say only what runs: their Python blocks execute, their ropekit command
+lines parse, the result tables they quote are the committed files, their links lead to files in the repository,
+and the README's set-up and test commands are the ones CI runs."""
 
+import argparse
 import re
 import shlex
 from pathlib import Path
@@ -9,10 +11,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+PAGES = {"README.md": README} | {
+    f"docs/{p.name}": p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))
+}  # docs/support.md and docs/training.md are generated, the others written by hand
+README_MAX_LINES = 200  # the front door: what it is, install, the patch, the demo, choosing, the commands, links
 
 
-def _blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```$", README, flags=re.S | re.M)
+def _blocks(language: str, text: str = README) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```$", text, flags=re.S | re.M)
+
+
+def _page_blocks(language: str) -> list[tuple[str, int]]:
+    """(page, index) of every block in that language, README.md first."""
+    return [(page, i) for page, text in PAGES.items() for i in range(len(_blocks(language, text)))]
 
 
 def _command_lines(block: str) -> list[str]:
@@ -22,15 +33,15 @@ def _command_lines(block: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("index", range(len(_blocks("python"))))
-def test_python_blocks_run(index, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("page", "index"), _page_blocks("python"), ids=lambda v: str(v))
+def test_python_blocks_run(page, index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # outputs a block writes land here
-    exec(compile(_blocks("python")[index], f"README.md python block {index}", "exec"), {})
+    exec(compile(_blocks("python", PAGES[page])[index], f"{page} python block {index}", "exec"), {})
 
 
-def _ropekit_commands() -> list[list[str]]:
+def _ropekit_commands(text: str) -> list[list[str]]:
     found = []
-    for block in _blocks("bash"):
+    for block in _blocks("bash", text):
         for line in _command_lines(block):
             for part in line.split("&&"):
                 words = shlex.split(part)
@@ -41,8 +52,16 @@ def _ropekit_commands() -> list[list[str]]:
     return found
 
 
-@pytest.mark.parametrize("argv", _ropekit_commands(), ids=lambda a: " ".join(a)[:60])
-def test_ropekit_command_lines_parse(argv):
+def _all_ropekit_commands() -> list[tuple[str, list[str]]]:
+    return [(page, argv) for page, text in PAGES.items() for argv in _ropekit_commands(text)]
+
+
+@pytest.mark.parametrize(
+    ("page", "argv"),
+    _all_ropekit_commands(),
+    ids=lambda v: v if isinstance(v, str) else " ".join(v)[:60],
+)
+def test_ropekit_command_lines_parse(page, argv):
     from ropekit.cli import build_parser
 
     args = build_parser().parse_args(argv)  # argparse exits (status 2) on an unknown option or value
@@ -53,7 +72,8 @@ def test_ropekit_command_lines_parse(argv):
 
 
 def test_readme_has_ropekit_commands_to_check():
-    assert len(_ropekit_commands()) >= 10
+    assert len(_all_ropekit_commands()) >= 10
+    assert _ropekit_commands(README), "the README shows no ropekit command line in a bash block"
 
 
 def test_the_readme_test_command_is_what_ci_runs():
@@ -63,23 +83,89 @@ def test_the_readme_test_command_is_what_ci_runs():
     assert test.strip() in ci, "the README's test command must be the line .ci/run runs"
 
 
-def test_result_tables_the_readme_quotes_are_the_committed_ones():
-    # a table a run wrote (figures/pe_ablation_<preset>_table.md, figures/<sweep>_table.md) that the README
-    # says it quotes ("`<file>` (below, verbatim)") appears in it verbatim
+def test_the_readme_is_a_front_door():
+    lines = len(README.splitlines())
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines; move long material to a page under docs/"
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(action.choices)
+
+
+def test_the_readme_command_list_names_every_command_the_parser_has():
+    from ropekit.cli import build_parser
+
+    section = README.split("## Command line", 1)[1].split("\n## ", 1)[0]
+    (listing,) = _blocks("", section)
+    listed = [line.split()[:3] for line in listing.splitlines() if line.startswith("ropekit ")]
+    commands = _subcommands(build_parser())
+    assert {words[1] for words in listed} == set(commands), "the README's command list and the CLI differ"
+    tasks = {task for words in listed if words[1] == "eval" for task in words[2].split("|")}
+    assert tasks == set(_subcommands(commands["eval"])), "the README's `ropekit eval` tasks and the CLI differ"
+
+
+_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+@pytest.mark.parametrize("page", list(PAGES))
+def test_relative_links_lead_to_files_in_the_repository(page):
+    checked = 0
+    for target in _LINK.findall(PAGES[page]):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):  # https:, mailto:, an anchor
+            continue
+        path = ((ROOT / page).parent / target.split("#", 1)[0]).resolve()
+        assert path.is_relative_to(ROOT), f"{page} links {target}, outside the repository"
+        assert path.exists(), f"{page} links {target}, which does not exist"
+        checked += 1
+    assert "../shared/" not in PAGES[page], f"{page} points outside the repository"
+    if page == "README.md":
+        assert checked >= 5  # the README links the docs pages
+
+
+def test_result_tables_the_pages_quote_are_the_committed_ones():
+    # a table a run wrote (figures/pe_ablation_<preset>_table.md, figures/<sweep>_table.md) that a page says it
+    # quotes ("`<file>` (below, verbatim)") appears in it verbatim
     tables = sorted((ROOT / "figures").glob("*_table.md"))
-    quoted = [t for t in tables if f"{t.name}` (below, verbatim)" in README]
-    assert any(t.name.startswith("pe_ablation_") for t in quoted), "the README quotes no committed ablation table"
-    assert any(t.name.startswith("sweep_") for t in quoted), "the README quotes no committed sweep table"
-    for table in quoted:
-        assert table.read_text().strip() in README, f"the README's copy of {table.name} differs from the file"
+    quoted = [(page, t) for page, text in PAGES.items() for t in tables if f"{t.name}` (below, verbatim)" in text]
+    assert any(t.name.startswith("pe_ablation_") for _, t in quoted), "no page quotes a committed ablation table"
+    assert any(t.name.startswith("sweep_") for _, t in quoted), "no page quotes a committed sweep table"
+    for page, table in quoted:
+        assert table.read_text().strip() in PAGES[page], f"{page}'s copy of {table.name} differs from the file"
 
 
-def test_the_advice_the_readme_shows_is_what_advise_prints():
-    # the "Choosing a method" block is `ropekit advise --head-dim 64 --base 100000 --trained-length 8192
+def _excerpts(text: str) -> list[tuple[str, str]]:
+    """(file, excerpt) for each "`figures/<file>` (excerpt below, verbatim)": the text after it up to the end of
+    its first markdown table."""
+    found = []
+    for match in re.finditer(r"`figures/([\w.-]+_table\.md)` \(excerpt below, verbatim\)[^\n]*\n", text):
+        taken, in_table = [], False
+        for line in text[match.end() :].split("\n"):
+            if line.startswith("|"):
+                in_table = True
+            elif in_table:
+                break
+            taken.append(line)
+        found.append((match.group(1), "\n".join(taken).strip()))
+    return found
+
+
+def test_result_table_excerpts_are_cut_from_the_committed_files():
+    excerpts = [(page, name, text) for page, page_text in PAGES.items() for name, text in _excerpts(page_text)]
+    assert any(page == "README.md" and name.startswith("pe_ablation_") for page, name, _ in excerpts), (
+        "the README shows no excerpt of a committed ablation table"
+    )
+    for page, name, excerpt in excerpts:
+        assert "\n|---" in excerpt, f"{page}: the excerpt of {name} holds no table"
+        assert excerpt in (ROOT / "figures" / name).read_text(), f"{page}'s excerpt of {name} differs from the file"
+
+
+def test_the_advice_the_docs_show_is_what_advise_prints():
+    # docs/choosing.md's block is `ropekit advise --head-dim 64 --base 100000 --trained-length 8192
     # --target-length 32768`, recomputed here from the closed forms
-    from ropekit.advise import advise, format_table
+    from ropekit.studies.advise import advise, format_table
 
-    assert format_table(advise(64, 100000.0, 8192, 32768)) in README
+    assert format_table(advise(64, 100000.0, 8192, 32768)) in PAGES["docs/choosing.md"]
 
 
 def test_the_tested_versions_the_readme_states_are_the_ones_ci_installs():

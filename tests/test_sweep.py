@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from ropekit import data, sweep
+from ropekit import data
 from ropekit.cli import main
 from ropekit.models import load_model
 from ropekit.results import read_rows
 from ropekit.stats import paired_interval
+from ropekit.studies import sweep
 
 METHODS = "pi:factor=2;yarn:factor=2,original_max_position_embeddings=128;abf:base=80000"
 
@@ -42,7 +43,7 @@ def test_sweep_ranks_reproducibly_and_resumes(tmp_path, saved_model, capsys):
     assert table == _table(b)  # same seed, same samples: the same numbers and ranking
     ranks = sorted(int(float(v)) for (_, m), v in table.items() if m == "rank")
     assert ranks == [1, 2, 3, 4] and (tmp_path / "a.png").is_file()
-    md = sweep.table_path(a).read_text()  # the ranked table the README quotes, in rank order
+    md = sweep.table_path(a).read_text()  # the ranked table docs/results.md quotes, in rank order
     order = [line.split("`")[1] for line in md.splitlines() if line.startswith("| ") and "`" in line]
     assert order == [v for _, v in sorted((int(float(x)), v) for (v, m), x in table.items() if m == "rank")]
     assert "n = 2" in md and "n = 1" in md and "Seconds per candidate" in md
