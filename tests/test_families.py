@@ -238,7 +238,7 @@ def greedy(model, prompt):
 
 
 def _rotary(model):
-    decoder = hf._decoder(model)
+    decoder = hf.decoder_of(model)
     return hf.rotary_of(decoder) if decoder is not None else None
 
 

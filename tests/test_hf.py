@@ -138,7 +138,7 @@ def test_dynamic_ntk_re_rotates_cached_keys_in_the_models_own_pair_layout(model_
     config = AutoConfig.for_model(model_type, pad_token_id=0, bos_token_id=1, eos_token_id=2, **sizes)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
-    assert set(hf._contract(model).layouts.values()) == {"interleaved"}
+    assert set(hf.support._contract(model).layouts.values()) == {"interleaved"}
     ropekit.patch(model, "dynamic:factor=4")
     assert max(decode_errors(model, ids(batch=2, length=30, seed=3))) <= 2e-6
 
@@ -295,7 +295,7 @@ def test_describe_reports_the_effective_frequencies():
 
 def test_rope_parameters_v4_form_is_written_and_read(monkeypatch):
     # transformers 4.x keeps rope_theta and rope_scaling as separate attributes
-    monkeypatch.setattr(hf, "_V5", False)
+    monkeypatch.setattr(hf.config, "_V5", False)
 
     class Cfg:
         rope_theta = 10000.0
@@ -430,7 +430,7 @@ def test_a_kernelized_rotary_function_is_taken_over_and_given_back():
         pytest.skip(f"transformers {transformers.__version__} does not wrap apply_rotary_pos_emb for hub kernels")
     module = sys.modules[type(model.model.layers[0].self_attn).__module__]
     wrapper = module.apply_rotary_pos_emb
-    plain = hf._plain(wrapper)
+    plain = hf.support._plain(wrapper)
     calls = []
 
     def hub_kernel(self, q, k, cos, sin, unsqueeze_dim=1):  # stands for the hub's rotary kernel on CUDA
@@ -472,21 +472,21 @@ def test_context_is_never_a_tensor():
 # --- transformers 4.x config forms (14.10, the hf.py part) -------------------------------------------
 def test_v4_config_without_rope_scaling_attribute_is_snapshotted(monkeypatch):
     # On 4.57 Mistral/Gemma configs have no rope_scaling attribute: the placeholder must read as "none".
-    monkeypatch.setattr(hf, "_V5", False)
+    monkeypatch.setattr(hf.config, "_V5", False)
 
     class Cfg:
         rope_theta = 10000.0
         max_position_embeddings = 256
 
-    snap = hf._snapshot_config(Cfg())
+    snap = hf.patching._snapshot_config(Cfg())
     assert not snap["rope_scaling"]
-    assert hf._layered_of_snapshot(snap, Cfg()) == {None: {"rope_type": "default", "rope_theta": 10000.0}}
+    assert hf.patching._layered_of_snapshot(snap, Cfg()) == {None: {"rope_type": "default", "rope_theta": 10000.0}}
 
 
 def test_v4_rope_scaling_keeps_only_the_keys_4x_validates():
     yarn = ropekit.parse("yarn:factor=4,original_max_position_embeddings=64,base=10000").to_hf(16)
     assert "truncate" in yarn
-    v4 = hf._v4_rope_scaling(yarn)
+    v4 = hf.config._v4_rope_scaling(yarn)
     assert v4 == {
         "rope_type": "yarn",
         "factor": 4.0,
@@ -496,7 +496,7 @@ def test_v4_rope_scaling_keeps_only_the_keys_4x_validates():
     }
     off = ropekit.parse("yarn:factor=4,original_max_position_embeddings=64,base=10000,truncate=false").to_hf(16)
     with pytest.raises(ValueError, match="truncate=false"):
-        hf._v4_rope_scaling(off)
+        hf.config._v4_rope_scaling(off)
 
 
 # --- longrope and proportional through the patch --------------------------------------------------------

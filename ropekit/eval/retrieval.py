@@ -186,7 +186,7 @@ def _continue_greedy(model, cache, next_id: int, max_new_tokens: int, stop_ids: 
 def length_dependent(model) -> bool:
     """Whether the model's frequencies change with the length (dynamic NTK): then a cache cut back to
     the prompt is not the prompt's cache, and scoring and generation take a forward each."""
-    decoder = hf._decoder(model)
+    decoder = hf.decoder_of(model)
     method = getattr(hf.rotary_of(decoder), "method", None) if decoder is not None else None
     if method is not None:
         return bool(getattr(method, "needs_seq_len", False))
