@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ropekit import data, parallel
-from ropekit.eval import run
+from ropekit.eval import run, tasks
 from ropekit.eval.harness import export_tasks
 from ropekit.eval.perplexity import select_windows
 from ropekit.eval.retrieval import build_fsr_samples
@@ -465,12 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="long-context evaluation: ppl, fsr, passkey; export-lm-eval")
     esub = p.add_subparsers(dest="task", required=True)
-    for task, help_text in (
-        ("ppl", "perplexity vs context length (+ per-position loss bins)"),
-        ("fsr", "FIRST-SENTENCE-RETRIEVAL: ROUGE-L of the greedy answer, teacher-forced accuracy and NLL"),
-        ("passkey", "5-digit passkey at several depths: exact match and teacher-forced accuracy"),
-    ):
-        e = esub.add_parser(task, help=help_text)
+    for task in tasks.TASKS.values():
+        e = esub.add_parser(task.name, help=task.description)
+        task = task.name
         e.add_argument("--model", required=True, help=_MODEL_HELP)
         e.add_argument("--rope", default=None, help="method spec to patch in (default: the model as saved)")
         e.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")

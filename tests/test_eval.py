@@ -344,11 +344,27 @@ def test_one_prompt_forward_scores_and_generates_as_two_passes(corpus, saved_mod
         assert gen == retrieval.greedy_generate(model, s.prompt_ids, **kw)
 
 
-def test_window_prefix_nll_equals_a_forward_of_the_prefix(corpus):
-    model = load_model("tiny:llama")
-    cache = data.tokenize_documents(corpus.val, corpus.tok)
-    windows = perplexity.select_windows(cache, 300, 2, 0)
-    long = perplexity.window_nll(model, cache, windows, 300, prefixes=(120,))
-    short = perplexity.window_nll(model, cache, windows, 120)
-    for a, b in zip(long, short, strict=True):
-        assert a[120] == pytest.approx(b[120], rel=1e-5) and a[300] != a[120]
+def test_every_metric_the_evaluations_write_is_registered_under_its_task(saved_model, corpus):
+    from ropekit.eval import run as ev
+    from ropekit.eval import tasks
+
+    model = load_model(str(saved_model))
+    written = {
+        "ppl": ev.eval_ppl(model, corpus.tok, corpus.val, [128], n=2, bin_size=64)
+        + ev.eval_ppl_samples(model, corpus.tok, corpus.val, [128], n=2, bin_length=128, bin_size=64)
+        + ev.eval_ppl_sliding(model, corpus.tok, corpus.val, [64], stride=32, span=128, n=1),
+        "fsr": ev.eval_fsr(model, corpus.tok, corpus.val, [128], n=2)
+        + ev.eval_fsr_samples(model, corpus.tok, corpus.val, [128], n=2),
+        "passkey": ev.eval_passkey(model, corpus.tok, [256], n=1, depths=(0.5,)),
+    }
+    for task, rows in written.items():
+        assert rows and {tasks.task_of(r["metric"]) for r in rows} == {task}, task
+        for r in rows:  # per-sample rows carry their sample; summary rows do not
+            assert tasks.metric(r["metric"]).per_sample == ('"sample"' in r["config"]), r["metric"]
+    # the summary and the per-sample rows come from one scoring path: the same windows, the same numbers
+    nll = next(float(r["value"]) for r in written["ppl"] if r["metric"] == "nll")
+    windows = [float(r["value"]) for r in written["ppl"] if r["metric"] == "window_nll"]
+    assert nll == pytest.approx(sum(windows) / len(windows), rel=1e-6)
+    acc = next(float(r["value"]) for r in written["fsr"] if r["metric"] == "fsr_token_accuracy")
+    per_prompt = [float(r["value"]) for r in written["fsr"] if r["metric"] == "fsr_sample_token_accuracy"]
+    assert acc == pytest.approx(sum(per_prompt) / len(per_prompt), rel=1e-6)

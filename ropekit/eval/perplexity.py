@@ -31,7 +31,8 @@ __all__ = [
     "perplexity_at_length",
     "sliding_window_nll",
     "select_windows",
-    "window_nll",
+    "score_windows",
+    "summarize_windows",
 ]
 
 
@@ -105,6 +106,50 @@ def select_windows(cache: TokenCache, length: int, n: int, seed: int) -> list[tu
 
 
 @torch.no_grad()
+def score_windows(
+    model, cache: TokenCache, length: int, *, n: int = 8, seed: int = 0, chunk: int = 1024, progress=None
+) -> list[tuple[int, int, torch.Tensor]]:
+    """The perplexity task's one scoring path: (document index, start, per-token NLL of shape (length - 1,)
+    on the CPU) for each window ``select_windows`` picks, the same windows for every model at a seed."""
+    device = next(model.parameters()).device
+    out = []
+    for doc, start in select_windows(cache, length, n, seed):
+        ids = torch.from_numpy(cache.doc(doc)[start : start + length].astype(np.int64)).to(device)
+        out.append((doc, start, token_nll(model, ids, chunk=chunk).cpu()))
+        if progress is not None:
+            progress.update(1)
+    return out
+
+
+def summarize_windows(
+    cache: TokenCache, length: int, scored: list[tuple[int, int, torch.Tensor]], *, seed: int = 0,
+    bin_size: int | None = None,
+) -> PPLResult:  # fmt: skip
+    """PPL over scored windows (``score_windows``): the mean token NLL, a bootstrap interval over windows,
+    and the mean NLL per bin of ``bin_size`` positions."""
+    stacked = torch.stack([nll for _, _, nll in scored])  # (n, L-1)
+    per_window = stacked.mean(1).tolist()
+    mean_nll = stacked.mean().item()
+    _, low, high = mean_interval(per_window, seed=seed)
+    if math.isnan(low):  # one window: no interval
+        low = high = per_window[0]
+    bins = []
+    if bin_size:
+        per_pos = stacked.mean(0)
+        for s in range(0, per_pos.numel(), bin_size):
+            bins.append((s + 1, per_pos[s : s + bin_size].mean().item()))  # position of the first predicted token
+    return PPLResult(
+        length=length,
+        n=len(scored),
+        nll=mean_nll,
+        ppl=math.exp(mean_nll),
+        ppl_low=math.exp(low),
+        ppl_high=math.exp(high),
+        bins=bins,
+        windows=[(cache.names[d], s) for d, s, _ in scored],
+    )
+
+
 def perplexity_at_length(
     model,
     cache: TokenCache,
@@ -117,67 +162,8 @@ def perplexity_at_length(
     progress=None,
 ) -> PPLResult:
     """PPL over one window of ``length`` tokens from each of up to ``n`` validation documents."""
-    device = next(model.parameters()).device
-    windows = select_windows(cache, length, n, seed)
-    per_window, rows = [], []
-    for doc, start in windows:
-        ids = torch.from_numpy(cache.doc(doc)[start : start + length].astype(np.int64)).to(device)
-        nll = token_nll(model, ids, chunk=chunk)
-        rows.append(nll.cpu())
-        per_window.append(nll.mean().item())
-        if progress is not None:
-            progress.update(1)
-    stacked = torch.stack(rows)  # (n, L-1)
-    mean_nll = stacked.mean().item()
-    _, low, high = mean_interval(per_window, seed=seed)
-    if math.isnan(low):  # one window: no interval
-        low = high = per_window[0]
-    bins = []
-    if bin_size:
-        per_pos = stacked.mean(0)
-        for s in range(0, per_pos.numel(), bin_size):
-            bins.append((s + 1, per_pos[s : s + bin_size].mean().item()))  # position of the first predicted token
-    return PPLResult(
-        length=length,
-        n=len(windows),
-        nll=mean_nll,
-        ppl=math.exp(mean_nll),
-        ppl_low=math.exp(low),
-        ppl_high=math.exp(high),
-        bins=bins,
-        windows=[(cache.names[d], s) for d, s in windows],
-    )
-
-
-@torch.no_grad()
-def window_nll(
-    model,
-    cache: TokenCache,
-    windows: list[tuple[int, int]],
-    length: int,
-    *,
-    prefixes: tuple[int, ...] = (),
-    chunk: int = 1024,
-    progress=None,
-) -> list[dict[int, float]]:
-    """Per-window mean next-token NLL: for each (document index, start) in ``windows``, the window of
-    ``length`` tokens and each of its first ``p`` tokens (``p`` in ``prefixes``) from one forward.
-
-    Attention is causal, so the prefix scores are those of a forward of the prefix alone, for every
-    method whose frequencies do not depend on the length (not dynamic NTK: score its prefixes as
-    windows of their own). -> one {length or p: mean NLL} per window, in order.
-    """
-    if any(not 1 < p <= length for p in prefixes):
-        raise ValueError(f"prefix lengths must be in (1, {length}]; got {list(prefixes)}")
-    device = next(model.parameters()).device
-    out = []
-    for doc, start in windows:
-        ids = torch.from_numpy(cache.doc(doc)[start : start + length].astype(np.int64)).to(device)
-        nll = token_nll(model, ids, chunk=chunk).cpu()  # (length - 1,)
-        out.append({length: nll.mean().item(), **{p: nll[: p - 1].mean().item() for p in prefixes}})
-        if progress is not None:
-            progress.update(1)
-    return out
+    scored = score_windows(model, cache, length, n=n, seed=seed, chunk=chunk, progress=progress)
+    return summarize_windows(cache, length, scored, seed=seed, bin_size=bin_size)
 
 
 @torch.no_grad()

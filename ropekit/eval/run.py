@@ -7,12 +7,14 @@ beyond are allowed, that is the experiment.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from ropekit.data import Document, TokenCache, tokenize_documents
-from ropekit.eval.perplexity import perplexity_at_length, select_windows, sliding_window_nll, token_nll
+from ropekit.eval.perplexity import score_windows, select_windows, sliding_window_nll, summarize_windows
 from ropekit.eval.retrieval import (
     DEFAULT_FSR_TEMPLATE,
     build_fsr_samples,
@@ -94,14 +96,14 @@ def eval_ppl(
     metrics = []
     with tqdm(total=len(lengths) * n, desc="ppl", leave=False) as bar:
         for L in lengths:
-            r = perplexity_at_length(model, cache, L, n=n, seed=seed, bin_size=bin_size, progress=bar)
-            w = {"windows": r.windows}
+            scored = score_windows(model, cache, L, n=n, seed=seed, progress=bar)
+            r = summarize_windows(cache, L, scored, seed=seed, bin_size=bin_size)
             metrics += [
-                ("ppl", L, r.ppl, r.n, w),
+                ("ppl", L, r.ppl, r.n, {"windows": r.windows}),
                 ("ppl_low", L, r.ppl_low, r.n, {}),
                 ("ppl_high", L, r.ppl_high, r.n, {}),
+                ("nll", L, r.nll, r.n, {}),
             ]
-            metrics.append(("nll", L, r.nll, r.n, {}))
             metrics += [("position_loss", L, v, r.n, {"position": pos, "bin_size": bin_size}) for pos, v in r.bins]
     return _rows(model, experiment, variant or variant_of(model), seed, config or {}, metrics)
 
@@ -123,10 +125,6 @@ def eval_ppl_sliding(
 ) -> list[dict]:
     """Rows ``ppl_sliding`` per window size: ``span`` tokens from each of ``n`` documents scored with a
     sliding window of that size and ``stride`` (each token once, with >= window - stride tokens of context)."""
-    import math
-
-    import torch
-
     _check(windows, n, stride=stride, span=span)
     cache = tokens if tokens is not None else tokenize_documents(docs, tokenizer)
     device = next(model.parameters()).device
@@ -139,6 +137,16 @@ def eval_ppl_sliding(
         mean = torch.cat(nll).mean().item()
         metrics.append(("ppl_sliding", W, math.exp(mean), len(nll), {"stride": stride, "span": span}))
     return _rows(model, experiment, variant or variant_of(model), seed, config or {}, metrics)
+
+
+def _fsr_scored(model, tokenizer, docs, lengths, n, seed, template, generate):
+    """The FSR task's one scoring path: per length, its prompts (the same for every model at a seed) and
+    ``fsr_evaluate``'s scores (per prompt and aggregated)."""
+    _check(lengths, n)
+    with tqdm(total=len(lengths) * n, desc="fsr", leave=False) as bar:
+        for L in lengths:
+            samples = build_fsr_samples(docs, tokenizer, L, n=n, seed=seed, template=template)
+            yield L, samples, fsr_evaluate(model, tokenizer, samples, generate=generate, progress=bar)
 
 
 def eval_fsr(
@@ -156,18 +164,14 @@ def eval_fsr(
     config: dict[str, Any] | None = None,
 ) -> list[dict]:
     """Rows per length: fsr_rouge_l (if ``generate``), fsr_token_accuracy, fsr_target_nll."""
-    _check(lengths, n)
     metrics = []
-    with tqdm(total=len(lengths) * n, desc="fsr", leave=False) as bar:
-        for L in lengths:
-            samples = build_fsr_samples(docs, tokenizer, L, n=n, seed=seed, template=template)
-            r = fsr_evaluate(model, tokenizer, samples, generate=generate, progress=bar)
-            metrics += [
-                ("fsr_token_accuracy", L, r["token_accuracy"], r["n"], {}),
-                ("fsr_target_nll", L, r["target_nll"], r["n"], {}),
-            ]
-            if generate:
-                metrics.append(("fsr_rouge_l", L, r["rouge_l"], r["n"], {}))
+    for L, _, r in _fsr_scored(model, tokenizer, docs, lengths, n, seed, template, generate):
+        metrics += [
+            ("fsr_token_accuracy", L, r["token_accuracy"], r["n"], {}),
+            ("fsr_target_nll", L, r["target_nll"], r["n"], {}),
+        ]
+        if generate:
+            metrics.append(("fsr_rouge_l", L, r["rouge_l"], r["n"], {}))
     return _rows(
         model, experiment, variant or variant_of(model), seed, {**(config or {}), "template": template}, metrics
     )
@@ -223,19 +227,14 @@ def eval_ppl_samples(
     """Rows ``window_nll`` (mean next-token NLL of one window; ``sample`` = its index, the same windows
     for every model at a seed), and at ``bin_length`` one ``position_nll`` row per (window, bin of
     ``bin_size`` positions; ``position`` = the bin's first predicted position)."""
-    import torch
-
     _check(lengths, n, bin_size=bin_size)
     if (bin_length is None) != (bin_size is None) or (bin_length is not None and bin_length not in lengths):
         raise ValueError(f"bin_length ({bin_length}) must be one of the lengths {lengths} and come with a bin_size")
     cache = tokens if tokens is not None else tokenize_documents(docs, tokenizer)
-    device = next(model.parameters()).device
     metrics = []
     with tqdm(total=len(lengths) * n, desc="ppl", leave=False) as bar:
         for L in lengths:
-            for i, (doc, start) in enumerate(select_windows(cache, L, n, seed)):
-                ids = torch.from_numpy(cache.doc(doc)[start : start + L].astype("int64")).to(device)
-                nll = token_nll(model, ids).cpu()
+            for i, (doc, start, nll) in enumerate(score_windows(model, cache, L, n=n, seed=seed, progress=bar)):
                 where = {"sample": i, "document": cache.names[doc], "start": int(start)}
                 metrics.append(("window_nll", L, nll.mean().item(), 1, where))
                 if L == bin_length:
@@ -244,7 +243,6 @@ def eval_ppl_samples(
                         metrics.append(
                             ("position_nll", L, value, 1, {**where, "position": s + 1, "bin_size": bin_size})
                         )
-                bar.update(1)
     return _rows(model, experiment, variant or variant_of(model), seed, config or {}, metrics)
 
 
@@ -264,18 +262,14 @@ def eval_fsr_samples(
 ) -> list[dict]:
     """Rows per prompt (``sample`` = its index, the same prompts for every model at a seed):
     ``fsr_sample_token_accuracy``, ``fsr_sample_target_nll`` and, if ``generate``, ``fsr_sample_rouge_l``."""
-    _check(lengths, n)
     metrics = []
-    with tqdm(total=len(lengths) * n, desc="fsr", leave=False) as bar:
-        for L in lengths:
-            samples = build_fsr_samples(docs, tokenizer, L, n=n, seed=seed, template=template)
-            r = fsr_evaluate(model, tokenizer, samples, generate=generate, progress=bar)
-            for i, (s, v) in enumerate(zip(samples, r["samples"], strict=True)):
-                where = {"sample": i, "document": s.document, "char_offset": s.char_offset}
-                metrics.append(("fsr_sample_token_accuracy", L, v["token_accuracy"], 1, where))
-                metrics.append(("fsr_sample_target_nll", L, v["target_nll"], 1, where))
-                if generate:
-                    metrics.append(("fsr_sample_rouge_l", L, v["rouge_l"], 1, where))
+    for L, samples, r in _fsr_scored(model, tokenizer, docs, lengths, n, seed, template, generate):
+        for i, (s, v) in enumerate(zip(samples, r["samples"], strict=True)):
+            where = {"sample": i, "document": s.document, "char_offset": s.char_offset}
+            metrics.append(("fsr_sample_token_accuracy", L, v["token_accuracy"], 1, where))
+            metrics.append(("fsr_sample_target_nll", L, v["target_nll"], 1, where))
+            if generate:
+                metrics.append(("fsr_sample_rouge_l", L, v["rouge_l"], 1, where))
     return _rows(
         model, experiment, variant or variant_of(model), seed, {**(config or {}), "template": template}, metrics
     )

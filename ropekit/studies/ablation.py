@@ -41,6 +41,7 @@ import torch
 from ropekit import data, parallel, stats
 from ropekit.analysis import regime_derivation, regime_variants
 from ropekit.eval import run as ev
+from ropekit.eval import tasks
 from ropekit.figures import paper_label, pyplot, save_png
 from ropekit.files import atomic_write_text, check_writable, sole_writer
 from ropekit.models import SHIPPED_MODELS, load_model, load_tokenizer, shipped_provenance
@@ -63,6 +64,8 @@ __all__ = [
 
 PAPER_VARIANTS = ("rope", "pi:factor=8", "abf:base=500000", "xpos:base=500000")
 CONTROL = "base"  # the variant name of the base model evaluated as it is (the controls' row)
+# the per-sample metrics the ablation writes (a finished task is not evaluated again on resume)
+SAMPLE_METRICS = {m.name for t in ("ppl", "fsr") for m in tasks.TASKS[t].sample_metrics}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -340,13 +343,8 @@ def _run(cfg: AblationConfig, out: Path, *, log) -> dict:
     }
 
 
-# Per-sample metric -> the task that writes it (a finished task is not evaluated again on resume)
-TASK_OF = {"window_nll": "ppl", "position_nll": "ppl", "fsr_sample_token_accuracy": "fsr",
-           "fsr_sample_target_nll": "fsr", "fsr_sample_rouge_l": "fsr"}  # fmt: skip
-
-
 def _done(rows) -> set[tuple[str, str]]:
-    return {(r["variant"], TASK_OF[r["metric"]]) for r in rows if r["metric"] in TASK_OF}
+    return {(r["variant"], tasks.task_of(r["metric"])) for r in rows if r["metric"] in SAMPLE_METRICS}
 
 
 def summarize(results: str | Path, cfg: AblationConfig, *, experiment: str | None = None) -> list[dict]:
@@ -358,7 +356,7 @@ def summarize(results: str | Path, cfg: AblationConfig, *, experiment: str | Non
     rows = [
         r
         for r in read_rows(results)
-        if r["metric"] in TASK_OF and (experiment is None or r["experiment"] == experiment)
+        if r["metric"] in SAMPLE_METRICS and (experiment is None or r["experiment"] == experiment)
     ]
     groups: dict[tuple[str, str, str], dict[str, dict[int, float]]] = {}
     for r in rows:
@@ -411,12 +409,8 @@ def demo(
 # ---------------------------------------------------------------------------------------------
 # Its table and figures, drawn from the summary rows (``summarize``)
 # ---------------------------------------------------------------------------------------------
-# metric -> (label, higher is better, shown as perplexity)
-ABLATION_METRICS = {
-    "fsr_sample_token_accuracy": ("FSR teacher-forced token accuracy", True, False),
-    "fsr_sample_rouge_l": ("FSR ROUGE-L F1 x 100 (greedy generation)", True, False),
-    "window_nll": ("perplexity", False, True),
-}
+# the per-sample metrics the table shows, in order (labels and directions from ``ropekit.eval.tasks``)
+TABLE_METRICS = ("fsr_sample_token_accuracy", "fsr_sample_rouge_l", "window_nll")
 
 
 def _ablation_values(summary) -> dict[tuple[str, str, int, int | None], float]:
@@ -459,7 +453,9 @@ def ablation_table(summary, cfg) -> str:
         lo, hi = val[(CONTROL, f"low:{acc}", longest, None)], val[(CONTROL, f"high:{acc}", longest, None)]
         lines.append(f"- **Negative control**: the same model at {longest} tokens with no extension: {far:.2f} "
                      f"[{lo:.2f}, {hi:.2f}].")  # fmt: skip
-    for metric, (label, higher, as_ppl) in ABLATION_METRICS.items():
+    for metric in TABLE_METRICS:
+        info = tasks.metric(metric)
+        label, higher, as_ppl = info.label, info.higher_is_better, info.as_ppl
         lengths = sorted({n for (v, m, n, p) in val if m == f"mean:{metric}" and p is None})
         if not lengths:
             continue
@@ -535,7 +531,7 @@ def draw_ablation(summary, cfg, out: str | Path, *, prefix: str) -> list[Path]:
         for ax, (m, ylabel) in zip(axes[0], metrics, strict=True):
             curve(ax, m, transform=math.exp if m == "window_nll" else (lambda x: x))
             ax.set_ylabel(ylabel)
-            ax.set_title(ABLATION_METRICS[m][0] if m != "window_nll" else "validation perplexity", fontsize=9)
+            ax.set_title(tasks.metric(m).label if m != "window_nll" else "validation perplexity", fontsize=9)
             if m == "window_nll":
                 ax.set_yscale("log")
         fig.suptitle(f"{prefix}: mean and 95% bootstrap interval; {device}", fontsize=8)

@@ -47,7 +47,7 @@ import torch
 
 from ropekit import files
 from ropekit.data import VAL_FRACTION
-from ropekit.eval import retrieval
+from ropekit.eval import retrieval, tasks
 from ropekit.eval.perplexity import token_nll
 from ropekit.eval.run import variant_of
 from ropekit.figures import pyplot, save_png
@@ -72,18 +72,18 @@ __all__ = [
     "draw_sweep",
 ]
 
-TASKS = ("ppl", "fsr", "passkey")
+TASKS = tuple(tasks.TASKS)  # the registry's: ppl, fsr, passkey
 BASELINE = "native"  # the model as loaded, unpatched
 
-# Per-sample metric -> (task, higher is better, label in tables)
+# The per-sample metrics a sweep prompt records, in table order: the registry's, the perplexity window's at two
+# lengths (``@target``: L′, ``@trained``: L); metric -> (task, higher is better, label in tables)
+_AT = {"target": "@L′", "trained": "@L"}
 SAMPLE_METRICS = {
-    "window_nll@target": ("ppl", False, "NLL@L′"),
-    "window_nll@trained": ("ppl", False, "NLL@L"),
-    "fsr_sample_target_nll": ("fsr", False, "FSR NLL"),
-    "fsr_sample_token_accuracy": ("fsr", True, "FSR acc"),
-    "passkey_sample_target_nll": ("passkey", False, "key NLL"),
-    "passkey_sample_token_accuracy": ("passkey", True, "key acc"),
-}
+    name: (tasks.task_of(name), tasks.metric(name).higher_is_better,
+           tasks.metric(name).short + (_AT[name.split("@")[1]] if "@" in name else ""))
+    for name in ("window_nll@target", "window_nll@trained", "fsr_sample_target_nll", "fsr_sample_token_accuracy",
+                 "passkey_sample_target_nll", "passkey_sample_token_accuracy")
+}  # fmt: skip
 RANK_BY = "window_nll@target"
 
 
