@@ -19,7 +19,8 @@ from ropekit.results import read_rows, write_rows
 
 __all__ = ["draw_analytic", "draw_results", "draw_all", "table5", "pyplot", "save_png", "paper_label", "series"]
 
-PAPER_NAMES = {"rope": "RoPE", "pi": "RoPE PI", "abf": "RoPE ABF", "xpos": "xPos ABF"}
+# a method name -> the paper's name for it (RoPE, RoPE PI, RoPE ABF, xPos ABF)
+PAPER_NAMES = {spec.split(":")[0]: name for name, spec in analysis.PAPER_VARIANTS.items()}
 
 
 def pyplot():

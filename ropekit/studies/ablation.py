@@ -62,7 +62,8 @@ __all__ = [
     "draw_ablation",
 ]
 
-PAPER_VARIANTS = ("rope", "pi:factor=8", "abf:base=500000", "xpos:base=500000")
+# the paper's four methods (``analysis.PAPER_VARIANTS`` at 7B scale), each base but ABF's taken from the model
+MODEL_BASE_VARIANTS = ("rope", "pi:factor=8", "abf:base=500000", "xpos:base=500000")
 CONTROL = "base"  # the variant name of the base model evaluated as it is (the controls' row)
 # the per-sample metrics the ablation writes (a finished task is not evaluated again on resume)
 SAMPLE_METRICS = {m.name for t in ("ppl", "fsr") for m in tasks.TASKS[t].sample_metrics}
@@ -73,7 +74,7 @@ class AblationConfig:
     name: str
     base: TrainConfig  # pretraining at the short length, plain RoPE
     extend: TrainConfig  # continued pretraining at 8x the length (method and init_from are filled per variant)
-    variants: tuple[str, ...] = PAPER_VARIANTS
+    variants: tuple[str, ...] = MODEL_BASE_VARIANTS
     reference: str = "abf:base=500000"  # paired differences are taken against this variant
     controls: bool = True  # evaluate the base model as it is (positive control at <= L, negative at 8L)
     control_accuracy: float = 0.6  # the positive control passes when base FSR accuracy at <= L is >= this
