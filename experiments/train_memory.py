@@ -22,7 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ropekit.results import read_rows
-from ropekit.studies.bench import train_step_table
+from ropekit.studies.bench import memory_growth, train_step_table
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = ROOT / "figures" / "train_step_cpu.csv"
@@ -92,24 +92,6 @@ def _values(rows) -> dict[tuple[str, str, int], dict[str, float]]:
     return out
 
 
-def _slope_lines(values) -> list[str]:
-    """Peak memory against length for each provider and model measured at three or more lengths."""
-    lines = []
-    series = defaultdict(list)
-    for (provider, model, T), v in values.items():
-        series[(provider, model)].append((T, v["peak_mem_gb"]))
-    for (provider, model), pts in sorted(series.items()):
-        pts.sort()
-        if len(pts) < 2:
-            continue
-        (t0, m0), (t1, m1) = pts[0], pts[-1]
-        slope = (m1 - m0) / (t1 - t0) * 1024
-        growth = ", ".join(f"{T:,}: {m:.2f} GB" for T, m in pts)
-        lines.append(f"- `{provider}` on `{model}`: {growth}; {slope:.3f} GB per 1,024 tokens from {t0:,} to {t1:,} "
-                     f"(peak x{m1 / m0:.2f} for length x{t1 / t0:.0f})")  # fmt: skip
-    return lines
-
-
 def page() -> str:
     rows = read_rows(ROWS)
     values = _values(rows)
@@ -138,7 +120,7 @@ def page() -> str:
         "",
         "Peak memory against length:",
         "",
-        *_slope_lines(values),
+        *memory_growth(rows),
         "",
     ]
     for model in sorted({m for _, m, _ in values}):

@@ -526,16 +526,19 @@ def build_model(run: _Run, tokenizer):
                                 compile=cfg.compile, fsdp=cfg.fsdp and run.world > 1)  # fmt: skip
 
 
-def build_optimizer(run: _Run, model) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only; on resume, its state and the RNGs from the checkpoint."""
-
-    cfg = run.cfg
+def adamw(model, *, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+    """The trainer's optimizer: AdamW with weight decay on matrices only (torch's default implementation for
+    the device: a loop over parameters on CPU, ``foreach`` on CUDA). ``ropekit bench --train-step`` uses it too."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-    )  # fmt: skip
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8)
+
+
+def build_optimizer(run: _Run, model) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only; on resume, its state and the RNGs from the checkpoint."""
+    cfg = run.cfg
+    optimizer = adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
     if run.checkpoint is not None:
         parallel.load_optimizer_state(model, optimizer, _load_tensors(run.checkpoint / "optimizer.pt"))
         _set_rng_state(_load_tensors(run.checkpoint / "rng.pt"))

@@ -26,3 +26,41 @@ def test_benchmark_smoke_rows_have_times_bandwidth_and_provenance(tmp_path):
                and r["metric"] == "fwd+bwd ms_p50")  # fmt: skip
     assert float(p50["value"]) == hf["ms_p50"] and p50["context_length"] == str(shape.T)
     assert draw_bench(tmp_path / "b.csv", tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_the_sdpa_recorder_sees_the_backend_and_a_materialised_mask():
+    import torch
+    import torch.nn.functional as F
+
+    q = torch.randn(1, 2, 64, 16)
+    recorder = bench._SDPARecorder()
+    with recorder.watching():
+        F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert recorder.backends == {"flash_attention"} and recorder.mask_bytes == 0  # linear in T: no scores kept
+    with recorder.watching():  # the negative controls: a (T x T) mask, and values the fused kernel refuses
+        F.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(64, 64, dtype=torch.bool).tril())
+        F.scaled_dot_product_attention(q, q, torch.randn(1, 2, 64, 8), is_causal=True)  # v narrower than q, k
+    assert recorder.mask_bytes == 64 * 64 and "math" in recorder.backends
+    assert F.scaled_dot_product_attention is torch.nn.functional.scaled_dot_product_attention  # put back
+
+
+def test_a_training_step_reports_its_attention_backend_and_the_trainers_optimizer():
+    got = bench.measure_train_step("micro", 128, "ropekit-train", steps=1)
+    assert got["sdpa_backends"] == ["flash_attention"] and got["attention_mask_gb"] == 0.0
+    assert got["peak_gb"] >= got["baseline_gb"] > 0 and got["params"] > 0
+
+
+def test_memory_growth_says_when_memory_grows_faster_than_the_length():
+    from ropekit.results import make_row
+
+    prov = {"git_sha": "x", "device": "cpu", "versions": "{}", "timestamp": "t"}
+
+    def rows(peaks):
+        return [make_row(experiment="train_step", variant="ropekit-train @ micro", metric="peak_mem_gb",
+                         context_length=T, value=v, n=1, seed=0, config={"sdpa_backends": ["flash_attention"]},
+                         prov=prov) for T, v in peaks.items()]  # fmt: skip
+
+    (linear,) = bench.memory_growth(rows({1024: 1.0, 4096: 3.5}))
+    assert "at most linear" in linear and "flash_attention" in linear and "x3.50 for length x4" in linear
+    (quadratic,) = bench.memory_growth(rows({1024: 1.0, 4096: 16.0}))
+    assert "faster than linear" in quadratic

@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ropekit.results import read_rows
-from ropekit.studies.bench import train_step_table
+from ropekit.studies.bench import memory_growth, train_step_table
 
 ROOT = Path(__file__).resolve().parents[2]
 FOLDER = ROOT / "figures" / "gpu"
@@ -147,7 +147,7 @@ def report() -> str:
                   f"unpatched model with its own loss, *patched* the same model with `{cfg['method']}` through the "
                   "kernel, *ropekit loss* the patched model with the trainer's `loss_of`. MFU counts model FLOPs "
                   f"(no recomputation) against {cfg['peak_bf16_tflops']} TFLOP/s dense bf16.", "",
-                  *train_step_table(train), "",
+                  *train_step_table(train), "", "Peak memory against length:", "", *memory_growth(train), "",
                   f"{cfg['steps']} timed steps are few: where two providers' ratio to HF lies outside 0.9–1.1 in "
                   "opposite directions at the same length (8k here), the difference is noise of the first length "
                   "measured, not a property of either path; from 16k on the three agree within 8%.", ""]  # fmt: skip

@@ -26,6 +26,7 @@ draws GB/s against sequence length per provider from that CSV.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -39,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
@@ -50,7 +53,7 @@ from ropekit.reference import RopeParams, apply_rope_reference
 from ropekit.results import append_rows, make_row, provenance, read_rows
 from ropekit.rotary import apply_rope, apply_rope_params, rope_params
 from ropekit.studies import kernel_static as static
-from ropekit.train import loss_of
+from ropekit.train import TrainConfig, adamw, loss_of
 
 __all__ = [
     "Shape",
@@ -66,6 +69,7 @@ __all__ = [
     "memory_split",
     "run_train_step",
     "train_step_table",
+    "memory_growth",
     "draw_bench",
 ]
 
@@ -352,9 +356,44 @@ def check_train_step(models, lengths, providers=TRAIN_STEP_PROVIDERS) -> None:
             raise ValueError(f"train-step length {T} out of range; accepted: 2 to {MAX_TRAIN_STEP_LENGTH}")
 
 
-def _time_train_steps(model, opt, ids: torch.Tensor, provider: str, steps: int, label: str) -> float:
+class _SDPARecorder:
+    """During a forward, which SDPA backend each attention call takes for its arguments (as the dispatcher
+    chooses: ``torch._fused_sdp_choice``, with autocast's dtype where autocast is on) and the largest mask it
+    was handed: a (T x T) mask or a math backend would make attention's memory quadratic in T."""
+
+    def __init__(self):
+        self.backends: set[str] = set()
+        self.mask_bytes = 0
+
+    @contextlib.contextmanager
+    def watching(self):
+        original = F.scaled_dot_product_attention
+
+        def recorded(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, *args, **kwargs):
+            args3 = (q, k, v)
+            if q.is_cuda and torch.is_autocast_enabled("cuda"):
+                args3 = tuple(t.to(torch.get_autocast_dtype("cuda")) for t in args3)
+            if k.shape[1] != q.shape[1] and kwargs.get("enable_gqa"):  # the choice is made on matching heads
+                rep = q.shape[1] // k.shape[1]
+                args3 = (args3[0], *(t.repeat_interleave(rep, dim=1) for t in args3[1:]))
+            with torch.no_grad():
+                choice = torch._fused_sdp_choice(*args3, attn_mask, dropout_p, is_causal, scale=kwargs.get("scale"))
+            self.backends.add(SDPBackend(choice).name.lower())
+            if attn_mask is not None:
+                self.mask_bytes = max(self.mask_bytes, attn_mask.numel() * attn_mask.element_size())
+            return original(q, k, v, attn_mask, dropout_p, is_causal, *args, **kwargs)
+
+        F.scaled_dot_product_attention = recorded
+        try:
+            yield self
+        finally:
+            F.scaled_dot_product_attention = original
+
+
+def _time_train_steps(model, opt, ids: torch.Tensor, provider: str, steps: int, label: str,
+                      recorder: _SDPARecorder | None = None) -> float:  # fmt: skip
     """Seconds per optimizer step, over ``steps`` steps after one warm-up (kernels compile, the allocator
-    fills); the CUDA allocator's peak is reset after the warm-up."""
+    fills; ``recorder`` watches attention during it); the CUDA allocator's peak is reset after the warm-up."""
     cuda = ids.is_cuda
     pos = torch.arange(ids.shape[1], device=ids.device)[None]
 
@@ -369,7 +408,8 @@ def _time_train_steps(model, opt, ids: torch.Tensor, provider: str, steps: int, 
         opt.zero_grad(set_to_none=True)
         return loss
 
-    loss = step()
+    with recorder.watching() if recorder else contextlib.nullcontext():
+        loss = step()
     if not torch.isfinite(loss):
         raise ValueError(f"{label}: non-finite loss {float(loss)}")
     if cuda:
@@ -384,9 +424,10 @@ def _time_train_steps(model, opt, ids: torch.Tensor, provider: str, steps: int, 
 
 
 def measure_train_step(name: str, T: int, provider: str, *, steps: int = 2, device: str = "cpu") -> dict | None:
-    """One model shape, length and provider: {"step_s", "params", "peak_gb", "baseline_gb"} or None when out of
-    memory. CUDA: the allocator's peak over the timed steps (baseline 0); CPU: this process's resident
-    high-water mark and its value before the model was built (run it in a fresh process: the mark never falls)."""
+    """One model shape, length and provider: {"step_s", "params", "peak_gb", "baseline_gb", "sdpa_backends",
+    "attention_mask_gb"} or None when out of memory. CUDA: the allocator's peak over the timed steps (baseline
+    0); CPU: this process's resident high-water mark and its value before the model was built (run it in a fresh
+    process: the mark never falls)."""
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     if not cuda:  # the baseline after the libraries' lazy imports and first-call set-up: a micro step first
@@ -403,11 +444,13 @@ def measure_train_step(name: str, T: int, provider: str, *, steps: int = 2, devi
     model.train()
     if provider != "hf":
         patch(model, TRAIN_METHOD, max_position_embeddings=T)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    defaults = TrainConfig(model="tiny:llama")  # the trainer's optimizer settings
+    opt = adamw(model, lr=1e-4, weight_decay=defaults.weight_decay, betas=(defaults.beta1, defaults.beta2))
     ids = torch.randint(0, shape["vocab_size"], (1, T), device=dev)
     n_params = sum(p.numel() for p in model.parameters())
+    recorder = _SDPARecorder()
     try:
-        dt = _time_train_steps(model, opt, ids, provider, steps, f"{provider} @ {name}, T={T}")
+        dt = _time_train_steps(model, opt, ids, provider, steps, f"{provider} @ {name}, T={T}", recorder)
         peak = torch.cuda.max_memory_allocated(dev) / 1e9 if cuda else _max_rss_gb()
     except torch.OutOfMemoryError:
         return None
@@ -415,7 +458,8 @@ def measure_train_step(name: str, T: int, provider: str, *, steps: int = 2, devi
         del model, opt
         if cuda:
             torch.cuda.empty_cache()
-    return {"step_s": dt, "params": n_params, "peak_gb": peak, "baseline_gb": baseline}
+    return {"step_s": dt, "params": n_params, "peak_gb": peak, "baseline_gb": baseline,
+            "sdpa_backends": sorted(recorder.backends), "attention_mask_gb": recorder.mask_bytes / 1e9}  # fmt: skip
 
 
 def _measure_in_child(name: str, T: int, provider: str, steps: int) -> dict | None:
@@ -475,12 +519,13 @@ def run_train_step(models: list[str], lengths: list[int], *, providers=TRAIN_STE
                 used = got["peak_gb"] - got["baseline_gb"]
                 known = sum(split.values())
                 measures.update({"peak_mem_gb": used, **split, "rest_gb": used - known,
-                                 "peak_over_static": used / known})  # fmt: skip
+                                 "peak_over_static": used / known,
+                                 "attention_mask_gb": got["attention_mask_gb"]})  # fmt: skip
                 if not cuda:
                     measures["baseline_rss_gb"] = got["baseline_gb"]
                 cfg = {"model": name, "params": got["params"], "steps": steps, "batch": 1, "method": TRAIN_METHOD,
                        "dtype": "fp32 weights, bf16 autocast" if cuda else "float32", "checkpointing": True,
-                       "attention": "sdpa", "peak_bf16_tflops": peak_flops,
+                       "attention": "sdpa", "sdpa_backends": got["sdpa_backends"], "peak_bf16_tflops": peak_flops,
                        "memory": "CUDA allocator peak" if cuda else "resident high-water mark of a fresh process, "
                                  "less its value before the model was built"}  # fmt: skip
                 for metric, value in measures.items():
@@ -490,8 +535,39 @@ def run_train_step(models: list[str], lengths: list[int], *, providers=TRAIN_STE
                 log(f"  {provider:14s} {name:13s} T={T:6d}: {T / dt:10.0f} tok/s, {tflops:7.1f} TFLOP/s"
                     + (f", MFU {measures['mfu']:.3f}" if peak_flops else "")
                     + f", memory {used:.2f} GB = {known:.2f} known + {used - known:.2f} rest "
-                    f"({used / known:.2f}x)")  # fmt: skip
+                    f"({used / known:.2f}x); attention: {', '.join(got['sdpa_backends'])}, largest mask "
+                    f"{got['attention_mask_gb']:.3f} GB")  # fmt: skip
     return rows
+
+
+def memory_growth(rows: list[dict]) -> list[str]:
+    """Per provider and model measured at two or more lengths, how the peak memory grows with the length: the
+    peaks, GB per 1,024 tokens from the shortest to the longest, the ratio of the peaks against the ratio of
+    the lengths (at most linear, or faster), and the SDPA backends attention ran on (``_SDPARecorder``)."""
+    peaks: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
+    backends: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for r in rows:
+        if r["experiment"] == "train_step" and r["metric"] == "peak_mem_gb":
+            key = tuple(r["variant"].split(" @ "))
+            peaks[key][int(r["context_length"])] = float(r["value"])  # newest row wins
+            backends[key].update(json.loads(r["config"] or "{}").get("sdpa_backends", []))
+    out = []
+    for (provider, model), by_T in sorted(peaks.items()):
+        if len(by_T) < 2:
+            continue
+        pts = sorted(by_T.items())
+        (t0, p0), (t1, p1) = pts[0], pts[-1]
+        slope, ratio, lengths = (p1 - p0) / (t1 - t0) * 1024, p1 / p0, t1 / t0
+        verdict = "at most linear" if ratio <= lengths else "**faster than linear**"
+        seen = (
+            f"; attention on SDPA's {', '.join(sorted(backends[(provider, model)]))}"
+            if backends[(provider, model)]
+            else ""
+        )
+        growth = ", ".join(f"{T:,}: {m:.2f} GB" for T, m in pts)
+        out.append(f"- `{provider}` on `{model}`: {growth}; {slope:.3f} GB per 1,024 tokens from {t0:,} to {t1:,} "
+                   f"(peak x{ratio:.2f} for length x{lengths:.0f}: {verdict}){seen}")  # fmt: skip
+    return out
 
 
 def _cells(got: list[dict], key: str, fmt: str, which=(0, 1, 2)) -> str:
