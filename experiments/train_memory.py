@@ -114,7 +114,9 @@ def page() -> str:
         "",
         f"Measured on {device} (torch {versions['torch']}, transformers {versions['transformers']}; git "
         f"{', '.join(sha)}) by the commands in `experiments/train_memory.py`'s header; rows in "
-        "`figures/train_step_cpu.csv`; this page is generated from them.",
+        "`figures/train_step_cpu.csv`; this page is generated from them. Rows without `sdpa_backends` in their",
+        "config were measured before the bench used the trainer's optimizer (`ropekit.train.adamw`, a loop over",
+        "parameters on CPU): they ran AdamW with `foreach=True`, whose temporaries count in their peaks.",
         "",
         *train_step_table(rows),
         "",

@@ -249,7 +249,6 @@ _SHOWN = ("ppl", "ppl_sliding", "fsr_rouge_l", "fsr_token_accuracy", "fsr_target
 def _lengths_done(out: str, experiment: str, config: dict) -> set[int]:
     """Lengths whose rows ``out`` already holds from an evaluation of this experiment with these settings
     (every setting but the list of lengths): a rerun after an interruption skips them."""
-
     want = json.loads(json.dumps({k: v for k, v in config.items() if k != "lengths"}, default=str))
     done = set()
     for row in read_rows(out):
@@ -359,13 +358,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _rope_of(config) -> tuple[int, float, int]:
     """(rotary dim, base, trained length) a model config describes."""
-
     return head_and_rotary_dim(config)[1], float(read_method(config).base), int(config.max_position_embeddings)
 
 
 def _model_rope(spec: str, device=None):
     """(model, rotary dim, base, trained length) of a model spec; ValueError if it cannot be loaded."""
-
     model = load_model(spec, device=device)  # a missing or unreachable model is a one-line ValueError
     return model, *_rope_of(model.config)
 

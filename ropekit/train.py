@@ -487,7 +487,6 @@ def setup(cfg: TrainConfig, out: str | Path, resume: bool) -> _Run:
 
 def prepare_data(run: _Run, corpus=None):
     """The corpus (documents, split, tokenizer, token caches): the one handed in, or prepared here."""
-
     cfg = run.cfg
     tokenizer = None
     if run.checkpoint is not None:
@@ -642,7 +641,6 @@ def save(run: _Run, model, tokenizer, optimizer, step: int) -> None:
 
 def save_final(run: _Run, model, tokenizer) -> Path:
     """``out/final``: the trained model and its tokenizer, written whole or not at all."""
-
     final = run.out / "final"
     final_state = parallel.full_model_state(model)
     if run.rank == 0:

@@ -203,7 +203,6 @@ def _window_mean(nll, end: int, skip: tuple[int, int] | None) -> tuple[float, in
 def _prompt_values(model, sample, tasks, settings: SweepSettings, length_dependent: bool):
     """PPL window, FSR and passkey scores of one prompt (an ``FSRSample`` or a ``NeedleSample``),
     from one forward of the whole teacher-forced sequence."""
-
     L, Lp = settings.trained_length, settings.target_length
     planted = getattr(sample, "fsr", None) is not None
     fsr = sample.fsr if planted else sample
@@ -251,7 +250,6 @@ def run_sweep(
     holds for these settings), append each sample's rows to ``out`` as soon as it is scored, write
     the summary; return the summary rows. One sweep writes ``out`` at a time: a second one started
     while it runs is refused (it would score every sample twice)."""
-
     out = Path(out)
     check_writable(out)
     with sole_writer(out, kind="file"):
