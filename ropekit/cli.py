@@ -462,9 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="long-context evaluation: ppl, fsr, passkey; export-lm-eval")
     esub = p.add_subparsers(dest="task", required=True)
-    for task in tasks.TASKS.values():
-        e = esub.add_parser(task.name, help=task.description)
-        task = task.name
+    for task, spec in tasks.TASKS.items():
+        e = esub.add_parser(task, help=spec.description)
         e.add_argument("--model", required=True, help=_MODEL_HELP)
         e.add_argument("--rope", default=None, help="method spec to patch in (default: the model as saved)")
         e.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
