@@ -20,12 +20,14 @@ import functools
 import math
 
 import numpy as np
+import torch
 
 from ropekit.methods import parse
 
 __all__ = [
     "PAPER_VARIANTS",
     "attention_decay",
+    "xpos_envelope",
     "helix",
     "granularity_sum",
     "granularity_limit",
@@ -180,6 +182,16 @@ def base_lower_bound(
         i = first_passing(steps)
         a, b = (a if i == 0 else float(steps[i - 1])), float(steps[i])
     return b
+
+
+def xpos_envelope(spec: str, distance: float, head_dim: int) -> tuple[float, float]:
+    """xPos's factor on one rotary pair's score contribution at ``distance`` (query after key), zeta_j^(D / B):
+    (the fastest-decaying pair's, the slowest pair's). (1.0, 1.0) for a method without xPos."""
+    rate = parse(spec).xpos_rate(head_dim)
+    if rate is None:
+        return 1.0, 1.0
+    factors = torch.exp(distance * rate)
+    return float(factors.min()), float(factors.max())
 
 
 # The paper's 7B run (Section 4.1): d = 128, trained at 4,096, extended 8x to 32,768; RoPE base 10,000.

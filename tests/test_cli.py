@@ -15,7 +15,7 @@ CASES = [
     (["check", "--model", "tiny:llama", "--length", "0"], "--length: expected an integer in [2, 1048576]"),
     (["train", "--preset", "bogus"], "invalid choice: 'bogus'"),
     (["train", "--set", "lr"], "must be key=value"),
-    (["train", "--preset", "cpu-extend", "--out", "OUT"], "init_from 'runs/cpu-base/final' not found"),
+    (["train", "--preset", "small-extend", "--out", "OUT"], "init_from 'runs/small-base/final' not found"),
     (["demo", "--preset", "bogus"], "invalid choice: 'bogus'"),
     (["demo", "--world-size", "0", "--dry-run"], "--world-size: expected an integer >= 1"),
     (["figures", "--results", "/no/such.csv", "--out", "OUT"], "results file '/no/such.csv' not found"),

@@ -25,6 +25,18 @@ def test_attention_decay_matches_the_papers_reading():
     assert np.abs(np.diff(xpos)).mean() < np.abs(np.diff(analysis.attention_decay("abf:base=500000", far))).mean()
 
 
+def test_xpos_envelope_is_zeta_to_the_distance_over_the_scale_base():
+    """zeta_j = (2j/d + 0.4) / 1.4: the fastest pair (j = 0) and the slowest (j = d/2 - 1) at D / B."""
+    for d, B, D in ((32, 32, 2048), (32, 128, 2048), (128, 512, 32768)):
+        low, high = analysis.xpos_envelope(f"xpos:base=31250,scale_base={B}", D, d)
+        assert low == pytest.approx((0.4 / 1.4) ** (D / B), rel=1e-9)
+        assert high == pytest.approx((((d - 2) / d + 0.4) / 1.4) ** (D / B), rel=1e-9)
+    # a head of 32 at 2,048 / 32 keeps 5% of its slowest pair; the paper's head of 128 at 32,768 / 512 about half
+    assert analysis.xpos_envelope("xpos:base=31250,scale_base=32", 2048, 32)[1] == pytest.approx(0.054, abs=1e-3)
+    assert analysis.xpos_envelope("xpos:base=500000,scale_base=512", 32768, 128)[1] == pytest.approx(0.488, abs=1e-3)
+    assert analysis.xpos_envelope("abf:base=31250", 2048, 32) == (1.0, 1.0)
+
+
 def test_granularity_matches_the_papers_numbers():
     # paper: b = 10,000, beta = 50, alpha = 1/4 -> C_ABF ~ 0.076, C_PI ~ 0.027 (per pair; finite sums 0.079, 0.029)
     assert analysis.granularity_limit("ABF", 50) == pytest.approx(0.076, abs=0.001)
@@ -176,7 +188,7 @@ def _shrunk(cfg, init_from=None):
 
     return dataclasses.replace(cfg, base=one_step(cfg.base, 32), extend=one_step(cfg.extend, 128),
                                variants=cfg.variants[2:3], ppl_lengths=(64, 128), fsr_lengths=(128,), n_ppl=1,
-                               n_fsr=1, bin_size=32, needs_gpu=False)  # fmt: skip
+                               n_fsr=1, bin_size=32, needs_gpu=False, seeds=(0,), arms=())  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["tiny", "cpu", "small", "paper"])
@@ -256,3 +268,71 @@ def test_a_setting_added_with_a_dataclass_default_is_equal_at_that_default():
 
     assert config_differences({"x": 0}, Outer()) == []  # saved before `inner` existed: it ran at its default
     assert config_differences({"x": 0}, Outer(inner=Inner(a=2))) == ["inner: (not set) -> {'a': 2}"]
+
+
+def test_seeds_and_arms_pool_into_one_paired_summary_and_resume(tmp_path):
+    """Each variant at two extension seeds, one variant at another budget and another setting: rows carry their
+    seed and steps, the summary pools the seeds sample by sample, and each seed's difference is kept."""
+    import dataclasses
+    import json
+
+    from ropekit.studies.ablation import CONTROL, budget_values, summarize
+
+    micro = PRESETS["micro"]()
+    pi, abf = micro.variants[1], micro.variants[2]
+    cfg = dataclasses.replace(micro, variants=(pi, abf), seeds=(0, 3), arms=((pi, 4), (abf, 4), ("rope:base=99", 2)))
+    assert cfg.extensions() == [(pi, 0, 2), (abf, 0, 2), (pi, 3, 2), (abf, 3, 2), (pi, 0, 4), (abf, 0, 4),
+                                ("rope:base=99", 0, 2)]  # fmt: skip
+    assert "seeds 0, 3" in plan(cfg) and "7 extension runs in all" in plan(cfg)
+    result = run(cfg, tmp_path, log=lambda *_: None)
+    rows = read_rows(result["results"])
+    runs = {(r["variant"], r["seed"], cfg.steps_of(r)) for r in rows}
+    assert runs == {(CONTROL, "0", 0), *((v, str(s), n) for v, s, n in cfg.extensions())}
+    assert (tmp_path / "pi_factor_8_base_78.125_seed3").is_dir() and (tmp_path / "abf_base_3906.25_steps4").is_dir()
+    # the seeds differ (data order), so pooling has something to pool
+    acc = {(r["variant"], r["seed"], cfg.steps_of(r), json.loads(r["config"])["sample"], r["context_length"]):
+           float(r["value"]) for r in rows if r["metric"] == "window_nll"}  # fmt: skip
+    assert any(
+        acc[(pi, "0", 2, k, L)] != acc[(pi, "3", 2, k, L)] for (v, s, n, k, L) in acc if (v, s, n) == (pi, "0", 2)
+    )
+
+    summary = summarize(result["results"], cfg)
+
+    def one(variant, metric, steps=2, length="256"):
+        found = [r for r in summary if (r["variant"], r["metric"], str(r["context_length"]), r["position"])
+                 == (variant, metric, length, "") and cfg.steps_of(r) == steps]  # fmt: skip
+        assert len(found) == 1, (variant, metric, steps, found)
+        return found[0]
+
+    def value(v, s, n=2, L="256", k=0):
+        return acc[(v, str(s), n, k, L)]
+
+    pooled = one(pi, "delta:window_nll")
+    samples = {k for (v, s, n, k, L) in acc if (v, n, L) == (pi, 2, "256")}
+    expect = sum((value(pi, 0, k=k) + value(pi, 3, k=k)) / 2 - (value(abf, 0, k=k) + value(abf, 3, k=k)) / 2
+                 for k in samples) / len(samples)  # fmt: skip
+    assert float(pooled["value"]) == pytest.approx(expect) and pooled["seed"] == -1
+    assert json.loads(pooled["config"])["seeds"] == [0, 3]
+    for s in (0, 3):  # each seed's own paired difference
+        seed_row = [r for r in summary if r["metric"] == "seed_delta:window_nll" and r["variant"] == pi
+                    and str(r["context_length"]) == "256" and r["seed"] == s and cfg.steps_of(r) == 2]  # fmt: skip
+        own = sum(value(pi, s, k=k) - value(abf, s, k=k) for k in samples) / len(samples)
+        assert len(seed_row) == 1 and float(seed_row[0]["value"]) == pytest.approx(own)
+    # the other budget is compared with the reference at the same budget and one seed; the other setting with seed 0
+    assert one(pi, "delta:window_nll", steps=4)["seed"] == 0
+    assert json.loads(one("rope:base=99", "delta:window_nll")["config"])["seeds"] == [0]
+    # the control has no seed: it is paired with the reference pooled over both
+    assert json.loads(one(CONTROL, "delta:window_nll", steps=0)["config"])["seeds"] == [0, 3]
+    curve = budget_values(summary, cfg, "window_nll", 256)
+    assert [p[0] for p in curve[pi]] == [0, 2, 4] and set(curve) == {pi, abf}
+    table = (tmp_path / "table.md").read_text()
+    assert "Extension seeds 0, 3" in table and "(seeds " in table and "Extension budget" in table
+    assert "| RoPE (rope:base=99) |" in table  # the other setting is a row of the table
+    assert any(p.endswith("_budget.png") for p in result["figures"])
+    # resuming does nothing again; a run with more seeds or arms extends the same folder
+    logs = []
+    run(cfg, tmp_path, log=logs.append)
+    assert sum("done earlier" in line for line in logs) == 1 + 1 + 2 * 7  # base, controls, 7 runs
+    more = dataclasses.replace(cfg, arms=cfg.arms[:2])
+    run(more, tmp_path, log=lambda *_: None)
+    assert len(read_rows(result["results"])) == len(rows)

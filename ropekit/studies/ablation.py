@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from ropekit import data, parallel, stats
-from ropekit.analysis import regime_derivation, regime_variants
+from ropekit.analysis import regime_derivation, regime_variants, xpos_envelope
 from ropekit.eval import run as ev
 from ropekit.eval import tasks
 from ropekit.figures import paper_label, pyplot, save_png
@@ -89,6 +89,12 @@ class AblationConfig:
     base_length: int | None = None  # the base model's trained length L (default base.seq_len)
     needs_gpu: bool = False  # refused on a machine without CUDA (unless forced)
     notes: dict = field(default_factory=dict)
+    # seeds of the extension stage (its data order and the initialisation of anything new); the base model
+    # is the same for every seed. Rows carry their seed; the summary and the table pool them.
+    seeds: tuple[int, ...] = (0,)
+    # more extensions at the first seed, (variant, steps): a budget curve (a variant at other step counts)
+    # or another setting of a method (an xPos scale base). Each is evaluated on the same samples.
+    arms: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.reference not in self.variants:
@@ -102,6 +108,19 @@ class AblationConfig:
     def trained_length(self) -> int:
         """L: the length the base model was trained at (the controls are read at <= L and at the target)."""
         return self.base_length or self.base.seq_len
+
+    def extensions(self) -> list[tuple[str, int, int]]:
+        """Every extension run as (variant, seed, steps), in run order: the variants seed by seed, then the arms."""
+        main = [(v, s, self.extend.steps) for s in self.seeds for v in self.variants]
+        return main + [(v, self.seeds[0], n) for v, n in self.arms if (v, self.seeds[0], n) not in main]
+
+    def steps_of(self, row) -> int:
+        """The extension steps a result row's model had (the control: 0; rows from before steps were
+        recorded: the preset's)."""
+        config = row["config"] if isinstance(row["config"], dict) else json.loads(row["config"] or "{}")
+        if "extend_steps" in config:
+            return int(config["extend_steps"])
+        return 0 if row["variant"] == CONTROL else self.extend.steps
 
 
 def _tiny() -> AblationConfig:
@@ -117,10 +136,18 @@ def _tiny() -> AblationConfig:
 
 
 def _cpu() -> AblationConfig:
-    """The ``tiny`` protocol with its own base, on two CPU cores in about an hour: ``cpu-base`` trained here,
-    ``cpu-extend`` (3x the tokens per variant), more prompts, and the stricter positive control (0.8)."""
-    return dataclasses.replace(_tiny(), name="cpu", extend=TRAIN["cpu-extend"](), n_ppl=12, n_fsr=48,
-                               control_accuracy=0.8, pretrain_base=True, base_length=None)  # fmt: skip
+    """The ``tiny`` protocol longer, on two CPU cores (about two and a half hours; resumable): ``cpu-extend``
+    (3x the tokens per variant) from the same shipped base, three seeds of each extension, more prompts,
+    the stricter positive control (0.8), and two questions as arms at the first seed: the extension budget
+    (PI, ABF and xPos ABF after 20, 180 and 360 steps beside the 60 of the variants) and xPos's scale base
+    (128 and 512 beside the regime's 32)."""
+    tiny = _tiny()
+    extend = TRAIN["cpu-extend"]()
+    _, pi, abf, xpos = tiny.variants
+    scale_bases = [(xpos.replace("scale_base=32", f"scale_base={b}"), extend.steps) for b in (128, 512)]
+    budgets = [(v, n) for n in (20, 180, 360) for v in (pi, abf, xpos)]
+    return dataclasses.replace(tiny, name="cpu", extend=extend, n_ppl=12, n_fsr=48, control_accuracy=0.8,
+                               seeds=(0, 1, 2), arms=(*scale_bases, *budgets))  # fmt: skip
 
 
 def _micro() -> AblationConfig:
@@ -195,6 +222,12 @@ def plan(cfg: AblationConfig, world_size: int = 1) -> str:
                  f"tokens = {e.steps * e.tokens_per_step:,} tokens each at {e.seq_len}; lr {e.lr}, warm-up "
                  f"{e.warmup_steps}, accumulation {e.accumulation(world_size)} x micro-batch {e.micro_batch} "
                  f"on {world_size} rank(s)")  # fmt: skip
+    if len(cfg.seeds) > 1:
+        lines.append(f"  seeds: each variant extended with seeds {', '.join(map(str, cfg.seeds))} (data order; the "
+                     "base model is the same for every seed)")  # fmt: skip
+    if cfg.arms:
+        lines.append(f"  arms at seed {cfg.seeds[0]}: " + ", ".join(f"{v} x {n} steps" for v, n in cfg.arms))
+    lines.append(f"  {len(cfg.extensions())} extension runs in all")
     for stage, t in (("base", b), ("extend", e)) if cfg.pretrain_base else (("extend", e),):
         if t.retrieval_share:
             copies = f", {t.retrieval_copy:.0%} of them copies" if t.retrieval_copy else ""
@@ -235,7 +268,9 @@ def _run(cfg: AblationConfig, out: Path, *, log) -> dict:
     resolved = json.dumps(dataclasses.asdict(cfg), indent=1, default=str)
     saved = out / "ablation_config.json"
     if saved.is_file():  # resuming must not mix two ablations' stages
-        differ = config_differences(json.loads(saved.read_text()), cfg)
+        # more (or fewer) seeds and arms extend the same ablation: each run has its own folder and rows
+        differ = [d for d in config_differences(json.loads(saved.read_text()), cfg)
+                  if not d.startswith(("seeds:", "arms:"))]  # fmt: skip
         if differ:
             raise ValueError(f"{out} holds another ablation (its ablation_config.json differs in {'; '.join(differ)}); "
                              "choose another --out, or run the same preset and data again to resume")  # fmt: skip
@@ -289,42 +324,48 @@ def _run(cfg: AblationConfig, out: Path, *, log) -> dict:
             log(f"  final loss {r['losses'][-1]:.3f}, {r.get('tokens_per_s', 0):.0f} tokens/s")
 
     results = out / "results.csv"
-    done = _done(read_rows(results))
+    done = _done(read_rows(results), cfg)
     experiment = f"pe_ablation_{cfg.name}"
     tokenizer, target = corpus.tokenizer, cfg.extend.seq_len
 
-    def evaluate(variant: str, model_folder) -> None:
-        """Per-sample rows of one model on the same windows and prompts as every other variant."""
-        if {(variant, "ppl"), (variant, "fsr")} <= done:
+    def finished(variant: str, seed: int, steps: int) -> bool:
+        return all((variant, t, seed, steps) in done for t in ("ppl", "fsr"))
+
+    def evaluate(variant: str, model_folder, seed: int = 0, steps: int = 0) -> None:
+        """Per-sample rows of one model on the same windows and prompts as every other model (the
+        evaluation's own seed stays 0: ``seed`` is the extension's, written in the rows' seed column)."""
+        if finished(variant, seed, steps):
             skip()
             return
         model = load_model(str(model_folder))
-        config = {"ablation": cfg.name, "method": ev.variant_of(model)}  # a released base has no config.ropekit
+        config = {"ablation": cfg.name, "method": ev.variant_of(model),  # a released base has no config.ropekit
+                  "extend_steps": steps}  # fmt: skip
         common = dict(experiment=experiment, variant=variant, config=config)
         rows = []
-        if (variant, "ppl") not in done:
+        if (variant, "ppl", seed, steps) not in done:
             rows += ev.eval_ppl_samples(model, tokenizer, corpus.val_docs, list(cfg.ppl_lengths), n=cfg.n_ppl,
                                         bin_length=target, bin_size=cfg.bin_size, tokens=corpus.val_tokens,
                                         **common)  # fmt: skip
-        if (variant, "fsr") not in done:
+        if (variant, "fsr", seed, steps) not in done:
             rows += ev.eval_fsr_samples(model, tokenizer, corpus.val_docs, list(cfg.fsr_lengths), n=cfg.n_fsr,
                                         generate=cfg.fsr_generate, **common)  # fmt: skip
+        for r in rows:
+            r["seed"] = seed
         append_rows(results, rows)
 
     if cfg.controls:  # the base model as it is: retrieval at <= L (positive), at 8L without extension (negative)
         with stage("eval base (controls)"):
             evaluate(CONTROL, base_final)
-    for spec in cfg.variants:
-        folder = out / _slug(spec)
-        with stage(f"extend {spec}"):
-            if (folder / "final").is_dir():
+    for spec, seed, steps in cfg.extensions():
+        folder, label = out / _run_name(cfg, spec, seed, steps), _run_label(cfg, spec, seed, steps)
+        with stage(f"extend {label}"):
+            if (folder / "final").is_dir() or finished(spec, seed, steps):
                 skip()
-            else:  # the same base checkpoint and token budget for every variant; only the method differs
-                ecfg = dataclasses.replace(cfg.extend, init_from=str(base_final), method=spec)
-                r = train(ecfg, folder, resume=True, corpus=corpus)
+            else:  # the same base checkpoint for every run; only the method, the seed or the budget differs
+                r = train(_extension(cfg, base_final, spec, seed, steps), folder, resume=True, corpus=corpus)
                 log(f"  final loss {r['losses'][-1]:.3f}, {r.get('tokens_per_s', 0):.0f} tokens/s")
-        with stage(f"eval {spec}"):
-            evaluate(spec, folder / "final")
+        with stage(f"eval {label}"):
+            evaluate(spec, folder / "final", seed, steps)
 
     with stage("table and figures"):
         summary = summarize(results, cfg, experiment=experiment)
@@ -344,41 +385,111 @@ def _run(cfg: AblationConfig, out: Path, *, log) -> dict:
     }
 
 
-def _done(rows) -> set[tuple[str, str]]:
-    return {(r["variant"], tasks.task_of(r["metric"])) for r in rows if r["metric"] in SAMPLE_METRICS}
+def _run_name(cfg: AblationConfig, spec: str, seed: int, steps: int) -> str:
+    """The folder of one extension run: the variant's slug, with the seed and the steps when not the defaults."""
+    return _slug(spec) + (f"_seed{seed}" if seed else "") + (f"_steps{steps}" if steps != cfg.extend.steps else "")
+
+
+def _run_label(cfg: AblationConfig, spec: str, seed: int, steps: int) -> str:
+    return spec + (f" seed {seed}" if seed else "") + (f" {steps} steps" if steps != cfg.extend.steps else "")
+
+
+def _extension(cfg: AblationConfig, base, spec: str, seed: int, steps: int) -> TrainConfig:
+    """The training config of one extension run; another budget keeps the preset's schedule in proportion
+    (warm-up, evaluation and checkpoint intervals scaled with the steps)."""
+    e = dataclasses.replace(cfg.extend, init_from=str(base), method=spec, seed=seed)
+    if steps == e.steps:
+        return e
+    scale = steps / e.steps
+    return dataclasses.replace(e, steps=steps, warmup_steps=round(e.warmup_steps * scale),
+                               eval_every=max(1, round(e.eval_every * scale)),
+                               save_every=max(1, round(e.save_every * scale)))  # fmt: skip
+
+
+def _done(rows, cfg: AblationConfig) -> set[tuple[str, str, int, int]]:
+    """(variant, task, seed, steps) of the evaluations already written."""
+    return {
+        (r["variant"], tasks.task_of(r["metric"]), int(r["seed"]), cfg.steps_of(r))
+        for r in rows
+        if r["metric"] in SAMPLE_METRICS
+    }
 
 
 def summarize(results: str | Path, cfg: AblationConfig, *, experiment: str | None = None) -> list[dict]:
-    """Summary rows from the per-sample rows: for every (metric, length, position) and variant the mean
-    with its interval (``mean:``, ``low:``, ``high:``) and the paired difference to ``cfg.reference``
-    (``delta:``, ``delta_low:``, ``delta_high:``, ``resolved:``); written to ``summary.csv`` beside
-    ``results`` (rewritten each run) and returned."""
+    """Summary rows from the per-sample rows, written to ``summary.csv`` beside ``results`` (rewritten each
+    run) and returned. For every (metric, length, position) and run (variant, extension steps):
+
+    - ``mean:``, ``low:``, ``high:``: the mean with its 95% interval, each sample averaged over the seeds;
+    - ``delta:``, ``delta_low:``, ``delta_high:``, ``resolved:``: the paired difference to ``cfg.reference``
+      at the same steps (the control: at the preset's steps), on the seeds both have, pooled the same way;
+    - ``seed_mean:`` and ``seed_delta:``, one row per seed (its ``seed`` column): the across-seed spread;
+    - ``reproduced:``: 1 when the pooled interval excludes 0 and the difference has its sign in every seed.
+
+    A pooled row's ``seed`` is its seed when it has one, else -1; its config lists ``seeds`` and ``extend_steps``."""
     results = Path(results)
     rows = [
         r
         for r in read_rows(results)
         if r["metric"] in SAMPLE_METRICS and (experiment is None or r["experiment"] == experiment)
     ]
-    groups: dict[tuple[str, str, str], dict[str, dict[int, float]]] = {}
+    # (metric, length, position) -> (variant, steps) -> seed -> sample -> value
+    groups: dict[tuple[str, str, str], dict[tuple[str, int], dict[int, dict[int, float]]]] = {}
     for r in rows:
         sample = json.loads(r["config"] or "{}")["sample"]
         key = (r["metric"], r["context_length"], r["position"])
-        groups.setdefault(key, {}).setdefault(r["variant"], {})[int(sample)] = float(r["value"])
+        run = (r["variant"], cfg.steps_of(r))
+        groups.setdefault(key, {}).setdefault(run, {}).setdefault(int(r["seed"]), {})[int(sample)] = float(r["value"])
     prov = {**provenance(), "device": ", ".join(sorted({r["device"] for r in rows}))}  # where it was evaluated
-    cfg_row = {"ablation": cfg.name, "reference": cfg.reference,
-               "interval": "95% percentile bootstrap (scipy.stats.bootstrap); deltas paired by sample"}  # fmt: skip
     summary = []
-    for (metric, length, position), samples in sorted(groups.items()):
-        for variant, values in stats.compare(samples, cfg.reference).items():
-            for kind, value in values.items():
-                if kind == "n":
-                    continue
-                summary.append(make_row(experiment=rows[0]["experiment"], variant=variant,
-                                        metric=f"{kind}:{metric}", context_length=int(length),
-                                        position=int(position) if position else None, value=value,
-                                        n=int(values["n"]), seed=0, config=cfg_row, prov=prov))  # fmt: skip
+    for (metric, length, position), runs in sorted(groups.items()):
+        for (variant, steps), by_seed in sorted(runs.items()):
+            ref = runs.get((cfg.reference, cfg.extend.steps if variant == CONTROL else steps))
+            if variant == CONTROL or ref is None or ref is by_seed:  # the control has no seed: it meets each
+                seeds = sorted(ref or by_seed) if variant == CONTROL else sorted(by_seed)
+            else:
+                seeds = sorted(set(by_seed) & set(ref))
+            if not seeds:
+                continue
+
+            def values(of, seed):
+                return of[seed] if seed in of else of[min(of)]  # the control's one evaluation serves every seed
+
+            paired = ref is not None and ref is not by_seed
+            pooled = {"run": _pool([values(by_seed, s) for s in seeds])}
+            each = {s: {"run": values(by_seed, s)} for s in seeds}
+            if paired:
+                pooled["ref"] = _pool([values(ref, s) for s in seeds])
+                for s in seeds:
+                    each[s]["ref"] = values(ref, s)
+            compared = stats.compare(pooled, "ref" if paired else None)["run"]
+            per_seed = {s: stats.compare(each[s], "ref" if paired else None)["run"] for s in seeds}
+            if "delta" in compared:
+                signs = {math.copysign(1, v["delta"]) for v in per_seed.values() if v["delta"] != 0}
+                held = len(signs) == 1 and all(v["delta"] != 0 for v in per_seed.values())
+                compared["reproduced"] = float(bool(compared["resolved"]) and held)
+            config = {"ablation": cfg.name, "reference": cfg.reference, "seeds": seeds, "extend_steps": steps,
+                      "interval": "95% percentile bootstrap (scipy.stats.bootstrap); deltas paired by sample, "
+                                  "each sample averaged over the seeds"}  # fmt: skip
+            common = dict(experiment=rows[0]["experiment"], variant=variant, context_length=int(length),
+                          position=int(position) if position else None, config=config, prov=prov)  # fmt: skip
+            for kind, value in compared.items():
+                if kind != "n":
+                    summary.append(make_row(metric=f"{kind}:{metric}", value=value, n=int(compared["n"]),
+                                            seed=seeds[0] if len(seeds) == 1 else -1, **common))  # fmt: skip
+            if len(seeds) > 1:
+                for s, v in per_seed.items():
+                    for kind in ("mean", "delta"):
+                        if kind in v:
+                            summary.append(make_row(metric=f"seed_{kind}:{metric}", value=v[kind], n=int(v["n"]),
+                                                    seed=s, **common))  # fmt: skip
     write_rows(results.with_name("summary.csv"), summary)
     return summary
+
+
+def _pool(per_seed: list[dict[int, float]]) -> dict[int, float]:
+    """Each sample's mean over the seeds (the samples every seed has: the same prompts and windows)."""
+    shared = set.intersection(*(set(v) for v in per_seed))
+    return {k: sum(v[k] for v in per_seed) / len(per_seed) for k in sorted(shared)}
 
 
 def demo(
@@ -414,15 +525,33 @@ def demo(
 TABLE_METRICS = ("fsr_sample_token_accuracy", "fsr_sample_rouge_l", "window_nll")
 
 
-def _ablation_values(summary) -> dict[tuple[str, str, int, int | None], float]:
-    """{(variant, kind:metric, length, position): value} from summary rows (dicts or CSV rows)."""
+def _ablation_values(summary, cfg, steps: int | None = None) -> dict[tuple[str, str, int, int | None], float]:
+    """{(variant, kind:metric, length, position): value} from the pooled summary rows (dicts or CSV rows)
+    of the runs at ``steps`` extension steps (default: the preset's; the control's row always)."""
+    steps = cfg.extend.steps if steps is None else steps
     out = {}
     for r in summary:
+        if r["metric"].startswith("seed_") or (r["variant"] != CONTROL and cfg.steps_of(r) != steps):
+            continue
         pos = r["position"]
         out[(r["variant"], r["metric"], int(r["context_length"]), int(pos) if pos not in (None, "") else None)] = float(
             r["value"]
         )
     return out
+
+
+def _seed_deltas(summary, cfg) -> dict[tuple[str, str, int], list[float]]:
+    """{(variant, metric, length): [each seed's paired difference, by seed]} at the preset's steps."""
+    out: dict[tuple[str, str, int], list[tuple[int, float]]] = {}
+    for r in summary:
+        if (
+            r["metric"].startswith("seed_delta:")
+            and not r["position"]
+            and (r["variant"] == CONTROL or cfg.steps_of(r) == cfg.extend.steps)
+        ):
+            key = (r["variant"], r["metric"].split(":", 1)[1], int(r["context_length"]))
+            out.setdefault(key, []).append((int(r["seed"]), float(r["value"])))
+    return {k: [v for _, v in sorted(pairs)] for k, pairs in out.items()}
 
 
 def _variant_label(variant: str, cfg) -> str:
@@ -431,12 +560,99 @@ def _variant_label(variant: str, cfg) -> str:
     return paper_label(variant) + (" (reference)" if variant == cfg.reference else "")
 
 
+def _table_variants(cfg) -> list[str]:
+    """The table's rows: the control, the variants, then the arms run at the preset's steps (other settings)."""
+    extra = [v for v, n in cfg.arms if n == cfg.extend.steps and v not in cfg.variants]
+    return [CONTROL, *cfg.variants, *dict.fromkeys(extra)]
+
+
+def _budgets(summary, cfg) -> tuple[list[str], list[int]]:
+    """The variants run at more than one step count, and every step count (0: the base model as it is)."""
+    steps_by: dict[str, set[int]] = {}
+    for r in summary:
+        if r["variant"] != CONTROL and r["metric"].startswith("mean:"):
+            steps_by.setdefault(r["variant"], set()).add(cfg.steps_of(r))
+    variants = [v for v in _table_variants(cfg) if len(steps_by.get(v, ())) > 1]
+    return variants, sorted({0, *(n for v in variants for n in steps_by[v])})
+
+
+def budget_values(summary, cfg, metric: str, length: int) -> dict[str, list[tuple[int, float, float, float]]]:
+    """The budget curve of ``metric`` at ``length``: {variant: [(steps, mean, low, high)]}, 0 steps being the
+    base model as it is (the control)."""
+    variants, steps = _budgets(summary, cfg)
+    out = {}
+    for v in variants:
+        points = []
+        for n in steps:
+            val = _ablation_values(summary, cfg, n)
+            who = CONTROL if n == 0 else v
+            if (who, f"mean:{metric}", length, None) in val:
+                points.append((n, *(val[(who, f"{k}:{metric}", length, None)] for k in ("mean", "low", "high"))))
+        out[v] = points
+    return out
+
+
+def _budget_table(summary, cfg) -> list[str]:
+    """Markdown lines: FSR accuracy at the target length and PPL there against the extension's steps."""
+    variants, steps = _budgets(summary, cfg)
+    if not variants:
+        return []
+    target, top = cfg.extend.seq_len, max(cfg.fsr_lengths)
+    lines = []
+    for metric, length in (("fsr_sample_token_accuracy", top), ("window_nll", target)):
+        info = tasks.metric(metric)
+        f = math.exp if info.as_ppl else (lambda x: x)
+        lines += ["", f"**Extension budget: {info.label} at {length}** against the extension's steps (0: the base "
+                  f"model as it is; mean [95% interval]; Δ: paired difference to {paper_label(cfg.reference)} at "
+                  "the same steps; **bold**: resolved)", "",
+                  "| variant | " + " | ".join(str(n) for n in steps) + " |", "|---|" + "---|" * len(steps)]  # fmt: skip
+        for v in variants:
+            cells = []
+            for n in steps:
+                val = _ablation_values(summary, cfg, n)
+                who = CONTROL if n == 0 else v
+                key = (who, f"mean:{metric}", length, None)
+                if key not in val:
+                    cells.append("")
+                    continue
+                lo, hi = val[(who, f"low:{metric}", length, None)], val[(who, f"high:{metric}", length, None)]
+                cell = f"{f(val[key]):.2f} [{f(lo):.2f}, {f(hi):.2f}]"
+                if n and (v, f"delta:{metric}", length, None) in val:
+                    d = val[(v, f"delta:{metric}", length, None)]
+                    mark = val.get(
+                        (v, f"reproduced:{metric}", length, None), val[(v, f"resolved:{metric}", length, None)]
+                    )
+                    cell += f"<br>{'**' if mark else ''}Δ {d:+.3f}{'**' if mark else ''}"
+                cells.append(cell)
+            lines.append(f"| {_variant_label(v, cfg)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _xpos_notes(cfg, variants) -> list[str]:
+    """One line per xPos variant: the decay its scale base implies at the target length (closed form)."""
+    m = cfg.base.model_overrides
+    if "hidden_size" not in m:
+        return []
+    head_dim, target = m["hidden_size"] // m["num_attention_heads"], cfg.extend.seq_len
+    notes = []
+    for v in variants:
+        if v == CONTROL:
+            continue
+        low, high = xpos_envelope(v, target, head_dim)
+        if (low, high) != (1.0, 1.0):
+            notes.append(f"{paper_label(v)}: at distance {target} xPos multiplies each rotary pair's score "
+                         f"contribution by between {low:.2g} (fastest pair) and {high:.2g} (slowest; head dim "
+                         f"{head_dim}; `analysis.xpos_envelope`).")  # fmt: skip
+    return notes
+
+
 def ablation_table(summary, cfg) -> str:
     """Markdown: the controls' verdict, then per metric a variant x length table of means with 95%
     intervals and each variant's paired difference to the reference (bold: the interval excludes 0)."""
-    val = _ablation_values(summary)
+    val = _ablation_values(summary, cfg)
     L = cfg.trained_length
-    variants = [v for v in [CONTROL, *cfg.variants] if any(k[0] == v for k in val)]
+    variants = [v for v in _table_variants(cfg) if any(k[0] == v for k in val)]
+    spread = _seed_deltas(summary, cfg)
     acc = "fsr_sample_token_accuracy"
     lines = []
     short = sorted(n for (v, m, n, p) in val if v == CONTROL and m == f"mean:{acc}" and n <= L)
@@ -477,13 +693,23 @@ def ablation_table(summary, cfg) -> str:
                 if (v, f"delta:{metric}", n, None) in val:
                     d, dlo, dhi = (val[(v, f"{k}:{metric}", n, None)] for k in ("delta", "delta_low", "delta_high"))
                     delta = f"Δ {d:+.3f}" + ("" if math.isnan(dlo) else f" [{dlo:+.3f}, {dhi:+.3f}]")
-                    cell += f"<br>{'**' + delta + '**' if val[(v, f'resolved:{metric}', n, None)] else delta}"
+                    if (v, metric, n) in spread:  # several seeds: the verdict needs its sign in every one
+                        delta += " (seeds " + ", ".join(f"{x:+.3f}" for x in spread[(v, metric, n)]) + ")"
+                    mark = val.get((v, f"reproduced:{metric}", n, None), val[(v, f"resolved:{metric}", n, None)])
+                    cell += f"<br>{'**' + delta + '**' if mark else delta}"
                 cells.append(cell)
             lines.append(f"| {_variant_label(v, cfg)} | " + " | ".join(cells) + " |")
     n_fsr = next((int(r["n"]) for r in summary if r["metric"] == f"mean:{acc}"), 0)
     n_ppl = next((int(r["n"]) for r in summary if r["metric"] == "mean:window_nll"), 0)
     lines += ["", f"FSR: {n_fsr} prompts per length, PPL: {n_ppl} windows per length, the same for every variant; "
               "intervals: 95% percentile bootstrap (scipy.stats.bootstrap), deltas paired by sample."]  # fmt: skip
+    if len(cfg.seeds) > 1:
+        lines.append(f"Extension seeds {', '.join(map(str, cfg.seeds))} (data order; the base model is the same for "
+                     "every seed): each sample is averaged over the seeds a row has; a difference is **bold** only "
+                     "when that pooled interval excludes 0 and its sign holds in every seed (each seed's Δ in "
+                     "brackets).")  # fmt: skip
+    lines += _xpos_notes(cfg, variants)
+    lines += _budget_table(summary, cfg)
     return "\n".join(lines) + "\n"
 
 
@@ -492,11 +718,12 @@ def draw_ablation(summary, cfg, out: str | Path, *, prefix: str) -> list[Path]:
     ``<prefix>_ppl.png`` and ``<prefix>_position_loss.png`` (at the target length only), each with 95%
     intervals, and ``<prefix>_summary.csv`` (the rows they were drawn from)."""
     plt = pyplot()
-    val = _ablation_values(summary)
+    val = _ablation_values(summary, cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     L, target = cfg.trained_length, cfg.extend.seq_len
-    variants = [v for v in [CONTROL, *cfg.variants] if any(k[0] == v for k in val)]
+    variants = [v for v in _table_variants(cfg) if any(k[0] == v for k in val)]
+    colour = {v: f"C{i}" for i, v in enumerate(_table_variants(cfg)[1:])}
     device = ", ".join(sorted({r["device"] for r in summary}))
 
     def curve(ax, metric, *, by_position=False, transform=lambda x: x):
@@ -511,7 +738,7 @@ def draw_ablation(summary, cfg, out: str | Path, *, prefix: str) -> list[Path]:
             lo = [transform(val[(v, f"low:{metric}", *key(x))]) for x in xs]
             hi = [transform(val[(v, f"high:{metric}", *key(x))]) for x in xs]
             style = (dict(color="k", ls="--", marker="s") if v == CONTROL
-                     else dict(color=f"C{cfg.variants.index(v)}", marker="o"))  # fmt: skip
+                     else dict(color=colour[v], marker="o"))  # fmt: skip
             ax.plot(xs, y, ms=3, label=_variant_label(v, cfg), **style)
             ax.fill_between(xs, lo, hi, alpha=0.15, color=style["color"])
         if not by_position:
@@ -549,5 +776,23 @@ def draw_ablation(summary, cfg, out: str | Path, *, prefix: str) -> list[Path]:
         save_png(fig, out / f"{prefix}_position_loss.png")
         plt.close(fig)
         written.append(out / f"{prefix}_position_loss.png")
+    budget_panels = [("fsr_sample_token_accuracy", n) for n in (min(cfg.fsr_lengths), max(cfg.fsr_lengths))]
+    budget_panels.append(("window_nll", target))
+    if _budgets(summary, cfg)[0]:  # a budget curve: each variant against its extension steps
+        fig, axes = plt.subplots(1, len(budget_panels), figsize=(4.8 * len(budget_panels), 4), squeeze=False)
+        for ax, (metric, length) in zip(axes[0], budget_panels, strict=True):
+            f = math.exp if tasks.metric(metric).as_ppl else (lambda x: x)
+            for v, points in budget_values(summary, cfg, metric, length).items():
+                xs = [p[0] for p in points]
+                ax.plot(xs, [f(p[1]) for p in points], marker="o", ms=3, color=colour[v], label=_variant_label(v, cfg))
+                ax.fill_between(xs, [f(p[2]) for p in points], [f(p[3]) for p in points], alpha=0.15, color=colour[v])
+            ax.set(xlabel="extension steps (0: the base model as it is)",
+                   ylabel="perplexity" if metric == "window_nll" else "teacher-forced token accuracy")  # fmt: skip
+            ax.set_title(f"{tasks.metric(metric).label} at {length} tokens", fontsize=9)
+            ax.legend(fontsize=6)
+        fig.suptitle(f"{prefix}: extension budget, mean and 95% bootstrap interval; {device}", fontsize=8)
+        save_png(fig, out / f"{prefix}_budget.png")
+        plt.close(fig)
+        written.append(out / f"{prefix}_budget.png")
     write_rows(out / f"{prefix}_summary.csv", summary)
     return [*written, out / f"{prefix}_summary.csv"]
