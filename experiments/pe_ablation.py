@@ -1,7 +1,7 @@
 """The paper's positional-encoding ablation (rope, pi, abf, xpos-abf), by preset.
 
     python experiments/pe_ablation.py --preset tiny            # = ropekit demo (2 CPU cores, ~10 min)
-    python experiments/pe_ablation.py --preset cpu             # the same protocol longer (2 CPU cores, < 1 h)
+    python experiments/pe_ablation.py --preset cpu             # 3 seeds, budgets, xPos scale bases (2 CPU cores, ~1 h)
     python experiments/pe_ablation.py --preset small --data D  # one GPU, 2k -> 16k on a folder of long texts
     python experiments/pe_ablation.py --preset paper --dry-run # Llama 2 7B, 4k -> 32k: the plan
 

@@ -9,8 +9,8 @@ Copies the run's ``final/`` (weights, config, tokenizer) into ``ropekit/assets/<
 tokens/s), the commit that trained it, the commit and library versions now, and the sha256 of each file
 that ``ropekit.models.shipped_path`` checks on every load. The tokenizer's class is written as one
 that transformers 4.x and 5.x both load. The demo (``ropekit demo``)
-starts from such a model, as the paper starts from a released Llama 2; ``ropekit demo --preset cpu``
-trains the same base from scratch.
+starts from such a model, as the paper starts from a released Llama 2, and so does ``ropekit demo --preset
+cpu``; ``ropekit train --preset cpu-base`` trains the same base from scratch.
 """
 
 import argparse

@@ -292,7 +292,11 @@ def _run(cfg: AblationConfig, out: Path, *, log) -> dict:
         log(f"[{name}] ...")
         yield
         times[name] = time.perf_counter() - t
-        if name in skipped and name in earlier:
+        if name in skipped:  # the time of the run that did it; none when that run stopped before recording it
+            if name not in earlier:
+                del times[name]
+                log(f"[{name}] (its time was not recorded)")
+                return
             times[name] = earlier[name]
         log(f"[{name}] {times[name]:.1f}s")
 
@@ -670,6 +674,7 @@ def ablation_table(summary, cfg) -> str:
         lo, hi = val[(CONTROL, f"low:{acc}", longest, None)], val[(CONTROL, f"high:{acc}", longest, None)]
         lines.append(f"- **Negative control**: the same model at {longest} tokens with no extension: {far:.2f} "
                      f"[{lo:.2f}, {hi:.2f}].")  # fmt: skip
+    bold = "reproduced in every seed (below)" if len(cfg.seeds) > 1 else "resolved"
     for metric in TABLE_METRICS:
         info = tasks.metric(metric)
         label, higher, as_ppl = info.label, info.higher_is_better, info.as_ppl
@@ -678,7 +683,7 @@ def ablation_table(summary, cfg) -> str:
             continue
         f = math.exp if as_ppl else (lambda x: x)
         lines += ["", f"**{label}** (mean [95% interval]; Δ: paired difference to {paper_label(cfg.reference)}"
-                  f"{' in NLL' if as_ppl else ''}, {'higher' if higher else 'lower'} is better; **bold**: resolved)",
+                  f"{' in NLL' if as_ppl else ''}, {'higher' if higher else 'lower'} is better; **bold**: {bold})",
                   "", "| variant | " + " | ".join(str(n) for n in lengths) + " |",
                   "|---|" + "---|" * len(lengths)]  # fmt: skip
         for v in variants:
@@ -707,7 +712,8 @@ def ablation_table(summary, cfg) -> str:
         lines.append(f"Extension seeds {', '.join(map(str, cfg.seeds))} (data order; the base model is the same for "
                      "every seed): each sample is averaged over the seeds a row has; a difference is **bold** only "
                      "when that pooled interval excludes 0 and its sign holds in every seed (each seed's Δ in "
-                     "brackets).")  # fmt: skip
+                     "brackets); a row without seeds in brackets ran at the first seed only, and its bold means "
+                     "resolved there.")  # fmt: skip
     lines += _xpos_notes(cfg, variants)
     lines += _budget_table(summary, cfg)
     return "\n".join(lines) + "\n"
