@@ -84,6 +84,14 @@ past one GPU's activation memory, are in `ropekit/parallel.py` (context parallel
 """
 
 
+OLD_ROWS = [
+    "Rows without `sdpa_backends` in their config were measured before the bench used the trainer's optimizer",
+    "(`ropekit.train.adamw`, a loop over parameters on CPU): they ran AdamW with `foreach=True`, whose",
+    "temporaries count in their peaks.",
+]
+GOAL_PEAK_OVER_KNOWN = 1.5  # issue: SmolLM2-135M at 8k peaks at most 1.5x what is known in advance
+
+
 def _values(rows) -> dict[tuple[str, str, int], dict[str, float]]:
     out: dict[tuple[str, str, int], dict[str, float]] = defaultdict(dict)
     for r in rows:
@@ -114,9 +122,8 @@ def page() -> str:
         "",
         f"Measured on {device} (torch {versions['torch']}, transformers {versions['transformers']}; git "
         f"{', '.join(sha)}) by the commands in `experiments/train_memory.py`'s header; rows in "
-        "`figures/train_step_cpu.csv`; this page is generated from them. Rows without `sdpa_backends` in their",
-        "config were measured before the bench used the trainer's optimizer (`ropekit.train.adamw`, a loop over",
-        "parameters on CPU): they ran AdamW with `foreach=True`, whose temporaries count in their peaks.",
+        "`figures/train_step_cpu.csv`; this page is generated from them.",
+        *(OLD_ROWS if any("sdpa_backends" not in json.loads(r["config"]) for r in rows) else []),
         "",
         *train_step_table(rows),
         "",
@@ -133,6 +140,14 @@ def page() -> str:
                 ratios = f"({mem:.2f}x), at {speed:.2f}x its tokens/s"
                 lines.append(f"- `{model}` at {T:,}: ropekit's step peaks at {ours['peak_mem_gb']:.2f} GB against "
                              f"{hf['peak_mem_gb']:.2f} GB for HF's loss {ratios}.")  # fmt: skip
+    ours = values.get(("ropekit-train", "smollm2-135m", 8192))
+    if ours:
+        ratio = ours["peak_over_static"]
+        verdict = "met" if ratio <= GOAL_PEAK_OVER_KNOWN else "not met on this CPU"
+        known = ours["params_grads_adam_gb"] + ours["checkpointed_inputs_gb"]
+        lines += ["", f"Goal: a SmolLM2-135M step at 8,192 tokens peaks at most {GOAL_PEAK_OVER_KNOWN}x what is "
+                  f"known in advance; measured {ratio:.2f}x ({ours['peak_mem_gb']:.2f} GB against "
+                  f"{known:.2f} GB): {verdict}."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
