@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ropekit import data, parallel
-from ropekit.eval import run, tasks
+from ropekit.eval import ruler, run, tasks
 from ropekit.eval.harness import export_tasks
 from ropekit.eval.perplexity import select_windows
 from ropekit.eval.retrieval import build_fsr_samples
@@ -193,7 +193,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.out is not None:
         check_writable(args.out)  # before the evaluation, not after it
     t0 = time.perf_counter()
-    if args.task != "passkey":  # the text source is checked before the model is loaded
+    if args.task == "ruler":  # task names and lm-eval before the model is loaded
+        ruler.resolve_tasks(args.tasks)
+        for length in args.lengths:
+            ruler.check_length(length)
+        ruler.check_lm_eval()
+    if args.task not in ("passkey", "ruler"):  # the text source is checked before the model is loaded
         docs = data.load_documents(args.data)
         _, val = data.split_documents(docs, val_fraction=args.val_fraction, seed=args.split_seed)
     tokenizer = load_tokenizer(args.tokenizer or args.model)  # before the model: the checks below need only it
@@ -219,6 +224,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             continue
         if args.task == "passkey":
             rows = run.eval_passkey(model, tokenizer, [length], **common)
+        elif args.task == "ruler":
+            rows = run.eval_ruler(model, tokenizer, [length], tasks=args.tasks, **common)
         elif args.task == "ppl" and stride:
             rows = run.eval_ppl_sliding(model, tokenizer, val, [length], stride=stride, span=span, tokens=tokens,
                                         **common)  # fmt: skip
@@ -231,7 +238,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"{nan['metric']} at L={length} is NaN: the model's outputs are not finite (a diverged "
                              f"or damaged model?); no row of L={length} is written")  # fmt: skip
         for row in rows:
-            if row["metric"] in _SHOWN:
+            if row["metric"] in _SHOWN or row["metric"].startswith("ruler_score@"):
                 name = row["metric"]
                 print(f"{row['variant']:40s} {name:22s} L={length:<7} {row['value']:.4f} (n={row['n']})")
                 if row["n"] < args.n:
@@ -399,6 +406,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if bool(args.methods) == bool(args.from_advise):
         raise ValueError("sweep needs exactly one of --methods 'spec;spec;...' and --from-advise")
     methods = sweep.parse_methods(args.methods) if args.methods else []
+    forward, ruler_tasks = sweep.split_tasks(args.tasks)
+    if ruler_tasks:  # before the model loads
+        ruler.check_length(args.target_length)
+        ruler.check_lm_eval()
     out = args.out or f"runs/sweep_{args.model.replace('/', '_').replace(':', '_')}.csv"
     sweep.check_writable(out)  # before the model loads or anything runs
     if args.plot:
@@ -409,9 +420,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     model, _, _, trained = info
     settings = sweep.SweepSettings(
         model=args.model, data=args.data, trained_length=args.trained_length or trained,
-        target_length=args.target_length, tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
-        seed=args.seed, val_fraction=args.val_fraction, split_seed=args.split_seed, tokenizer=args.tokenizer,
-        **{k: getattr(args, k) for k in ("n_ppl", "n_fsr", "n_passkey") if getattr(args, k) is not None},
+        target_length=args.target_length, tasks=forward, ruler=ruler_tasks, seed=args.seed,
+        val_fraction=args.val_fraction, split_seed=args.split_seed, tokenizer=args.tokenizer,
+        **{k: getattr(args, k) for k in ("n_ppl", "n_fsr", "n_passkey", "n_ruler") if getattr(args, k) is not None},
     )  # fmt: skip
     if args.from_advise:
         advice = _advice_from_args(args, info)
@@ -460,20 +471,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="The history of the city begins with a small settlement by the river. ")
     p.set_defaults(func=_cmd_check)
 
-    p = sub.add_parser("eval", help="long-context evaluation: ppl, fsr, passkey; export-lm-eval")
+    p = sub.add_parser("eval", help="long-context evaluation: ppl, fsr, passkey, ruler (lm-eval); export-lm-eval")
     esub = p.add_subparsers(dest="task", required=True)
     for task, spec in tasks.TASKS.items():
         e = esub.add_parser(task, help=spec.description)
         e.add_argument("--model", required=True, help=_MODEL_HELP)
         e.add_argument("--rope", default=None, help="method spec to patch in (default: the model as saved)")
         e.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
-        e.add_argument("--lengths", type=_int_list, default=[1024, 2048, 4096], help="comma-separated lengths")
-        e.add_argument("--n", type=_at_least(1), default=8, help="windows / samples per length")
+        lengths = [ruler.MIN_LENGTH] if task == "ruler" else [1024, 2048, 4096]
+        e.add_argument("--lengths", type=_int_list, default=lengths, help="comma-separated lengths")
+        e.add_argument("--n", type=_at_least(1), default=8, help="windows / samples per length (per task: ruler)")
         e.add_argument("--seed", type=int, default=0)
         e.add_argument("--out", default=None, help="result CSV to append rows to")
         e.add_argument("--experiment", default="eval", help="experiment name in the rows")
         e.add_argument("--device", default=None)
-        if task != "passkey":
+        if task not in ("passkey", "ruler"):
             e.add_argument(
                 "--data", default="shakespeare", help="'shakespeare', a folder of .txt/.txt.gz, or hf:<name>"
             )
@@ -486,6 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--span", type=_at_least(2), default=None, help="tokens scored per document in sliding mode")
         if task == "fsr":
             e.add_argument("--no-generate", action="store_true", help="teacher-forced scores only (no ROUGE-L)")
+        if task == "ruler":
+            e.add_argument("--tasks", type=_name_list, default=["ruler-offline"],
+                           help="RULER tasks and groups, comma-separated: ruler (all 13), ruler-offline (the 6 "
+                                "whose data lm-eval synthesises; default), or names such as niah_single_1")  # fmt: skip
         e.set_defaults(func=_cmd_eval)
     e = esub.add_parser("export-lm-eval", help="write lm-evaluation-harness task YAMLs + data for ropekit's tasks")
     e.add_argument("--out", required=True, help="folder for the tasks (pass it to lm_eval --include_path)")
@@ -568,12 +584,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trained-length", type=int, default=None, help="L (default: max_position_embeddings)")
     p.add_argument("--head-dim", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--base", type=float, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--tasks", default="ppl,fsr,passkey", help="comma-separated subset of ppl, fsr, passkey")
+    p.add_argument("--tasks", default="ppl,fsr,passkey",
+                   help="comma-separated: ppl, fsr, passkey (one forward per prompt) and RULER tasks or groups "
+                        "through lm-eval (ruler-offline, niah_single_1, ...; L' >= 4096)")  # fmt: skip
 
     S = SweepSettings  # the defaults
     p.add_argument("--n-ppl", type=int, default=None, help=f"prompts whose text is a PPL window ({S.n_ppl})")
     p.add_argument("--n-fsr", type=int, default=None, help=f"prompts scored for FSR, teacher-forced ({S.n_fsr})")
     p.add_argument("--n-passkey", type=int, default=None, help=f"prompts with a passkey, spread depths ({S.n_passkey})")
+    p.add_argument("--n-ruler", type=int, default=None, help=f"prompts per RULER task ({S.n_ruler})")
     p.add_argument("--data", default="shakespeare", help="'shakespeare', a folder of .txt/.txt.gz, or hf:<name>")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
     p.add_argument("--val-fraction", type=_fraction, default=data.VAL_FRACTION)

@@ -1,5 +1,6 @@
 """Evaluation: perplexity, FIRST-SENTENCE-RETRIEVAL, passkey, lm-eval export, the eval CLI."""
 
+import json
 import math
 import re
 from types import SimpleNamespace
@@ -10,7 +11,7 @@ import torch
 from ropekit import data
 from ropekit.cli import main
 from ropekit.eval import perplexity, retrieval
-from ropekit.models import load_model
+from ropekit.models import load_model, load_tokenizer
 from ropekit.results import read_rows
 
 
@@ -368,3 +369,74 @@ def test_every_metric_the_evaluations_write_is_registered_under_its_task(saved_m
     acc = next(float(r["value"]) for r in written["fsr"] if r["metric"] == "fsr_token_accuracy")
     per_prompt = [float(r["value"]) for r in written["fsr"] if r["metric"] == "fsr_sample_token_accuracy"]
     assert acc == pytest.approx(sum(per_prompt) / len(per_prompt), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# RULER through lm-eval
+# ---------------------------------------------------------------------------------------------
+_RULER = ["eval", "ruler", "--model", "ropekit-tiny-256", "--tasks", "niah_single_1,niah_multikey_2",
+          "--lengths", "4096", "--n", "2"]  # fmt: skip
+
+
+def test_ruler_through_lm_eval_scores_the_same_prompts_for_every_method(tmp_path, capsys):
+    """The real lm-eval RULER tasks on the shipped model, patched with xPos and with plain RoPE: one row per
+    prompt and task, the same prompts (hashes) for both, none cut, and per-length means that match them."""
+    pytest.importorskip("lm_eval")
+    out = tmp_path / "ruler.csv"
+    for rope in ("xpos:base=10000,scale_base=32", "rope"):
+        assert main([*_RULER, "--rope", rope, "--out", str(out)]) == 0
+    assert "ruler_score@average" in capsys.readouterr().out
+    rows = read_rows(out)
+    samples = [r for r in rows if r["metric"].startswith("ruler_sample@")]
+    assert sorted(r["variant"].split(":")[0] for r in rows if r["metric"] == "ruler_score@average") == ["rope", "xpos"]
+    prompts = {}
+    for r in samples:
+        cfg = json.loads(r["config"])
+        assert 0.0 <= float(r["value"]) <= 1.0 and r["context_length"] == "4096"
+        assert 1000 < cfg["prompt_tokens"] <= 4096 and cfg["chat_template"] is None
+        prompts.setdefault(r["variant"], set()).add((r["metric"], cfg["sample"], cfg["prompt_sha"]))
+    rope, xpos = sorted(prompts)
+    assert prompts[rope] == prompts[xpos] and len(prompts[rope]) == 4
+    for variant in prompts:
+        mine = [r for r in samples if r["variant"] == variant and r["metric"].endswith("@niah_single_1")]
+        score = next(r for r in rows if r["variant"] == variant and r["metric"] == "ruler_score@niah_single_1")
+        assert float(score["value"]) == pytest.approx(sum(float(r["value"]) for r in mine) / 2)
+
+
+def test_a_ruler_prompt_that_lm_eval_would_cut_stops_the_run(monkeypatch):
+    """With a max_length too small for the prompts (lm-eval's 4,096 default at 16k, say), its wrapper would
+    cut each prompt from the left and score what is left: ropekit's check refuses instead."""
+    pytest.importorskip("lm_eval")
+    from ropekit.eval import ruler
+
+    model, tok = load_model("ropekit-tiny-256"), load_tokenizer("ropekit-tiny-256")
+    monkeypatch.setattr(ruler, "HEADROOM", -2048)  # max_length = 2,048 for prompts of ~3,000 tokens
+    with pytest.raises(ruler.PromptCut, match="would be cut from the left"):
+        ruler.ruler_samples(model, tok, ["niah_single_1"], 4096, n=1)
+
+
+def test_a_ruler_task_whose_data_cannot_be_downloaded_is_one_line(monkeypatch, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'baber/paul_graham_essays' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    out = tmp_path / "rows.csv"
+    argv = [*_RULER[:5], "niah_single_2", *_RULER[6:], "--out", str(out)]
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()  # progress bars before it are not errors
+    err = [line for line in lines if "ropekit: error" in line]
+    assert err == lines[-1:] and "baber/paul_graham_essays" in err[0] and "niah_single_1" in err[0], lines
+    assert not out.exists() or not read_rows(out)
+
+
+def test_an_unknown_ruler_task_or_a_short_length_is_refused_before_the_model_loads(capsys, monkeypatch):
+    monkeypatch.setattr("ropekit.cli.load_tokenizer", lambda *a: pytest.fail("loaded before the check"))
+    assert main([*_RULER[:5], "niah_single_9", *_RULER[6:]]) == 2
+    err = capsys.readouterr().err
+    assert "unknown RULER task 'niah_single_9'" in err and "ruler-offline" in err
+    assert main([*_RULER[:7], "2048", *_RULER[8:]]) == 2  # lm-eval's variable tracking would never finish
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "RULER length 2048 is too short" in err[0] and "4096" in err[0]

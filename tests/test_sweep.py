@@ -1,6 +1,7 @@
 """ropekit sweep: paired per-sample evaluation, reproducible ranking, resumable rows, clear errors."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -51,7 +52,7 @@ def test_sweep_ranks_reproducibly_and_resumes(tmp_path, saved_model, capsys):
     per = {(r["variant"], r["metric"]) for r in rows}
     for variant in ("native", "pi:factor=2", "abf:base=80000"):
         for metric in sweep.SAMPLE_METRICS:
-            assert (variant, metric) in per, (variant, metric)
+            assert (variant, metric) in per or metric.startswith("ruler_sample@"), (variant, metric)
     # the paired difference and its interval come from the differences of the same prompts
     nll = {(r["variant"], json.loads(r["config"])["sample"]): float(r["value"]) for r in rows
            if r["metric"] == "window_nll@target"}  # fmt: skip
@@ -154,3 +155,46 @@ def test_a_sweep_without_ppl_lists_every_candidate_unranked(tmp_path, saved_mode
     listed = [line.split("`")[1] for line in md.splitlines() if line.startswith("| ") and "`" in line]
     assert sorted(listed) == sorted(["native", *sweep.parse_methods(METHODS)])
     assert "Not ranked (no PPL task)" in md and "FSR acc: n = 1" in md
+
+
+def test_ruler_joins_an_earlier_sweep_on_the_same_prompts_for_every_candidate(tmp_path, saved_model, capsys):
+    """RULER tasks added to a finished sweep's --out run alone (its FSR rows are reused), through lm-eval, on
+    lm-eval's prompts, the same for every candidate; the table pairs them with the baseline."""
+    pytest.importorskip("lm_eval")
+    out = tmp_path / "rows.csv"
+    argv = ["sweep", "--model", str(saved_model), "--target-length", "4096", "--methods", "pi:factor=32",
+            "--n-fsr", "1", "--out", str(out)]  # fmt: skip
+    assert main([*argv, "--tasks", "fsr"]) == 0
+    before = read_rows(out)
+    capsys.readouterr()
+    assert main([*argv, "--tasks", "fsr,niah_single_1", "--n-ruler", "2"]) == 0
+    log = capsys.readouterr().out
+    assert "native: 0 prompts, RULER 1 tasks in" in log and "pi:factor=32: 0 prompts, RULER 1 tasks in" in log
+    rows = read_rows(out)
+    assert rows[: len(before)] == before
+    ruler_rows = [r for r in rows if r["metric"] == "ruler_sample@niah_single_1"]
+    prompts = {}
+    for r in ruler_rows:
+        cfg = json.loads(r["config"])
+        prompts.setdefault(r["variant"], {})[cfg["sample"]] = cfg["prompt_sha"]
+        assert r["context_length"] == "4096" and cfg["prompt_tokens"] <= 4096 and 0 <= float(r["value"]) <= 1
+    assert prompts["native"] == prompts["pi:factor=32"] and sorted(prompts["native"]) == [0, 1]
+    table = _table(out)
+    assert ("pi:factor=32", "delta:ruler_sample@niah_single_1") in table
+    md = sweep.table_path(out).read_text()
+    assert "RULER niah_single_1" in md and "RULER niah_single_1: n = 2" in md and "hashes checked" in md
+    # a changed prompt (another lm-eval version, say) cannot be paired: refused, not averaged
+    lines = out.read_text().splitlines(keepends=True)
+    i = next(k for k, line in enumerate(lines) if "pi:factor=32" in line and "ruler_sample@" in line)
+    changed = re.sub(r'(prompt_sha""?: ""?)[0-9a-f]{16}', r"\g<1>" + "0" * 16, lines[i])
+    assert changed != lines[i]
+    out.write_text("".join(lines[:i] + [changed] + lines[i + 1 :]))
+    assert main([*argv, "--tasks", "fsr,niah_single_1", "--n-ruler", "2"]) == 2
+    assert "cannot be paired" in capsys.readouterr().err
+
+
+def test_a_sweep_with_ruler_below_4096_is_refused_before_the_model_loads(tmp_path, saved_model, capsys):
+    assert main(_argv(saved_model, tmp_path / "rows.csv", "--tasks", "fsr,ruler-offline")) == 2
+    assert "RULER length 192 is too short" in capsys.readouterr().err
+    assert main(_argv(saved_model, tmp_path / "rows.csv", "--tasks", "fsr,niah_single_9")) == 2
+    assert "unknown sweep task(s) ['niah_single_9']" in capsys.readouterr().err

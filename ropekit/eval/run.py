@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ropekit.data import Document, TokenCache, tokenize_documents
+from ropekit.eval import ruler
 from ropekit.eval.perplexity import score_windows, select_windows, sliding_window_nll, summarize_windows
 from ropekit.eval.retrieval import (
     DEFAULT_FSR_TEMPLATE,
@@ -33,6 +34,7 @@ __all__ = [
     "eval_passkey",
     "eval_ppl_samples",
     "eval_fsr_samples",
+    "eval_ruler",
 ]
 
 
@@ -273,3 +275,40 @@ def eval_fsr_samples(
     return _rows(
         model, experiment, variant or variant_of(model), seed, {**(config or {}), "template": template}, metrics
     )
+
+
+def eval_ruler(
+    model,
+    tokenizer,
+    lengths: list[int],
+    *,
+    tasks: list[str],
+    n: int = 8,
+    seed: int = 0,
+    experiment: str = "eval",
+    variant: str | None = None,
+    config: dict[str, Any] | None = None,
+) -> list[dict]:
+    """RULER through lm-eval (``ropekit.eval.ruler``): per prompt ``ruler_sample@TASK`` (``sample`` = its
+    index, the same prompts for every model at a seed; its tokens and hash), per length ``ruler_score@TASK``
+    (their mean) and ``ruler_score@average`` (the mean over the tasks, RULER's headline number)."""
+    _check(lengths, n)
+    for L in lengths:
+        ruler.check_length(L)
+    metrics = []
+    for L in lengths:
+        samples = ruler.ruler_samples(model, tokenizer, tasks, L, n=n, seed=seed)
+        means = []
+        for task in ruler.resolve_tasks(tasks):
+            mine = [s for s in samples if s.task == task]
+            for s in mine:
+                where = {"sample": s.index, "prompt_tokens": s.prompt_tokens, "prompt_sha": s.prompt_sha,
+                         "response": s.response[:200]}  # fmt: skip
+                metrics.append((f"ruler_sample@{task}", L, s.score, 1, where))
+            if not mine:
+                raise ValueError(f"RULER task {task} made no prompt at L={L}: too short a length for it")
+            means.append(sum(s.score for s in mine) / len(mine))
+            metrics.append((f"ruler_score@{task}", L, means[-1], len(mine), {}))
+        metrics.append(("ruler_score@average", L, sum(means) / len(means), len(means), {"tasks": len(means)}))
+    config = {**(config or {}), "chat_template": None, "max_length": f"L+{ruler.HEADROOM}"}
+    return _rows(model, experiment, variant or variant_of(model), seed, config, metrics)

@@ -81,7 +81,16 @@ PASSKEY = Task(
     ),
 )
 
-TASKS: dict[str, Task] = {t.name: t for t in (PPL, FSR, PASSKEY)}
+RULER = Task(
+    "ruler",
+    "RULER's tasks through lm-eval (niah, vt, cwe, fwe, qa): string-match score per prompt, per task",
+    (  # the row's metric names the RULER task after '@': ruler_sample@niah_single_1
+        Metric("ruler_sample", "RULER score (lm-eval string match, 0-1)", "RULER", True),
+        Metric("ruler_score", "RULER score (lm-eval string match, 0-1)", "RULER", True, per_sample=False),
+    ),
+)
+
+TASKS: dict[str, Task] = {t.name: t for t in (PPL, FSR, PASSKEY, RULER)}
 METRICS: dict[str, Metric] = {m.name: m for t in TASKS.values() for m in t.metrics}
 _TASK_OF = {m.name: t.name for t in TASKS.values() for m in t.metrics}
 

@@ -18,6 +18,12 @@ spread depth of the text, and after the FSR answer the question for the key. One
 - ``fsr``: teacher-forced token accuracy and NLL of the first sentence;
 - ``passkey``: teacher-forced token accuracy and NLL of the key.
 
+RULER tasks (``ruler``: names or groups of ``ropekit.eval.ruler``) run through lm-eval at L', the first
+``n_ruler`` prompts of each, generated greedily: prompts of lm-eval's own, the same for every candidate at a
+seed (the rows carry their hashes and the summary refuses to pair two that differ). They are identified by
+``ruler_id`` (model, tokenizer, L', seed), not by the text settings, so RULER added to an earlier sweep's
+``--out`` reuses its PPL, FSR and passkey rows and runs RULER alone.
+
 ``n_ppl``, ``n_fsr`` and ``n_passkey`` count the prompts that record each task; the sweep runs as
 many prompts as the largest. The passkey sits in natural text, as in needle-in-a-haystack tests,
 not in the repeated filler of ``ropekit eval passkey``, and the FSR prompts that carry it hold one
@@ -47,7 +53,7 @@ import torch
 
 from ropekit import files
 from ropekit.data import VAL_FRACTION
-from ropekit.eval import retrieval, tasks
+from ropekit.eval import retrieval, ruler, tasks
 from ropekit.eval.perplexity import token_nll
 from ropekit.eval.run import variant_of
 from ropekit.figures import pyplot, save_png
@@ -59,6 +65,7 @@ from ropekit.stats import compare, paired_interval
 __all__ = [
     "TASKS",
     "BASELINE",
+    "split_tasks",
     "SweepSettings",
     "parse_methods",
     "check_writable",
@@ -72,7 +79,7 @@ __all__ = [
     "draw_sweep",
 ]
 
-TASKS = tuple(tasks.TASKS)  # the registry's: ppl, fsr, passkey
+TASKS = ("ppl", "fsr", "passkey")  # the registry's tasks one forward per prompt scores (RULER runs through lm-eval)
 BASELINE = "native"  # the model as loaded, unpatched
 
 # The per-sample metrics a sweep prompt records, in table order: the registry's, the perplexity window's at two
@@ -83,7 +90,7 @@ SAMPLE_METRICS = {
            tasks.metric(name).short + (_AT[name.split("@")[1]] if "@" in name else ""))
     for name in ("window_nll@target", "window_nll@trained", "fsr_sample_target_nll", "fsr_sample_token_accuracy",
                  "passkey_sample_target_nll", "passkey_sample_token_accuracy")
-}  # fmt: skip
+} | {f"ruler_sample@{t}": ("ruler", True, f"RULER {t}") for t in ruler.RULER_GROUPS["ruler"]}  # fmt: skip
 RANK_BY = "window_nll@target"
 
 
@@ -99,6 +106,8 @@ class SweepSettings:
     n_ppl: int = 8  # prompts that record each task; one forward per prompt serves all three
     n_fsr: int = 8
     n_passkey: int = 8
+    ruler: tuple[str, ...] = ()  # RULER tasks through lm-eval at L' (not in sweep_id: see ruler_id)
+    n_ruler: int = 4  # prompts per RULER task
     seed: int = 0
     val_fraction: float = VAL_FRACTION
     split_seed: int = 0
@@ -108,8 +117,12 @@ class SweepSettings:
 
     def __post_init__(self) -> None:
         bad = [t for t in self.tasks if t not in TASKS]
-        if bad or not self.tasks:
-            raise ValueError(f"unknown sweep task(s) {bad or list(self.tasks)}; accepted: {', '.join(TASKS)}")
+        if bad or not (self.tasks or self.ruler):
+            raise ValueError(f"unknown sweep task(s) {bad or list(self.tasks)}; accepted: {', '.join(TASKS)} "
+                             "and RULER's tasks and groups")  # fmt: skip
+        if self.ruler:
+            object.__setattr__(self, "ruler", tuple(ruler.resolve_tasks(list(self.ruler))))
+            ruler.check_length(self.target_length)
         if not (isinstance(self.trained_length, int) and self.trained_length > 1):
             raise ValueError(f"trained length must be an integer > 1; got {self.trained_length!r}")
         if not (isinstance(self.target_length, int) and self.target_length > self.trained_length):
@@ -117,14 +130,43 @@ class SweepSettings:
                 f"target length must be an integer > the trained length {self.trained_length}; "
                 f"got {self.target_length!r}"
             )
-        for key in ("n_ppl", "n_fsr", "n_passkey"):
+        for key in ("n_ppl", "n_fsr", "n_passkey", "n_ruler"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"{key.replace('_', '-')} must be >= 1; got {getattr(self, key)!r}")
 
     @property
     def sweep_id(self) -> str:
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
-        return hashlib.sha1(text.encode()).hexdigest()[:12]
+        """What the one-forward prompts depend on (RULER's fields left out: an earlier sweep keeps its id)."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("ruler", "n_ruler")}
+        return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+    @property
+    def ruler_id(self) -> str:
+        """What lm-eval's RULER prompts depend on: the tokenizer, the length and the seed."""
+        fields = {"model": self.model, "tokenizer": self.tokenizer, "length": self.target_length, "seed": self.seed}
+        return "ruler-" + hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+    def holds(self, metric: str, cfg: dict) -> bool:
+        """Whether a per-sample row (its metric and config) is one of this sweep's samples."""
+        if metric.startswith("ruler_sample@"):
+            return (cfg.get("ruler_id") == self.ruler_id and metric.split("@")[1] in self.ruler
+                    and int(cfg["sample"]) < self.n_ruler)  # fmt: skip
+        return cfg.get("sweep_id") == self.sweep_id
+
+
+def split_tasks(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``--tasks``: the one-forward tasks (``TASKS``) and the RULER tasks (names or groups) it names."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    forward = tuple(t for t in names if t in TASKS)
+    rest = [t for t in names if t not in TASKS]
+    try:
+        return forward, tuple(ruler.resolve_tasks(rest))
+    except ValueError:
+        bad = [t for t in rest if t not in ruler.RULER_GROUPS and t not in ruler.RULER_GROUPS["ruler"]]
+        accepted = (
+            f"{', '.join(TASKS)}, and RULER's {', '.join(ruler.RULER_GROUPS)} or {', '.join(ruler.RULER_OFFLINE)}"
+        )
+        raise ValueError(f"unknown sweep task(s) {bad}; accepted: {accepted}, ...") from None
 
 
 def parse_methods(text: str) -> list[str]:
@@ -165,7 +207,7 @@ def check_writable(out: str | Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------
-def _done(out: Path, experiment: str, sweep_id: str) -> set[tuple[str, str, int]]:
+def _done(out: Path, experiment: str, settings: SweepSettings) -> set[tuple[str, str, int]]:
     """(variant, metric, sample) of every per-sample row ``out`` holds for this sweep."""
     done = set()
     for r in read_rows(out):
@@ -175,7 +217,7 @@ def _done(out: Path, experiment: str, sweep_id: str) -> set[tuple[str, str, int]
             cfg = json.loads(r["config"] or "{}")
         except json.JSONDecodeError:
             continue
-        if cfg.get("sweep_id") == sweep_id:
+        if settings.holds(r["metric"], cfg):
             done.add((r["variant"], r["metric"], int(cfg["sample"])))
     return done
 
@@ -258,11 +300,10 @@ def run_sweep(
 
 def _run_sweep(model, tokenizer, docs, methods, settings: SweepSettings, out: Path, *, experiment, log):
     methods = [_normalized(m) for m in methods]
-    sweep_id = settings.sweep_id
-    done = _done(out, experiment, sweep_id)
+    done = _done(out, experiment, settings)
     work = _work(settings)
     Lp = settings.target_length
-    prompts = retrieval.build_fsr_samples(docs, tokenizer, Lp, n=len(work), seed=settings.seed)
+    prompts = retrieval.build_fsr_samples(docs, tokenizer, Lp, n=len(work), seed=settings.seed) if work else []
     if len(prompts) < len(work):
         raise ValueError(
             f"the validation text holds only {len(prompts)} FSR prompts of {Lp} tokens; the sweep needs "
@@ -273,9 +314,22 @@ def _run_sweep(model, tokenizer, docs, methods, settings: SweepSettings, out: Pa
         prompts[i] = retrieval.plant_passkey(tokenizer, prompts[i], (i + 0.5) / n_key, seed=settings.seed)
     native = variant_of(model)
     prov = provenance(next(model.parameters()).device)
+
+    def keep(variant, method, values, extra):
+        rows = [make_row(experiment=experiment, variant=variant, metric=m, context_length=length, value=v, n=1,
+                         seed=settings.seed, config={**extra, "settings": dataclasses.asdict(settings),
+                                                     "method": method, **more}, prov=prov)
+                for m, length, v, more in values]  # fmt: skip
+        append_rows(out, rows)
+
     for variant in [BASELINE, *methods]:
         todo = [(i, ts) for i, ts in work if any((variant, m, i) not in done for t in ts for m in _metrics(t))]
-        if not todo:
+        todo_ruler = [
+            t
+            for t in settings.ruler
+            if any((variant, f"ruler_sample@{t}", i) not in done for i in range(settings.n_ruler))
+        ]
+        if not (todo or todo_ruler):
             log(f"{variant}: already in {out}, skipped")
             continue
         handle = None if variant == BASELINE else patch(model, variant)
@@ -286,30 +340,19 @@ def _run_sweep(model, tokenizer, docs, methods, settings: SweepSettings, out: Pa
             for i, tasks in todo:
                 t0 = time.perf_counter()
                 values = _prompt_values(model, prompts[i], tasks, settings, length_dependent)
-                config = {
-                    "sweep_id": sweep_id,
-                    "settings": dataclasses.asdict(settings),
-                    "method": method,
-                    "seconds": round(time.perf_counter() - t0, 1),
-                    "sample": i,
-                }
-                rows = [
-                    make_row(
-                        experiment=experiment,
-                        variant=variant,
-                        metric=m,
-                        context_length=length,
-                        value=v,
-                        n=1,
-                        seed=settings.seed,
-                        config={**config, **extra},
-                        prov=prov,
-                    )
-                    for m, length, v, extra in values
-                ]
-                append_rows(out, rows)
+                seconds = round(time.perf_counter() - t0, 1)
+                keep(variant, method, values, {"sweep_id": settings.sweep_id, "seconds": seconds, "sample": i})
                 log(f"{variant}: prompt {i} ({', '.join(tasks)}) in {time.perf_counter() - t0:.0f}s")
-            log(f"{variant}: {len(todo)} prompts in {time.perf_counter() - t_variant:.0f}s")
+            for task in todo_ruler:  # one lm-eval run per task: its rows are kept before the next starts
+                t0 = time.perf_counter()
+                samples = ruler.ruler_samples(model, tokenizer, [task], Lp, n=settings.n_ruler, seed=settings.seed)
+                seconds = round((time.perf_counter() - t0) / max(len(samples), 1), 1)
+                values = [(f"ruler_sample@{task}", Lp, s.score, {"sample": s.index, "prompt_tokens": s.prompt_tokens,
+                           "prompt_sha": s.prompt_sha, "response": s.response[:200]}) for s in samples]  # fmt: skip
+                keep(variant, method, values, {"ruler_id": settings.ruler_id, "seconds": seconds})
+                log(f"{variant}: RULER {task}, {len(samples)} prompts in {time.perf_counter() - t0:.0f}s")
+            ruler_done = f", RULER {len(todo_ruler)} tasks" if todo_ruler else ""
+            log(f"{variant}: {len(todo)} prompts{ruler_done} in {time.perf_counter() - t_variant:.0f}s")
         finally:
             if handle is not None:
                 handle.undo()
@@ -319,14 +362,25 @@ def _run_sweep(model, tokenizer, docs, methods, settings: SweepSettings, out: Pa
 # ---------------------------------------------------------------------------------------------
 # Paired statistics and the ranked table
 # ---------------------------------------------------------------------------------------------
-def _samples(rows, sweep_id: str) -> dict[tuple[str, str], dict[int, float]]:
+def _samples(rows, settings: SweepSettings) -> dict[tuple[str, str], dict[int, float]]:
+    """(variant, metric) -> sample -> value. Two variants' RULER prompts of one index must be the same
+    prompt (its hash): lm-eval builds them, and a different lm-eval could build others."""
     by: dict[tuple[str, str], dict[int, float]] = {}
+    sha: dict[tuple[str, int], tuple[str, str]] = {}
     for r in rows:
         if r["metric"] not in SAMPLE_METRICS:
             continue
         cfg = json.loads(r["config"] or "{}")
-        if cfg.get("sweep_id") == sweep_id:
-            by.setdefault((r["variant"], r["metric"]), {})[int(cfg["sample"])] = float(r["value"])
+        if not settings.holds(r["metric"], cfg):
+            continue
+        i = int(cfg["sample"])
+        if "prompt_sha" in cfg:
+            first = sha.setdefault((r["metric"], i), (cfg["prompt_sha"], r["variant"]))
+            if first[0] != cfg["prompt_sha"]:
+                raise ValueError(f"{r['metric']} prompt {i} differs between {first[1]} and {r['variant']} (hash "
+                                 f"{first[0]} vs {cfg['prompt_sha']}: another lm-eval version?); they cannot be "
+                                 "paired: rerun both into a new --out")  # fmt: skip
+        by.setdefault((r["variant"], r["metric"]), {})[i] = float(r["value"])
     return by
 
 
@@ -335,7 +389,7 @@ def summarize(out: str | Path, settings: SweepSettings, *, experiment: str = "sw
     paired difference to the baseline (``delta:<m>``, ``delta_low:<m>``, ``delta_high:<m>``,
     ``resolved:<m>`` 1/0), and ``rank`` (by NLL at L'); written to ``summary_path(out)``."""
     rows = [r for r in read_rows(out) if r["experiment"] == experiment]
-    by = _samples(rows, settings.sweep_id)
+    by = _samples(rows, settings)
     variants = [BASELINE] + [v for v in (methods or sorted({v for v, _ in by})) if v != BASELINE]
     prov = provenance()
     cfg = {
@@ -398,6 +452,12 @@ def _order(val: dict[tuple[str, str], float]) -> list[str]:
     return ranked + sorted({v for v, _ in val} - set(ranked))
 
 
+_RULER_NOTE = (
+    " RULER: lm-eval's prompts sized to L′ (none cut; the rows give each prompt's tokens), the same for every "
+    "candidate (hashes checked), answers generated greedily, string-match score 0-1; no chat template."
+)
+
+
 def markdown_table(summary: list[dict], rows: list[dict], settings: SweepSettings) -> str:
     """``<out>_table.md``: the ranked candidates, per metric the mean and the paired difference to the
     baseline with its 95% interval (**bold**: resolved), then what was run, where and how long."""
@@ -422,14 +482,19 @@ def markdown_table(summary: list[dict], rows: list[dict], settings: SweepSetting
             cells.append(cell)
         shown = rank if (v, "rank") in val else "–"
         lines.append(f"| {shown} | `{v}` | " + " | ".join(cells) + " |")
-    per = _samples(rows, settings.sweep_id)
+    per = _samples(rows, settings)
     n = {m: max((len(per.get((v, m), {})) for v in ranked), default=0) for m in metrics}
-    seconds: dict[str, dict[int, float]] = {}
+    seconds: dict[str, dict[tuple[str, int], float]] = {}  # variant -> (forward or RULER task, sample) -> s
+    mine = []
     for r in rows:
         cfg = json.loads(r["config"] or "{}")
-        if cfg.get("sweep_id") == settings.sweep_id and "seconds" in cfg:
-            seconds.setdefault(r["variant"], {})[int(cfg["sample"])] = float(cfg["seconds"])
-    mine = [r for r in rows if r["metric"] in SAMPLE_METRICS and settings.sweep_id in r["config"]]
+        if r["metric"] not in SAMPLE_METRICS or not settings.holds(r["metric"], cfg):
+            continue
+        mine.append(r)
+        what = r["metric"] if r["metric"].startswith("ruler_sample@") else "forward"
+        if "seconds" in cfg:
+            seconds.setdefault(r["variant"], {})[(what, int(cfg["sample"]))] = float(cfg["seconds"])
+    has_ruler = any(m.startswith("ruler_sample@") for m in metrics)
     shas, devices = sorted({r["git_sha"] for r in mine}), sorted({r["device"] for r in mine})
     versions = sorted({", ".join(f"{k} {v}" for k, v in json.loads(r["versions"]).items()) for r in mine})
     lines += [
@@ -440,9 +505,10 @@ def markdown_table(summary: list[dict], rows: list[dict], settings: SweepSetting
         + " prompts of L′ tokens, the same for every candidate. Means; Δ: mean paired difference to "
         f"`{BASELINE}` (the model as loaded; NLL for PPL columns, lower is better; accuracies higher), 95% "
         "percentile bootstrap interval; **bold**: the interval excludes 0 (n >= 5). "
-        + ("Ranked by NLL at L′." if any(m == "rank" for _, m in val) else "Not ranked (no PPL task)."),
+        + ("Ranked by NLL at L′." if any(m == "rank" for _, m in val) else "Not ranked (no PPL task).")
+        + (_RULER_NOTE if has_ruler else ""),
         "",
-        "Seconds per candidate (its prompts' forwards): "
+        f"Seconds per candidate (its prompts' forwards{' and RULER generations' if has_ruler else ''}): "
         + ", ".join(f"`{v}` {sum(seconds.get(v, {}).values()):.0f}" for v in ranked)
         + f"; {sum(sum(x.values()) for x in seconds.values()):.0f} in all. Device: {', '.join(devices)}; "
         f"git {', '.join(shas)}; {'; '.join(versions)}.",
