@@ -12,8 +12,9 @@ Nothing says so but a log line. Here:
   run (``PromptCut``), so no score comes from a cut prompt. Positions reach the prompt's tokens (rows record
   them) plus the task's generation budget (``max_gen_toks``: 30 to 128);
 - the prompt is the base model's: no chat template;
-- the prompts depend on the seed alone (Python's and NumPy's generators are seeded before lm-eval builds them),
-  so every model at a seed gets the same prompts; each row carries its prompt's hash to show it;
+- a task's prompts depend on its name, L and the seed alone (Python's and NumPy's generators are seeded before
+  lm-eval builds each task's), so every model at a seed gets the same prompts, whichever tasks run beside it;
+  each row carries its prompt's hash to show it;
 - L >= 4,096 (``MIN_LENGTH``): RULER's shortest length and lm-eval's default; below it lm-eval's variable
   tracking loops forever (its worked example alone is sized to 500 tokens) and other tasks can build a
   sample with no answer;
@@ -161,9 +162,11 @@ def ruler_samples(model, tokenizer, tasks: list[str], length: int, *, n: int, se
     with tempfile.TemporaryDirectory() as folder:
         tokenizer.save_pretrained(folder)  # lm-eval's RULER loads the tokenizer by name: this folder
         manager = TaskManager(metadata={"max_seq_lengths": [length], "tokenizer": folder})
-        random.seed(seed)
-        np.random.seed(seed)
-        loaded = [_load_task(manager, name) for name in tasks]
+        loaded = []
+        for name in tasks:  # each task's prompts depend on its name, L and the seed, not on the tasks beside it
+            random.seed(seed)
+            np.random.seed(seed)
+            loaded.append(_load_task(manager, name))
         lm = _checked_lm(HFLM, model, tokenizer, length + HEADROOM)
         with torch.no_grad():
             result = simple_evaluate(model=lm, tasks=loaded, task_manager=manager, limit=n, log_samples=True,
