@@ -167,11 +167,13 @@ def test_ruler_joins_an_earlier_sweep_on_the_same_prompts_for_every_candidate(tm
     assert main([*argv, "--tasks", "fsr"]) == 0
     before = read_rows(out)
     capsys.readouterr()
-    assert main([*argv, "--tasks", "fsr,niah_single_1", "--n-ruler", "2"]) == 0
+    assert main([*argv, "--tasks", "fsr,niah_single_1", "--n-ruler", "1"]) == 0
     log = capsys.readouterr().out
     assert "native: 0 prompts, RULER 1 tasks in" in log and "pi:factor=32: 0 prompts, RULER 1 tasks in" in log
+    assert main([*argv, "--tasks", "fsr,niah_single_1", "--n-ruler", "2"]) == 0  # more prompts: only the new one
+    assert capsys.readouterr().out.count("RULER niah_single_1, 1 prompts in") == 2
     rows = read_rows(out)
-    assert rows[: len(before)] == before
+    assert rows[: len(before)] == before and len(rows) == len(before) + 4
     ruler_rows = [r for r in rows if r["metric"] == "ruler_sample@niah_single_1"]
     prompts = {}
     for r in ruler_rows:

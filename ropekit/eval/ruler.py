@@ -152,9 +152,15 @@ def _load_task(manager, name: str):
         ) from err
 
 
-def ruler_samples(model, tokenizer, tasks: list[str], length: int, *, n: int, seed: int = 0) -> list[RulerSample]:
+def ruler_samples(
+    model, tokenizer, tasks: list[str], length: int, *, n: int, seed: int = 0, skip: frozenset[int] = frozenset()
+) -> list[RulerSample]:
     """The first ``n`` RULER prompts of each task at ``length`` (the same for every model at a ``seed``),
-    generated greedily by ``model`` through lm-eval and scored by it."""
+    but those whose index is in ``skip`` (already scored), generated greedily by ``model`` through lm-eval
+    and scored by it."""
+    indices = [i for i in range(n) if i not in skip]
+    if not indices:
+        return []
     check_length(length)
     simple_evaluate, HFLM, TaskManager = _import_lm_eval()
     tasks = resolve_tasks(tasks)
@@ -169,7 +175,8 @@ def ruler_samples(model, tokenizer, tasks: list[str], length: int, *, n: int, se
             loaded.append(_load_task(manager, name))
         lm = _checked_lm(HFLM, model, tokenizer, length + HEADROOM)
         with torch.no_grad():
-            result = simple_evaluate(model=lm, tasks=loaded, task_manager=manager, limit=n, log_samples=True,
+            result = simple_evaluate(model=lm, tasks=loaded, task_manager=manager, log_samples=True,
+                                     samples={name: indices for name in tasks},
                                      apply_chat_template=False, random_seed=seed, numpy_random_seed=seed,
                                      torch_random_seed=seed, bootstrap_iters=0)  # fmt: skip
     for name in tasks:

@@ -345,7 +345,10 @@ def _run_sweep(model, tokenizer, docs, methods, settings: SweepSettings, out: Pa
                 log(f"{variant}: prompt {i} ({', '.join(tasks)}) in {time.perf_counter() - t0:.0f}s")
             for task in todo_ruler:  # one lm-eval run per task: its rows are kept before the next starts
                 t0 = time.perf_counter()
-                samples = ruler.ruler_samples(model, tokenizer, [task], Lp, n=settings.n_ruler, seed=settings.seed)
+                scored = frozenset(i for v, m, i in done if v == variant and m == f"ruler_sample@{task}")
+                samples = ruler.ruler_samples(
+                    model, tokenizer, [task], Lp, n=settings.n_ruler, seed=settings.seed, skip=scored
+                )
                 seconds = round((time.perf_counter() - t0) / max(len(samples), 1), 1)
                 values = [(f"ruler_sample@{task}", Lp, s.score, {"sample": s.index, "prompt_tokens": s.prompt_tokens,
                            "prompt_sha": s.prompt_sha, "response": s.response[:200]}) for s in samples]  # fmt: skip
@@ -497,14 +500,22 @@ def markdown_table(summary: list[dict], rows: list[dict], settings: SweepSetting
     has_ruler = any(m.startswith("ruler_sample@") for m in metrics)
     shas, devices = sorted({r["git_sha"] for r in mine}), sorted({r["device"] for r in mine})
     versions = sorted({", ".join(f"{k} {v}" for k, v in json.loads(r["versions"]).items()) for r in mine})
+    forward = [m for m in metrics if not m.startswith("ruler_sample@")]
+    if forward:
+        counts = ", ".join(f"{SAMPLE_METRICS[m][2]}: n = {n[m]}" for m in forward)
+        what = (f" on `{settings.data}` (validation split {settings.val_fraction}, seed {settings.split_seed}); "
+                f"{counts} prompts of L′ tokens")  # fmt: skip
+    else:
+        what = ""
+    if has_ruler:
+        what += ("; " if forward else ": ") + ", ".join(f"{SAMPLE_METRICS[m][2]}: n = {n[m]}" for m in metrics
+                                                       if m not in forward) + " prompts"  # fmt: skip
     lines += [
         "",
-        f"{settings.model}, trained at L = {L:,}, extended training-free to L′ = {Lp:,} on `{settings.data}` "
-        f"(validation split {settings.val_fraction}, seed {settings.split_seed}); "
-        + ", ".join(f"{SAMPLE_METRICS[m][2]}: n = {n[m]}" for m in metrics)
-        + " prompts of L′ tokens, the same for every candidate. Means; Δ: mean paired difference to "
-        f"`{BASELINE}` (the model as loaded; NLL for PPL columns, lower is better; accuracies higher), 95% "
-        "percentile bootstrap interval; **bold**: the interval excludes 0 (n >= 5). "
+        f"{settings.model}, trained at L = {L:,}, extended training-free to L′ = {Lp:,}{what}, the same for every "
+        f"candidate. Means; Δ: mean paired difference to `{BASELINE}` (the model as loaded; "
+        + ("NLL for PPL columns, lower is better; accuracies higher" if forward else "higher is better")
+        + "), 95% percentile bootstrap interval; **bold**: the interval excludes 0 (n >= 5). "
         + ("Ranked by NLL at L′." if any(m == "rank" for _, m in val) else "Not ranked (no PPL task).")
         + (_RULER_NOTE if has_ruler else ""),
         "",
