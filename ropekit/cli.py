@@ -330,11 +330,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.train_step:
         lengths = args.lengths or [8192, 16384, 32768]
-        bench.check_train_step(args.models, lengths, args.providers)
+        bench.check_train_step(args.models, lengths, args.providers, args.mmap_threshold_mib)
         count = 0
         for model in args.models:
             for length in lengths:
-                rows = bench.run_train_step([model], [length], providers=args.providers, steps=args.steps)
+                rows = bench.run_train_step([model], [length], providers=args.providers, steps=args.steps,
+                                            mmap_mib=args.mmap_threshold_mib)  # fmt: skip
                 if args.out:
                     append_rows(args.out, rows)
                 count += len(rows)
@@ -555,6 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--train-step: hf (unpatched, HF's loss), ropekit-patch (patched, HF's loss),\n"
                         "ropekit-train (patched, ropekit's chunked loss)")  # fmt: skip
     p.add_argument("--steps", type=_at_least(1), default=2, help="--train-step: timed steps after one warm-up")
+    p.add_argument("--mmap-threshold-mib", type=int, default=None,
+                   help="--train-step on CPU: fix glibc's mmap threshold (1-32 MiB) in each measuring process,\n"
+                        "so freed tensors' memory goes back to the system (default: glibc's dynamic one)")  # fmt: skip
     p.add_argument("--lengths", type=_int_list, default=None,
                    help="sequence lengths: --train-step's (default 8192,16384,32768), or the training shapes'\n"
                         "to keep (default all; decoding shapes always run)")  # fmt: skip

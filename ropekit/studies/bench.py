@@ -30,6 +30,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -319,6 +320,12 @@ TRAIN_STEP_MODELS: dict[str, dict] = {
 TRAIN_STEP_PROVIDERS = ("hf", "ropekit-patch", "ropekit-train")
 TRAIN_METHOD = "abf:base=500000"
 MAX_TRAIN_STEP_LENGTH = 2**17
+# glibc's malloc keeps freed blocks below its mmap threshold (by default raised up to 32 MiB as blocks are freed)
+# in the process for reuse, so a CPU step's resident peak counts holes between live tensors; with a fixed
+# threshold, every tensor of at least that size gets pages of its own that go back to the system when it is
+# freed (set through the environment at the process's start: MALLOC_MMAP_THRESHOLD_).
+MALLOC_MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+MAX_MMAP_THRESHOLD_MIB = 32  # glibc refuses a larger threshold on 64-bit systems
 # Dense bf16 tensor-core peak by device name (vendor datasheets, TFLOP/s): the MFU denominator. A device not
 # listed gets no MFU row (its achieved TFLOP/s row still lands).
 PEAK_BF16_TFLOPS = {"NVIDIA H200": 989.4, "NVIDIA H100 80GB HBM3": 989.4, "NVIDIA A100-SXM4-80GB": 312.0,
@@ -343,8 +350,14 @@ def _max_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
 
 
-def check_train_step(models, lengths, providers=TRAIN_STEP_PROVIDERS) -> None:
-    """Refuse an unknown model shape or provider and a length out of range, before any work."""
+def check_train_step(models, lengths, providers=TRAIN_STEP_PROVIDERS, mmap_mib: int | None = None) -> None:
+    """Refuse an unknown model shape or provider, a length out of range and an mmap threshold glibc would not
+    take (or on a system without glibc), before any work."""
+    if mmap_mib is not None:
+        if not 1 <= mmap_mib <= MAX_MMAP_THRESHOLD_MIB:
+            raise ValueError(f"mmap threshold {mmap_mib} MiB out of range; accepted: 1 to {MAX_MMAP_THRESHOLD_MIB}")
+        if platform.libc_ver()[0] != "glibc":
+            raise ValueError("an mmap threshold needs glibc's malloc (Linux); this system has none")
     for name in models:
         if name not in TRAIN_STEP_MODELS:
             raise ValueError(f"unknown train-step model {name!r}; accepted: {', '.join(TRAIN_STEP_MODELS)}")
@@ -425,9 +438,10 @@ def _time_train_steps(model, opt, ids: torch.Tensor, provider: str, steps: int, 
 
 def measure_train_step(name: str, T: int, provider: str, *, steps: int = 2, device: str = "cpu") -> dict | None:
     """One model shape, length and provider: {"step_s", "params", "peak_gb", "baseline_gb", "sdpa_backends",
-    "attention_mask_gb"} or None when out of memory. CUDA: the allocator's peak over the timed steps (baseline
-    0); CPU: this process's resident high-water mark and its value before the model was built (run it in a fresh
-    process: the mark never falls)."""
+    "attention_mask_gb", "mmap_threshold"} or None when out of memory (``mmap_threshold``: the process's
+    fixed malloc mmap threshold in bytes from its environment, None for glibc's default). CUDA: the allocator's
+    peak over the timed steps (baseline 0); CPU: this process's resident high-water mark and its value before the
+    model was built (run it in a fresh process: the mark never falls)."""
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     if not cuda:  # the baseline after the libraries' lazy imports and first-call set-up: a micro step first
@@ -459,15 +473,19 @@ def measure_train_step(name: str, T: int, provider: str, *, steps: int = 2, devi
         if cuda:
             torch.cuda.empty_cache()
     return {"step_s": dt, "params": n_params, "peak_gb": peak, "baseline_gb": baseline,
-            "sdpa_backends": sorted(recorder.backends), "attention_mask_gb": recorder.mask_bytes / 1e9}  # fmt: skip
+            "sdpa_backends": sorted(recorder.backends), "attention_mask_gb": recorder.mask_bytes / 1e9,
+            "mmap_threshold": int(threshold) if (threshold := os.environ.get(MALLOC_MMAP_ENV)) else None}  # fmt: skip
 
 
-def _measure_in_child(name: str, T: int, provider: str, steps: int) -> dict | None:
-    """``measure_train_step`` in a fresh Python process (CPU: its resident high-water mark is this step's);
-    None when the system killed it for memory."""
+def _measure_in_child(name: str, T: int, provider: str, steps: int, mmap_mib: int | None = None) -> dict | None:
+    """``measure_train_step`` in a fresh Python process (CPU: its resident high-water mark is this step's), with
+    glibc's mmap threshold fixed at ``mmap_mib`` MiB where given; None when the system killed it for memory."""
     call = f"measure_train_step({name!r}, {T}, {provider!r}, steps={steps}, device='cpu')"
     code = f"import json; from ropekit.studies.bench import measure_train_step; print('RESULT', json.dumps({call}))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    env = dict(os.environ)
+    if mmap_mib is not None:
+        env[MALLOC_MMAP_ENV] = str(mmap_mib << 20)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode in (-9, 137):  # the kernel's out-of-memory killer
         return None
@@ -486,17 +504,20 @@ def memory_split(shape: dict, T: int, params: int) -> dict[str, float]:
 
 
 def run_train_step(models: list[str], lengths: list[int], *, providers=TRAIN_STEP_PROVIDERS, steps: int = 2,
-                   device: str | None = None, log=print) -> list[dict]:  # fmt: skip
+                   device: str | None = None, mmap_mib: int | None = None, log=print) -> list[dict]:  # fmt: skip
     """Time ``steps`` optimizer steps (after one warm-up) of each model shape at each length for each provider;
     returns result rows: tokens/s, achieved TFLOP/s, MFU (where the device's peak is known), the peak memory
     (CUDA: the allocator's; CPU: the resident high-water mark of a fresh process per measurement, less its
     value before the model was built) and its split: parameters + gradients + AdamW state and checkpointed
     layer inputs (known in advance), and the rest (activations of the layer being recomputed, the loss head,
-    attention's workspace), with ``peak_over_static`` = peak / (the two known parts)."""
-    check_train_step(models, lengths, providers)
+    attention's workspace), with ``peak_over_static`` = peak / (the two known parts). ``mmap_mib`` (CPU):
+    glibc's mmap threshold in each measuring process (``MALLOC_MMAP_ENV``), recorded in the rows' config."""
+    check_train_step(models, lengths, providers, mmap_mib)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     prov = provenance(dev)
     cuda = dev.type == "cuda"
+    if cuda and mmap_mib is not None:
+        raise ValueError("an mmap threshold applies to CPU measurements; this one runs on CUDA")
     peak_flops = PEAK_BF16_TFLOPS.get(prov["device"]) if cuda else None
     rows = []
     for name in models:
@@ -506,7 +527,7 @@ def run_train_step(models: list[str], lengths: list[int], *, providers=TRAIN_STE
                 if cuda:
                     got = measure_train_step(name, T, provider, steps=steps, device=str(dev))
                 else:
-                    got = _measure_in_child(name, T, provider, steps)
+                    got = _measure_in_child(name, T, provider, steps, mmap_mib)
                 if got is None:
                     log(f"  {provider:14s} {name:13s} T={T:6d}: out of memory (no rows)")
                     continue
@@ -528,16 +549,30 @@ def run_train_step(models: list[str], lengths: list[int], *, providers=TRAIN_STE
                        "attention": "sdpa", "sdpa_backends": got["sdpa_backends"], "peak_bf16_tflops": peak_flops,
                        "memory": "CUDA allocator peak" if cuda else "resident high-water mark of a fresh process, "
                                  "less its value before the model was built"}  # fmt: skip
+                if not cuda:
+                    cfg["malloc_mmap_threshold"] = got["mmap_threshold"]  # None: glibc's default (dynamic)
                 for metric, value in measures.items():
                     rows.append(make_row(experiment="train_step", variant=f"{provider} @ {name}", metric=metric,
                                          context_length=T, value=value, n=steps, seed=0, config=cfg,
                                          prov=prov))  # fmt: skip
-                log(f"  {provider:14s} {name:13s} T={T:6d}: {T / dt:10.0f} tok/s, {tflops:7.1f} TFLOP/s"
+                log(f"  {provider_label(provider, cfg):14s} {name:13s} T={T:6d}: {T / dt:10.0f} tok/s, "
+                    f"{tflops:7.1f} TFLOP/s"
                     + (f", MFU {measures['mfu']:.3f}" if peak_flops else "")
                     + f", memory {used:.2f} GB = {known:.2f} known + {used - known:.2f} rest "
                     f"({used / known:.2f}x); attention: {', '.join(got['sdpa_backends'])}, largest mask "
                     f"{got['attention_mask_gb']:.3f} GB")  # fmt: skip
     return rows
+
+
+def provider_label(provider: str, config: dict) -> str:
+    """The provider of a train-step row, with the fixed mmap threshold its process ran under where it had one."""
+    threshold = config.get("malloc_mmap_threshold")
+    return provider if not threshold else f"{provider} (mmap >= {threshold / 2**20:g} MiB)"
+
+
+def _labelled(r: dict) -> tuple[str, str]:
+    provider, model = r["variant"].split(" @ ")
+    return provider_label(provider, json.loads(r["config"] or "{}")), model
 
 
 def memory_growth(rows: list[dict]) -> list[str]:
@@ -548,7 +583,7 @@ def memory_growth(rows: list[dict]) -> list[str]:
     backends: dict[tuple[str, str], set[str]] = defaultdict(set)
     for r in rows:
         if r["experiment"] == "train_step" and r["metric"] == "peak_mem_gb":
-            key = tuple(r["variant"].split(" @ "))
+            key = _labelled(r)
             peaks[key][int(r["context_length"])] = float(r["value"])  # newest row wins
             backends[key].update(json.loads(r["config"] or "{}").get("sdpa_backends", []))
     out = []
@@ -574,16 +609,38 @@ def _cells(got: list[dict], key: str, fmt: str, which=(0, 1, 2)) -> str:
     return ", ".join(format(got[i][key], fmt) if key in got[i] else "–" for i in which)
 
 
+def _train_step_values(rows: list[dict]) -> dict[tuple[str, int, str], dict[str, float]]:
+    """{(model, T, provider label): {metric: value}} of ``train_step`` rows; the newest row wins."""
+    data: dict[tuple[str, int, str], dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        if r["experiment"] == "train_step":
+            provider, model = _labelled(r)
+            data[(model, int(r["context_length"]), provider)][r["metric"]] = float(r["value"])
+    return data
+
+
+def allocator_table(rows: list[dict]) -> list[str]:
+    """Markdown rows comparing each provider's CPU step under glibc's default malloc with the same step under a
+    fixed mmap threshold (``provider_label``), where both were measured: tokens/s, peak and peak / known."""
+    data = _train_step_values(rows)
+    out = ["| model | T | provider | malloc | tokens/s | peak GB | peak / known |", "|---|---|---|---|---|---|---|"]
+    for (model, T, label), got in sorted(data.items()):
+        plain = label.split(" (mmap")[0]
+        if label == plain or (model, T, plain) not in data:
+            continue
+        for name, values in (("glibc default", data[(model, T, plain)]), (label[len(plain) + 2 : -1], got)):
+            out.append(f"| {model} | {T:,} | {plain} | {name} | {values['tokens_per_s']:,.0f} | "
+                       f"{values['peak_mem_gb']:.2f} | {values['peak_over_static']:.2f} |")  # fmt: skip
+    return out if len(out) > 2 else []
+
+
 def train_step_table(rows: list[dict]) -> list[str]:
     """Markdown rows of ``train_step`` result rows: per model and length, HF's tokens/s, the patched and
     ropekit-loss ratios to it, MFU where known, and each provider's peak memory against the known parts."""
-    data: dict[tuple[str, int, str], dict[str, float]] = defaultdict(dict)
-    for r in rows:
-        provider, model = r["variant"].split(" @ ")
-        data[(model, int(r["context_length"]), provider)][r["metric"]] = float(r["value"])
+    data = _train_step_values(rows)
     out = ["| model | T | tokens/s (hf, patched, ropekit loss) | MFU (hf, ropekit loss) | peak GB (hf, patched, "
            "ropekit loss) | known GB | ropekit loss peak / known |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for model, T in sorted({(m, T) for m, T, _ in data}, key=lambda k: (k[0], k[1])):
+    for model, T in sorted({(m, T) for m, T, p in data if p in TRAIN_STEP_PROVIDERS}):
         got = [data.get((model, T, p), {}) for p in TRAIN_STEP_PROVIDERS]
         known = next((g["params_grads_adam_gb"] + g["checkpointed_inputs_gb"] for g in got
                       if "params_grads_adam_gb" in g), None)  # fmt: skip
