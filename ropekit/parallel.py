@@ -4,6 +4,9 @@ The model files stay single-device; ``parallelize`` wraps what ``train.py`` buil
 
 - activation checkpointing per decoder layer (transformers' gradient checkpointing, non-reentrant);
 - ``torch.compile`` per decoder layer;
+- on a CPU with glibc, freed tensor memory handed back to the system at every decoder layer's forward and
+  backward (``trim_between_layers``): without it malloc keeps the holes a step leaves between long-lived
+  tensors, and a step's resident peak doubles (measured in docs/training.md);
 - FSDP2 (``torch.distributed.fsdp.fully_shard``) per decoder layer and at the root, when launched with
   ``torchrun`` (NCCL on GPUs, gloo on CPU). Gradients are averaged across ranks, so a run on R ranks
   with micro-batch m equals one rank with micro-batch R*m on the same global batch.
@@ -27,7 +30,9 @@ make the rotary step shard-local, so only attention communicates. Not wired into
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 
 import torch
 import torch.distributed as dist
@@ -64,8 +69,42 @@ def _decoder_layers(model) -> list[torch.nn.Module]:
     return list(layers)
 
 
-def parallelize(model, *, activation_checkpointing: bool = False, compile: bool = False, fsdp: bool = False):
-    """Apply activation checkpointing, then compile, then FSDP2, in that order (as torchtitan does)."""
+# glibc's malloc_trim(0) hands every whole free page of the heap back to the system; elsewhere no call is made.
+_MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim if platform.libc_ver()[0] == "glibc" else None
+
+
+def release_freed_memory() -> None:
+    """Hand the pages of freed CPU tensors held by glibc's malloc back to the system (no-op without glibc)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def trim_between_layers(model) -> list:
+    """Call ``release_freed_memory`` before each decoder layer's forward and after its backward (a hook on the
+    layer's input gradient); returns the hook handles. A step allocates and frees activation-sized tensors
+    between long-lived ones (checkpointed inputs, gradients); malloc keeps the holes resident and the step's
+    resident peak grows past what its tensors need (``ropekit bench --train-step`` measures both)."""
+
+    def before_layer(module, args, kwargs):
+        release_freed_memory()
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+            hidden.register_hook(_release_after_backward)
+
+    return [layer.register_forward_pre_hook(before_layer, with_kwargs=True) for layer in _decoder_layers(model)]
+
+
+def _release_after_backward(grad: torch.Tensor) -> None:
+    release_freed_memory()
+
+
+def parallelize(model, *, activation_checkpointing: bool = False, compile: bool = False, fsdp: bool = False,
+                release_cpu_memory: bool = False):  # fmt: skip
+    """Apply activation checkpointing, then compile, then FSDP2, in that order (as torchtitan does);
+    ``release_cpu_memory``: ``trim_between_layers`` on a CPU model without compile (its hooks stay out of the
+    compiled graphs)."""
+    if release_cpu_memory and not compile and next(model.parameters()).device.type == "cpu":
+        trim_between_layers(model)
     if activation_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 renamed it; 4.x has the old name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

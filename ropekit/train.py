@@ -100,6 +100,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     fsdp: bool = False  # shard with FSDP2 when launched under torchrun
+    release_cpu_memory: bool = True  # CPU, glibc: freed tensors' pages back to the system at each layer
     # bookkeeping
     seed: int = 0
     eval_every: int = 50
@@ -305,7 +306,8 @@ def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 
 # Keys that may differ on resume: they do not change what the run computes.
-_RESUME_FREE = {"eval_every", "save_every", "log_every", "device", "compile"}  # not steps: it sets the schedule
+# not steps: it sets the schedule
+_RESUME_FREE = {"eval_every", "save_every", "log_every", "device", "compile", "release_cpu_memory"}
 
 
 def _check_resume(saved: dict[str, Any], cfg: TrainConfig) -> None:
@@ -521,7 +523,8 @@ def build_model(run: _Run, tokenizer):
     model.to(run.device)
     model.train()
     return parallel.parallelize(model, activation_checkpointing=cfg.activation_checkpointing,
-                                compile=cfg.compile, fsdp=cfg.fsdp and run.world > 1)  # fmt: skip
+                                compile=cfg.compile, fsdp=cfg.fsdp and run.world > 1,
+                                release_cpu_memory=cfg.release_cpu_memory)  # fmt: skip
 
 
 def adamw(model, *, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.Optimizer:

@@ -64,3 +64,35 @@ def test_memory_growth_says_when_memory_grows_faster_than_the_length():
     assert "at most linear" in linear and "flash_attention" in linear and "x3.50 for length x4" in linear
     (quadratic,) = bench.memory_growth(rows({1024: 1.0, 4096: 16.0}))
     assert "faster than linear" in quadratic
+
+
+def test_a_cpu_step_under_a_fixed_mmap_threshold_is_recorded_and_shown_beside_the_default(tmp_path):
+    import json
+
+    from ropekit.results import make_row
+
+    got = bench._measure_in_child("micro", 64, "ropekit-train", 1, mmap_mib=1)  # the process ran under it
+    assert got["mmap_threshold"] == 2**20 and got["sdpa_backends"] == ["flash_attention"]
+    prov = {"git_sha": "x", "device": "cpu", "versions": "{}", "timestamp": "t"}
+
+    def rows(threshold, peaks, speed):
+        config = {"sdpa_backends": ["flash_attention"], "malloc_mmap_threshold": threshold}
+        metrics = lambda T, m: {"peak_mem_gb": m, "tokens_per_s": speed, "peak_over_static": m / 0.5}  # noqa: E731
+        return [make_row(experiment="train_step", variant="ropekit-train @ micro", metric=metric, context_length=T,
+                         value=v, n=1, seed=0, config=config, prov=prov)
+                for T, m in peaks.items() for metric, v in metrics(T, m).items()]  # fmt: skip
+
+    both = rows(None, {1024: 2.0, 4096: 5.0}, 100.0) + rows(2**20, {1024: 0.6, 4096: 1.2}, 80.0)
+    assert json.loads(both[-1]["config"])["malloc_mmap_threshold"] == 2**20
+    table = bench.allocator_table(both)
+    assert table[2:] == [
+        "| micro | 1,024 | ropekit-train | glibc default | 100 | 2.00 | 4.00 |",
+        "| micro | 1,024 | ropekit-train | mmap >= 1 MiB | 80 | 0.60 | 1.20 |",
+        "| micro | 4,096 | ropekit-train | glibc default | 100 | 5.00 | 10.00 |",
+        "| micro | 4,096 | ropekit-train | mmap >= 1 MiB | 80 | 1.20 | 2.40 |",
+    ]
+    growth = bench.memory_growth(both)  # one line per allocator: the rows are not mixed
+    assert len(growth) == 2 and any("(mmap >= 1 MiB)` on `micro`: 1,024: 0.60 GB, 4,096: 1.20 GB" in g for g in growth)
+    assert bench.allocator_table(rows(None, {1024: 2.0}, 1.0)) == []  # nothing to compare: no table
+    main = bench.train_step_table(both)  # the main table holds the default allocator's rows
+    assert "| micro | 1,024 |" in main[2] and "2.00 |" in main[2] and len(main) == 4

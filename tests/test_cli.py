@@ -36,6 +36,7 @@ CASES = [
     (["check", "--model", "ropekit-tiny-256", "--prompt", ""], "--prompt '' gives no tokens"),
     (["check", "--model", "ropekit-tiny-256", "--length", "100000000"], "expected an integer in [2, 1048576]"),
     (["bench", "--static", "--jobs", "0"], "expected an integer >= 1"),
+    (["bench", "--train-step", "--models", "micro", "--mmap-threshold-mib", "64"], "mmap threshold 64 MiB out of"),
     (["train", "--set", 'model_overrides={"hidden_size": -1}', "--out", "OUT"], "invalid overrides"),
 ]
 if sys.platform == "linux":

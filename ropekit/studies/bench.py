@@ -50,6 +50,7 @@ from ropekit.figures import pyplot, save_png, series
 from ropekit.hf import patch
 from ropekit.methods import parse
 from ropekit.models import tiny_config
+from ropekit.parallel import trim_between_layers
 from ropekit.reference import RopeParams, apply_rope_reference
 from ropekit.results import append_rows, make_row, provenance, read_rows
 from ropekit.rotary import apply_rope, apply_rope_params, rope_params
@@ -458,6 +459,9 @@ def measure_train_step(name: str, T: int, provider: str, *, steps: int = 2, devi
     model.train()
     if provider != "hf":
         patch(model, TRAIN_METHOD, max_position_embeddings=T)
+    release = provider == "ropekit-train" and not cuda  # as the trainer does on a CPU (``release_cpu_memory``)
+    if release:
+        trim_between_layers(model)
     defaults = TrainConfig(model="tiny:llama")  # the trainer's optimizer settings
     opt = adamw(model, lr=1e-4, weight_decay=defaults.weight_decay, betas=(defaults.beta1, defaults.beta2))
     ids = torch.randint(0, shape["vocab_size"], (1, T), device=dev)
@@ -474,7 +478,8 @@ def measure_train_step(name: str, T: int, provider: str, *, steps: int = 2, devi
             torch.cuda.empty_cache()
     return {"step_s": dt, "params": n_params, "peak_gb": peak, "baseline_gb": baseline,
             "sdpa_backends": sorted(recorder.backends), "attention_mask_gb": recorder.mask_bytes / 1e9,
-            "mmap_threshold": int(threshold) if (threshold := os.environ.get(MALLOC_MMAP_ENV)) else None}  # fmt: skip
+            "mmap_threshold": int(threshold) if (threshold := os.environ.get(MALLOC_MMAP_ENV)) else None,
+            "release_cpu_memory": release}  # fmt: skip
 
 
 def _measure_in_child(name: str, T: int, provider: str, steps: int, mmap_mib: int | None = None) -> dict | None:
@@ -551,6 +556,7 @@ def run_train_step(models: list[str], lengths: list[int], *, providers=TRAIN_STE
                                  "less its value before the model was built"}  # fmt: skip
                 if not cuda:
                     cfg["malloc_mmap_threshold"] = got["mmap_threshold"]  # None: glibc's default (dynamic)
+                    cfg["release_cpu_memory"] = got["release_cpu_memory"]  # freed pages released at each layer
                 for metric, value in measures.items():
                     rows.append(make_row(experiment="train_step", variant=f"{provider} @ {name}", metric=metric,
                                          context_length=T, value=value, n=steps, seed=0, config=cfg,
@@ -565,9 +571,15 @@ def run_train_step(models: list[str], lengths: list[int], *, providers=TRAIN_STE
 
 
 def provider_label(provider: str, config: dict) -> str:
-    """The provider of a train-step row, with the fixed mmap threshold its process ran under where it had one."""
-    threshold = config.get("malloc_mmap_threshold")
-    return provider if not threshold else f"{provider} (mmap >= {threshold / 2**20:g} MiB)"
+    """The provider of a train-step row, with what its CPU process did to malloc where it differs from the
+    trainer: a fixed mmap threshold, and for ``ropekit-train`` no release of freed pages at each layer."""
+    notes = []
+    if config.get("malloc_mmap_threshold"):
+        notes.append(f"mmap >= {config['malloc_mmap_threshold'] / 2**20:g} MiB")
+    cpu = str(config.get("memory", "")).startswith("resident")
+    if provider == "ropekit-train" and cpu and not config.get("release_cpu_memory"):
+        notes.append("no release per layer")
+    return f"{provider} ({', '.join(notes)})" if notes else provider
 
 
 def _labelled(r: dict) -> tuple[str, str]:
@@ -620,16 +632,22 @@ def _train_step_values(rows: list[dict]) -> dict[tuple[str, int, str], dict[str,
 
 
 def allocator_table(rows: list[dict]) -> list[str]:
-    """Markdown rows comparing each provider's CPU step under glibc's default malloc with the same step under a
-    fixed mmap threshold (``provider_label``), where both were measured: tokens/s, peak and peak / known."""
+    """Markdown rows comparing each provider's CPU step under the ways of handling malloc that were measured
+    (``provider_label``), where more than one was: tokens/s, peak and peak / known."""
     data = _train_step_values(rows)
+    groups: dict[tuple[str, int, str], list[str]] = defaultdict(list)
+    for model, T, label in sorted(data):
+        groups[(model, T, label.split(" (")[0])].append(label)
     out = ["| model | T | provider | malloc | tokens/s | peak GB | peak / known |", "|---|---|---|---|---|---|---|"]
-    for (model, T, label), got in sorted(data.items()):
-        plain = label.split(" (mmap")[0]
-        if label == plain or (model, T, plain) not in data:
+    for (model, T, plain), labels in sorted(groups.items()):
+        if len(labels) < 2:
             continue
-        for name, values in (("glibc default", data[(model, T, plain)]), (label[len(plain) + 2 : -1], got)):
-            out.append(f"| {model} | {T:,} | {plain} | {name} | {values['tokens_per_s']:,.0f} | "
+        for label in labels:
+            values = data[(model, T, label)]
+            how = label[len(plain) + 2 : -1] if label != plain else "glibc default"
+            if label == plain and plain == "ropekit-train":
+                how = "glibc default, freed pages released at each layer (the trainer's)"
+            out.append(f"| {model} | {T:,} | {plain} | {how} | {values['tokens_per_s']:,.0f} | "
                        f"{values['peak_mem_gb']:.2f} | {values['peak_over_static']:.2f} |")  # fmt: skip
     return out if len(out) > 2 else []
 
