@@ -73,6 +73,7 @@ def test_a_cpu_step_under_a_fixed_mmap_threshold_is_recorded_and_shown_beside_th
 
     got = bench._measure_in_child("micro", 64, "ropekit-train", 1, mmap_mib=1)  # the process ran under it
     assert got["mmap_threshold"] == 2**20 and got["sdpa_backends"] == ["flash_attention"]
+    assert got["release_cpu_memory"]  # as the trainer on a CPU
     prov = {"git_sha": "x", "device": "cpu", "versions": "{}", "timestamp": "t"}
 
     def rows(threshold, peaks, speed):
@@ -86,9 +87,11 @@ def test_a_cpu_step_under_a_fixed_mmap_threshold_is_recorded_and_shown_beside_th
     assert json.loads(both[-1]["config"])["malloc_mmap_threshold"] == 2**20
     table = bench.allocator_table(both)
     assert table[2:] == [
-        "| micro | 1,024 | ropekit-train | glibc default | 100 | 2.00 | 4.00 |",
+        "| micro | 1,024 | ropekit-train | glibc default, freed pages released at each layer (the trainer's) | 100 | "
+        "2.00 | 4.00 |",
         "| micro | 1,024 | ropekit-train | mmap >= 1 MiB | 80 | 0.60 | 1.20 |",
-        "| micro | 4,096 | ropekit-train | glibc default | 100 | 5.00 | 10.00 |",
+        "| micro | 4,096 | ropekit-train | glibc default, freed pages released at each layer (the trainer's) | 100 | "
+        "5.00 | 10.00 |",
         "| micro | 4,096 | ropekit-train | mmap >= 1 MiB | 80 | 1.20 | 2.40 |",
     ]
     growth = bench.memory_growth(both)  # one line per allocator: the rows are not mixed
@@ -96,3 +99,11 @@ def test_a_cpu_step_under_a_fixed_mmap_threshold_is_recorded_and_shown_beside_th
     assert bench.allocator_table(rows(None, {1024: 2.0}, 1.0)) == []  # nothing to compare: no table
     main = bench.train_step_table(both)  # the main table holds the default allocator's rows
     assert "| micro | 1,024 |" in main[2] and "2.00 |" in main[2] and len(main) == 4
+
+
+def test_a_cpu_row_of_ropekit_train_without_the_trainers_release_is_labelled_so():
+    cpu = {"memory": "resident high-water mark of a fresh process"}
+    assert bench.provider_label("ropekit-train", {**cpu, "release_cpu_memory": True}) == "ropekit-train"
+    assert bench.provider_label("ropekit-train", cpu) == "ropekit-train (no release per layer)"  # rows before it
+    assert bench.provider_label("hf", cpu) == "hf"  # HF's step is measured as HF runs it
+    assert bench.provider_label("ropekit-train", {"memory": "CUDA allocator peak"}) == "ropekit-train"

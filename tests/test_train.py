@@ -336,3 +336,37 @@ def test_a_method_for_some_layer_types_is_a_valid_training_method():
     assert cfg.method.endswith("@full_attention")
     with pytest.raises(ValueError, match="expected a number"):
         apply_overrides(micro_config(), ["method=pi:factor=abc@full_attention"])
+
+
+def test_freed_cpu_memory_is_released_at_every_layer_without_changing_the_gradients(monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ropekit import parallel
+    from ropekit.models import tiny_config
+
+    calls = []
+    monkeypatch.setattr(parallel, "release_freed_memory", lambda: calls.append(1))
+    config = tiny_config("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128)  # fmt: skip
+    ids = torch.randint(0, 128, (1, 32), generator=torch.Generator().manual_seed(0))
+
+    def gradients(release: bool, compile: bool = False) -> list:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        parallel.parallelize(model, activation_checkpointing=True, release_cpu_memory=release, compile=compile)
+        if compile:  # no hooks in compiled layers: nothing to run here
+            return [len(layer._forward_pre_hooks) for layer in parallel._decoder_layers(model)]
+        calls.clear()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return [p.grad for p in model.parameters()]
+
+    plain, plain_calls = gradients(False), len(calls)
+    released = gradients(True)
+    # each of the 3 layers: before its forward and after its backward
+    assert plain_calls == 0 and len(calls) == 2 * 3
+    assert all(torch.equal(a, b) for a, b in zip(plain, released, strict=True))  # memory only, never the numbers
+    assert gradients(True, compile=True) == [0, 0, 0]
+    assert TrainConfig().release_cpu_memory and "release_cpu_memory" in train_mod._RESUME_FREE
+    monkeypatch.undo()
+    parallel.release_freed_memory()
