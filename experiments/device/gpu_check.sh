@@ -11,7 +11,7 @@
 #                        and backward, past 2^31 elements, torch.compile(fullgraph=True), the patch on CUDA
 #                        (dry run: the same file's gpu selection, which skips, and one kernel test in
 #                        Triton's interpreter)                                                -> gpu_tests.csv
-#   b. bench  120 / 180  `ropekit bench`: the kernel against HF eager (table inside/outside the call),
+#   b. bench  120 / 300  `ropekit bench`: the kernel against HF eager (table inside/outside the call),
 #                        torch.compile of the reference, Liger-Kernel and flash-attention's Triton rotary, on
 #                        the training shapes (fwd, bwd, fwd+bwd) and decoding shapes (fwd), GB/s and the
 #                        fraction of a measured device-to-device copy (dry run: --smoke)      -> bench_rope.csv
@@ -78,7 +78,7 @@ run_stage() {  # run_stage NAME GPU_BUDGET DRY_BUDGET COMMAND...: its output to 
 if [ "$DRY" = 1 ]; then
     run_stage a 60 150 python3 experiments/device/gpu_check.py tests "$OUT/gpu_tests.csv" -- \
         tests/test_kernel.py -k "gpu or test_gqa_with_one_key_head"
-    run_stage b 120 180 python3 -m ropekit.cli bench --smoke --out "$OUT/bench_rope.csv" "${FA[@]}"
+    run_stage b 120 300 python3 -m ropekit.cli bench --smoke --out "$OUT/bench_rope.csv" "${FA[@]}"
     run_stage c 75 120 python3 -m ropekit.cli bench --train-step --models micro --lengths 64,256 \
         --out "$OUT/train_step.csv"
     run_stage d 100 150 python3 -m ropekit.cli demo --preset micro --out "$WORK/demo"
