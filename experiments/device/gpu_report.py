@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ropekit.results import read_rows
-from ropekit.studies.bench import memory_growth, train_step_table
+from ropekit.studies.bench import live_table, memory_growth, train_step_table
 
 ROOT = Path(__file__).resolve().parents[2]
 FOLDER = ROOT / "figures" / "gpu"
@@ -151,6 +151,10 @@ def report() -> str:
                   f"{cfg['steps']} timed steps are few: where two providers' ratio to HF lies outside 0.9–1.1 in "
                   "opposite directions at the same length (8k here), the difference is noise of the first length "
                   "measured, not a property of either path; from 16k on the three agree within 8%.", ""]  # fmt: skip
+        if live := live_table(train):  # rows measured since the bench counts live tensors
+            lines += ["Live tensors of one step (`ropekit.live_memory`: bytes of tensor storages alive, "
+                      "independent of the allocator, without kernels' own workspace):", "", *live,
+                      "", *memory_growth(train, "live_peak_gb"), ""]  # fmt: skip
     return "\n".join(lines)
 
 

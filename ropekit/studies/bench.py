@@ -48,9 +48,10 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 
 from ropekit.figures import pyplot, save_png, series
 from ropekit.hf import patch
+from ropekit.live_memory import LiveTensors, phases
 from ropekit.methods import parse
 from ropekit.models import tiny_config
-from ropekit.parallel import trim_between_layers
+from ropekit.parallel import parallelize
 from ropekit.reference import RopeParams, apply_rope_reference
 from ropekit.results import append_rows, make_row, provenance, read_rows
 from ropekit.rotary import apply_rope, apply_rope_params, rope_params
@@ -72,6 +73,8 @@ __all__ = [
     "run_train_step",
     "train_step_table",
     "memory_growth",
+    "live_measures",
+    "live_table",
     "draw_bench",
 ]
 
@@ -405,9 +408,12 @@ class _SDPARecorder:
 
 
 def _time_train_steps(model, opt, ids: torch.Tensor, provider: str, steps: int, label: str,
-                      recorder: _SDPARecorder | None = None) -> float:  # fmt: skip
+                      recorder: _SDPARecorder | None = None, live: bool = False,
+                      ) -> tuple[float, dict | None]:  # fmt: skip
     """Seconds per optimizer step, over ``steps`` steps after one warm-up (kernels compile, the allocator
-    fills; ``recorder`` watches attention during it); the CUDA allocator's peak is reset after the warm-up."""
+    fills, the optimizer makes its state; ``recorder`` watches attention during it), and with ``live`` the
+    live tensor memory of one more step, untimed (``LiveTensors.summary``; the warm-up's would lack the
+    optimizer's state in its forward and backward); the CUDA allocator's peak is reset before the timed steps."""
     cuda = ids.is_cuda
     pos = torch.arange(ids.shape[1], device=ids.device)[None]
 
@@ -424,6 +430,11 @@ def _time_train_steps(model, opt, ids: torch.Tensor, provider: str, steps: int, 
 
     with recorder.watching() if recorder else contextlib.nullcontext():
         loss = step()
+    counted = None
+    if live:
+        with phases(LiveTensors(ids.device, model, opt, ids, pos), model, opt) as tracker:
+            step()
+        counted = tracker.summary()
     if not torch.isfinite(loss):
         raise ValueError(f"{label}: non-finite loss {float(loss)}")
     if cuda:
@@ -434,15 +445,16 @@ def _time_train_steps(model, opt, ids: torch.Tensor, provider: str, steps: int, 
         step()
     if cuda:
         torch.cuda.synchronize(ids.device)
-    return (time.perf_counter() - t0) / steps
+    return (time.perf_counter() - t0) / steps, counted
 
 
 def measure_train_step(name: str, T: int, provider: str, *, steps: int = 2, device: str = "cpu") -> dict | None:
     """One model shape, length and provider: {"step_s", "params", "peak_gb", "baseline_gb", "sdpa_backends",
-    "attention_mask_gb", "mmap_threshold"} or None when out of memory (``mmap_threshold``: the process's
-    fixed malloc mmap threshold in bytes from its environment, None for glibc's default). CUDA: the allocator's
-    peak over the timed steps (baseline 0); CPU: this process's resident high-water mark and its value before the
-    model was built (run it in a fresh process: the mark never falls)."""
+    "attention_mask_gb", "mmap_threshold", "release_cpu_memory", "live"} or None when out of memory
+    (``mmap_threshold``: the process's fixed malloc mmap threshold in bytes from its environment, None for
+    glibc's default; ``live``: the live tensor memory of one step, ``LiveTensors.summary``). CUDA: the
+    allocator's peak over the timed steps (baseline 0); CPU: this process's resident high-water mark and its
+    value before the model was built (run it in a fresh process: the mark never falls)."""
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     if not cuda:  # the baseline after the libraries' lazy imports and first-call set-up: a micro step first
@@ -455,20 +467,20 @@ def measure_train_step(name: str, T: int, provider: str, *, steps: int = 2, devi
     config = tiny_config("llama", **shape, max_position_embeddings=T, attn_implementation="sdpa")
     with torch.device(dev):
         model = AutoModelForCausalLM.from_config(config)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # as the trainer
     model.train()
     if provider != "hf":
         patch(model, TRAIN_METHOD, max_position_embeddings=T)
     release = provider == "ropekit-train" and not cuda  # as the trainer does on a CPU (``release_cpu_memory``)
-    if release:
-        trim_between_layers(model)
+    parallelize(model, activation_checkpointing=True, release_cpu_memory=release)  # the trainer's order
     defaults = TrainConfig(model="tiny:llama")  # the trainer's optimizer settings
     opt = adamw(model, lr=1e-4, weight_decay=defaults.weight_decay, betas=(defaults.beta1, defaults.beta2))
     ids = torch.randint(0, shape["vocab_size"], (1, T), device=dev)
     n_params = sum(p.numel() for p in model.parameters())
     recorder = _SDPARecorder()
     try:
-        dt = _time_train_steps(model, opt, ids, provider, steps, f"{provider} @ {name}, T={T}", recorder)
+        dt, live = _time_train_steps(model, opt, ids, provider, steps, f"{provider} @ {name}, T={T}", recorder,
+                                     live=True)  # fmt: skip
         peak = torch.cuda.max_memory_allocated(dev) / 1e9 if cuda else _max_rss_gb()
     except torch.OutOfMemoryError:
         return None
@@ -479,7 +491,7 @@ def measure_train_step(name: str, T: int, provider: str, *, steps: int = 2, devi
     return {"step_s": dt, "params": n_params, "peak_gb": peak, "baseline_gb": baseline,
             "sdpa_backends": sorted(recorder.backends), "attention_mask_gb": recorder.mask_bytes / 1e9,
             "mmap_threshold": int(threshold) if (threshold := os.environ.get(MALLOC_MMAP_ENV)) else None,
-            "release_cpu_memory": release}  # fmt: skip
+            "release_cpu_memory": release, "live": live}  # fmt: skip
 
 
 def _measure_in_child(name: str, T: int, provider: str, steps: int, mmap_mib: int | None = None) -> dict | None:
@@ -506,6 +518,23 @@ def memory_split(shape: dict, T: int, params: int) -> dict[str, float]:
     two moments (16 bytes a parameter), and the checkpointed layer inputs (layers x T x width x 4 bytes)."""
     return {"params_grads_adam_gb": 16 * params / 1e9,
             "checkpointed_inputs_gb": shape["num_hidden_layers"] * T * shape["hidden_size"] * 4 / 1e9}  # fmt: skip
+
+
+LIVE_MEMORY = (
+    "bytes of tensor storages alive on the device over one untimed step after the warm-up "
+    "(ropekit.live_memory): independent of the allocator, without kernels' own workspace"
+)
+
+
+def live_measures(live: dict, known_gb: float) -> dict[str, float]:
+    """Result-row metrics (GB) of ``LiveTensors.summary``: the live peak and its ratio to the known parts
+    (``memory_split``), what was alive at it (parameters with buffers, gradients, optimizer state, the rest),
+    each phase's peak, the loss head's own memory and the largest tensor."""
+    at = live["at_peak"]
+    return {"live_peak_gb": live["peak"] / 1e9, "live_peak_over_static": live["peak"] / 1e9 / known_gb,
+            **{f"at_peak_{part}_gb": at[part] / 1e9 for part in ("params", "grads", "optimizer", "rest")},
+            **{f"live_{phase.replace(' ', '_')}_gb": v / 1e9 for phase, v in live["phase_peak"].items()},
+            "loss_head_gb": live["loss_head"] / 1e9, "largest_tensor_gb": live["largest_tensor"] / 1e9}  # fmt: skip
 
 
 def run_train_step(models: list[str], lengths: list[int], *, providers=TRAIN_STEP_PROVIDERS, steps: int = 2,
@@ -549,11 +578,14 @@ def run_train_step(models: list[str], lengths: list[int], *, providers=TRAIN_STE
                                  "attention_mask_gb": got["attention_mask_gb"]})  # fmt: skip
                 if not cuda:
                     measures["baseline_rss_gb"] = got["baseline_gb"]
+                measures.update(live_measures(got["live"], known))
                 cfg = {"model": name, "params": got["params"], "steps": steps, "batch": 1, "method": TRAIN_METHOD,
                        "dtype": "fp32 weights, bf16 autocast" if cuda else "float32", "checkpointing": True,
                        "attention": "sdpa", "sdpa_backends": got["sdpa_backends"], "peak_bf16_tflops": peak_flops,
                        "memory": "CUDA allocator peak" if cuda else "resident high-water mark of a fresh process, "
-                                 "less its value before the model was built"}  # fmt: skip
+                                 "less its value before the model was built", "live_memory": LIVE_MEMORY,
+                       "live_peak_phase": got["live"]["at_peak"]["phase"],
+                       "largest_tensor_op": got["live"]["largest_tensor_op"]}  # fmt: skip
                 if not cuda:
                     cfg["malloc_mmap_threshold"] = got["mmap_threshold"]  # None: glibc's default (dynamic)
                     cfg["release_cpu_memory"] = got["release_cpu_memory"]  # freed pages released at each layer
@@ -565,7 +597,10 @@ def run_train_step(models: list[str], lengths: list[int], *, providers=TRAIN_STE
                     f"{tflops:7.1f} TFLOP/s"
                     + (f", MFU {measures['mfu']:.3f}" if peak_flops else "")
                     + f", memory {used:.2f} GB = {known:.2f} known + {used - known:.2f} rest "
-                    f"({used / known:.2f}x); attention: {', '.join(got['sdpa_backends'])}, largest mask "
+                    f"({used / known:.2f}x); live tensors {measures['live_peak_gb']:.2f} GB "
+                    f"({measures['live_peak_over_static']:.2f}x) at the {cfg['live_peak_phase']}, loss head "
+                    f"{measures['loss_head_gb']:.2f} GB, largest tensor {measures['largest_tensor_gb']:.3f} GB by "
+                    f"{cfg['largest_tensor_op']}; attention: {', '.join(got['sdpa_backends'])}, largest mask "
                     f"{got['attention_mask_gb']:.3f} GB")  # fmt: skip
     return rows
 
@@ -587,14 +622,15 @@ def _labelled(r: dict) -> tuple[str, str]:
     return provider_label(provider, json.loads(r["config"] or "{}")), model
 
 
-def memory_growth(rows: list[dict]) -> list[str]:
-    """Per provider and model measured at two or more lengths, how the peak memory grows with the length: the
-    peaks, GB per 1,024 tokens from the shortest to the longest, the ratio of the peaks against the ratio of
-    the lengths (at most linear, or faster), and the SDPA backends attention ran on (``_SDPARecorder``)."""
+def memory_growth(rows: list[dict], metric: str = "peak_mem_gb") -> list[str]:
+    """Per provider and model measured at two or more lengths, how the peak memory (``metric``: the resident or
+    allocator peak, or ``live_peak_gb``) grows with the length: the peaks, GB per 1,024 tokens from the
+    shortest to the longest, the ratio of the peaks against the ratio of the lengths (at most linear, or
+    faster), and the SDPA backends attention ran on (``_SDPARecorder``)."""
     peaks: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
     backends: dict[tuple[str, str], set[str]] = defaultdict(set)
     for r in rows:
-        if r["experiment"] == "train_step" and r["metric"] == "peak_mem_gb":
+        if r["experiment"] == "train_step" and r["metric"] == metric:
             key = _labelled(r)
             peaks[key][int(r["context_length"])] = float(r["value"])  # newest row wins
             backends[key].update(json.loads(r["config"] or "{}").get("sdpa_backends", []))
@@ -649,6 +685,28 @@ def allocator_table(rows: list[dict]) -> list[str]:
                 how = "glibc default, freed pages released at each layer (the trainer's)"
             out.append(f"| {model} | {T:,} | {plain} | {how} | {values['tokens_per_s']:,.0f} | "
                        f"{values['peak_mem_gb']:.2f} | {values['peak_over_static']:.2f} |")  # fmt: skip
+    return out if len(out) > 2 else []
+
+
+def live_table(rows: list[dict]) -> list[str]:
+    """Markdown rows of the live tensor memory of each measured step (``live_measures``): the peak, its ratio
+    to what is known in advance, the phase it fell in and what was alive then, each phase's peak, the loss
+    head's own memory and the largest tensor (with the op and phase that made it); the newest row wins."""
+    data, ops = _train_step_values(rows), {}
+    for r in rows:
+        if r["experiment"] == "train_step" and r["metric"] == "live_peak_gb":
+            config, (label, model) = json.loads(r["config"] or "{}"), _labelled(r)
+            ops[(model, int(r["context_length"]), label)] = (config["live_peak_phase"], config["largest_tensor_op"])
+    out = ["| model | T | provider | live peak GB | / known | at | params, grads, optimizer, rest GB | "
+           "phase peaks GB (forward, loss head, backward, optimizer) | loss head GB | largest tensor |",
+           "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for (model, T, label), (phase, op) in sorted(ops.items()):
+        v = data[(model, T, label)]
+        parts = ", ".join(f"{v[f'at_peak_{k}_gb']:.2f}" for k in ("params", "grads", "optimizer", "rest"))
+        peaks = ", ".join(f"{v[f'live_{k}_gb']:.2f}" for k in ("forward", "loss_head", "backward", "optimizer"))
+        out.append(f"| {model} | {T:,} | {label} | {v['live_peak_gb']:.2f} | {v['live_peak_over_static']:.2f} | "
+                   f"{phase} | {parts} | {peaks} | {v['loss_head_gb']:.2f} | {v['largest_tensor_gb']:.3f} GB, "
+                   f"{op} |")  # fmt: skip
     return out if len(out) > 2 else []
 
 

@@ -1,0 +1,154 @@
+"""The live tensor memory of one training step, by phase: a measure that does not depend on the allocator.
+
+A CPU step's resident high-water mark counts what malloc keeps besides tensors, and a CUDA step's allocator
+peak what the caching allocator rounds and holds; both move with the allocator's state. ``LiveTensors`` is a
+dispatch mode that counts the bytes of every tensor storage alive on the step's device, op by op: those the
+step starts with (parameters, buffers, optimizer state, inputs) and each one an op creates, until it is freed.
+It records the peak of each phase of the step, what was alive at the step's peak (parameters, gradients,
+optimizer state, the rest: activations, temporaries, the loss head's tensors), the loss head's own memory
+(its phase's peak less what was alive when it began) and the largest single tensor the step made, with the
+op that made it: a (T x vocabulary) logits tensor or a (T x T) attention matrix shows there.
+
+What it cannot see: memory a kernel allocates for itself without returning it as a tensor (a fused
+attention kernel's workspace), and what the allocator holds beyond live tensors: compare with the resident
+or allocator peak of the same step (``ropekit bench --train-step`` records both).
+
+Phases, in the order a step runs them (``phases`` sets them with hooks):
+
+- ``forward``: the decoder stack's forward, from the input to the head's input;
+- ``loss head``: from the head's input to its gradient: the head, the loss, and their backward;
+- ``backward``: the decoder stack's backward (with activation checkpointing, each layer's recomputation);
+- ``optimizer``: the optimizer step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+__all__ = ["PHASES", "LiveTensors", "phases"]
+
+PHASES = ("forward", "loss head", "backward", "optimizer")
+
+
+def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # a tensor without a storage of its own (sparse, a subclass)
+        return None
+
+
+class LiveTensors(TorchDispatchMode):
+    """Count the bytes of tensor storages alive on ``device`` while the mode is on (see the module's text).
+
+    ``model``, ``optimizer`` and ``inputs`` are what the step starts with; every tensor an op returns counts
+    from then until its storage is freed (views share their base's storage and count once)."""
+
+    def __init__(self, device: torch.device, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 *inputs: torch.Tensor):  # fmt: skip
+        super().__init__()
+        self.device = torch.device(device)
+        self.phase = PHASES[0]
+        self.live = 0  # bytes alive now
+        self.phase_peak = dict.fromkeys(PHASES, 0)
+        self.phase_start: dict[str, int] = {}
+        self.peak = 0
+        self.at_peak: dict[str, int | str] = {}
+        self.largest: tuple[int, str, str] = (0, "", "")  # bytes, op, phase
+        self._params = list(model.parameters()) + list(model.buffers())
+        self._optimizer = optimizer
+        self._refs: dict[int, weakref.ref] = {}  # id(storage) -> a weak reference that counts its bytes out
+        self._bytes: dict[int, int] = {}
+        for t in [*self._params, *self._optimizer_tensors(), *inputs]:
+            self._count(t)
+        self.start_phase(PHASES[0])
+
+    def _optimizer_tensors(self) -> list[torch.Tensor]:
+        return [v for state in self._optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+
+    def _bytes_of(self, tensors) -> int:
+        seen = {}
+        for t in tensors:
+            if t is not None and t.device == self.device and (st := _storage(t)) is not None:
+                seen[id(st)] = st.nbytes()
+        return sum(seen.values())
+
+    def _count(self, t: torch.Tensor, op: str = "") -> None:
+        if t.device != self.device or (st := _storage(t)) is None:
+            return
+        key, size = id(st), st.nbytes()
+        old = self._bytes.get(key)
+        if old is not None and key in self._refs and self._refs[key]() is st:
+            self.live += size - old  # resized in place, or the same size
+        else:
+            self._refs[key] = weakref.ref(st, lambda _, key=key: self._freed(key))
+            self.live += size
+        self._bytes[key] = size
+        if op and size > self.largest[0]:
+            self.largest = (size, op, self.phase)
+
+    def _freed(self, key: int) -> None:
+        self.live -= self._bytes.pop(key, 0)
+        self._refs.pop(key, None)
+
+    def start_phase(self, phase: str) -> None:
+        self.phase = phase
+        self.phase_start.setdefault(phase, self.live)
+        self._note_peak()
+
+    def _note_peak(self) -> None:
+        if self.live > self.phase_peak[self.phase]:
+            self.phase_peak[self.phase] = self.live
+        if self.live > self.peak:
+            self.peak = self.live
+            params = self._bytes_of(self._params)
+            grads = self._bytes_of(p.grad for p in self._params)
+            optimizer = self._bytes_of(self._optimizer_tensors())
+            self.at_peak = {"phase": self.phase, "params": params, "grads": grads, "optimizer": optimizer,
+                            "rest": self.live - params - grads - optimizer}  # fmt: skip
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._count(t, str(func.overloadpacket.__name__))
+        self._note_peak()
+        return out
+
+    def summary(self) -> dict:
+        """Bytes: the step's peak and its split, each phase's peak, the loss head's own memory (its phase's
+        peak less what was alive when it began) and the largest tensor an op made (with the op and phase)."""
+        head = self.phase_peak["loss head"] - self.phase_start.get("loss head", self.phase_peak["loss head"])
+        size, op, phase = self.largest
+        return {"peak": self.peak, "at_peak": dict(self.at_peak), "phase_peak": dict(self.phase_peak),
+                "loss_head": max(head, 0), "largest_tensor": size, "largest_tensor_op": f"{op} ({phase})"}  # fmt: skip
+
+
+def _decoder(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, getattr(model, "base_model_prefix", "model"), None) or model.model
+
+
+@contextlib.contextmanager
+def phases(live: LiveTensors, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[LiveTensors]:
+    """Move ``live`` through the step's phases: ``loss head`` when the decoder stack returns the head's input,
+    ``backward`` when that input's gradient is made, ``optimizer`` when the optimizer steps."""
+
+    def decoder_done(module, args, output):
+        live.start_phase("loss head")
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+            hidden.register_hook(lambda grad: live.start_phase("backward"))
+
+    handles = [_decoder(model).register_forward_hook(decoder_done),
+               optimizer.register_step_pre_hook(lambda *_: live.start_phase("optimizer"))]  # fmt: skip
+    try:
+        with live:
+            yield live
+    finally:
+        for h in handles:
+            h.remove()

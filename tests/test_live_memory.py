@@ -1,0 +1,85 @@
+"""The live tensor count of a training step: exact bytes, each storage once, and it sees the two memory walls of
+a long-context step (full logits, a (T x T) attention matrix) where they are and not where they are not."""
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from ropekit.live_memory import PHASES, LiveTensors
+from ropekit.loss import linear_cross_entropy
+from ropekit.models import tiny_config
+from ropekit.studies.bench import TRAIN_STEP_MODELS, _time_train_steps, live_measures
+from ropekit.train import adamw
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_each_storage_counts_once_from_the_op_that_made_it_until_it_is_freed():
+    model = torch.nn.Linear(16, 16, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    static = _nbytes(model.parameters())
+    live = LiveTensors("cpu", model, opt)
+    with live:
+        a = torch.empty(1000)  # 4,000 bytes
+        views = (a[:10], a.view(10, 100), a[::2])  # no bytes of their own
+        b = torch.zeros(500)  # 2,000 bytes
+        assert live.live == static + 6000
+        del a, views
+        assert live.live == static + 2000  # the last reference went: freed
+        b.resize_(1500)  # grown in place: 6,000 bytes now
+        c = b + 1  # a new 6,000-byte tensor
+    assert live.live == static + 12000 and live.peak == static + 12000
+    assert live.largest == (6000, "resize_", "forward")  # the step's largest tensor, by op and phase
+    del c
+
+
+def test_the_chunked_loss_makes_no_tensor_the_size_of_the_logits_and_the_full_loss_does():
+    T, d, V = 1024, 32, 512
+    logits_bytes = T * V * 4
+    hidden = torch.randn(T, d, requires_grad=True)
+    head = torch.nn.Linear(d, V, bias=False)
+    targets = torch.randint(0, V, (T,))
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    full, chunked = LiveTensors("cpu", head, opt, hidden), LiveTensors("cpu", head, opt, hidden)
+    with full:
+        F.cross_entropy(head(hidden), targets).backward()
+    with chunked:
+        linear_cross_entropy(hidden, head.weight, targets, chunk=64).mean().backward()
+    assert full.largest[0] >= logits_bytes  # the negative control: the wall is seen where it is
+    assert chunked.largest[0] < logits_bytes / 4 and chunked.largest[0] <= max(T, V) * d * 4
+    assert chunked.peak - chunked.phase_start["forward"] < (full.peak - full.phase_start["forward"]) / 2
+
+
+def _step_summary(attn: str, T: int = 512) -> tuple[dict, int]:
+    torch.manual_seed(0)
+    shape = TRAIN_STEP_MODELS["micro"]
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", **shape, attn_implementation=attn))
+    model.config.use_cache = False
+    opt = adamw(model, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
+    ids = torch.randint(0, shape["vocab_size"], (1, T))
+    _, live = _time_train_steps(model, opt, ids, "hf", 1, "test", live=True)
+    return live, _nbytes(model.parameters()) + _nbytes(model.buffers())
+
+
+def test_a_steps_live_peak_splits_into_its_parts_and_its_phases():
+    live, params = _step_summary("sdpa")  # params: with the buffers
+    at = live["at_peak"]
+    assert live["peak"] == at["params"] + at["grads"] + at["optimizer"] + at["rest"] and at["phase"] in PHASES
+    assert at["params"] == params  # parameters and buffers (the rotary table)
+    assert live["phase_peak"]["forward"] >= 3 * params  # after the warm-up AdamW's two moments exist all step
+    assert live["phase_peak"]["optimizer"] >= 4 * params  # and the gradients at the optimizer's step
+    assert max(live["phase_peak"].values()) == live["peak"]
+    measures = live_measures(live, known_gb=live["peak"] / 1e9)
+    assert measures["live_peak_over_static"] == 1.0 and measures["loss_head_gb"] > 0
+
+
+def test_a_quadratic_attention_shows_as_the_steps_largest_tensor():
+    T, heads = 512, TRAIN_STEP_MODELS["micro"]["num_attention_heads"]
+    scores = heads * T * T * 4
+    eager, _ = _step_summary("eager", T)  # the positive control: attention keeps (heads x T x T) scores
+    sdpa, _ = _step_summary("sdpa", T)
+    logits = T * TRAIN_STEP_MODELS["micro"]["vocab_size"] * 4
+    assert eager["largest_tensor"] >= scores and "loss head" not in eager["largest_tensor_op"]
+    assert sdpa["largest_tensor"] <= logits < scores and "loss head" in sdpa["largest_tensor_op"]  # HF's logits
