@@ -135,10 +135,18 @@ def _values(rows) -> dict[tuple[str, str, int], dict[str, float]]:
     return out
 
 
-def _speed(ours: dict, hf: dict | None) -> float | None:
-    """ours / HF's tokens/s where both were measured at one commit (this machine's speed varies between
-    sessions), else None."""
-    return ours["tokens_per_s"] / hf["tokens_per_s"] if hf and hf["commit"] == ours["commit"] else None
+def _hf_speeds(rows) -> dict[tuple[str, int, str], float]:
+    """{(model, T, commit): HF's tokens/s measured at that commit}, the newest row at each commit winning."""
+    hf = [r for r in rows if r["variant"].startswith("hf @ ") and r["metric"] == "tokens_per_s"]
+    return {(r["variant"].split(" @ ")[1], int(r["context_length"]), r["git_sha"].removesuffix("-dirty")):
+            float(r["value"]) for r in hf}  # fmt: skip
+
+
+def _speed(ours: dict, model: str, T: int, hf_speeds: dict) -> float | None:
+    """ours / HF's tokens/s for the same model and length measured at ours' commit (this machine's speed
+    varies between sessions), else None."""
+    hf = hf_speeds.get((model, T, ours["commit"]))
+    return ours["tokens_per_s"] / hf if hf else None
 
 
 def _allocator_section(rows) -> list[str]:
@@ -148,7 +156,7 @@ def _allocator_section(rows) -> list[str]:
 
 def page() -> str:
     rows = read_rows(ROWS)
-    values = _values(rows)
+    values, hf_speeds = _values(rows), _hf_speeds(rows)
     device = rows[0]["device"]
     versions = json.loads(rows[0]["versions"])
     sha = sorted({r["git_sha"] for r in rows})
@@ -187,13 +195,12 @@ def page() -> str:
         for T in sorted({t for _, m, t in values if m == model}):
             hf, ours = values.get(("hf", model, T)), values.get(("ropekit-train", model, T))
             if hf and ours:
-                mem, speed = ours["peak_mem_gb"] / hf["peak_mem_gb"], _speed(ours, hf)
+                mem, speed = ours["peak_mem_gb"] / hf["peak_mem_gb"], _speed(ours, model, T, hf_speeds)
                 ratios = f"({mem:.2f}x), " + (f"at {speed:.2f}x its tokens/s" if speed else "its tokens/s measured "
                                               "at another commit: no speed ratio")  # fmt: skip
                 lines.append(f"- `{model}` at {T:,}: ropekit's step peaks at {ours['peak_mem_gb']:.2f} GB against "
                              f"{hf['peak_mem_gb']:.2f} GB for HF's loss {ratios}.")  # fmt: skip
     lines += _allocator_section(rows)
-    hf = values.get(("hf", "smollm2-135m", 8192))
     goals = [(label, got) for (label, model, T), got in sorted(values.items())
              if label.startswith("ropekit-train") and (model, T) == ("smollm2-135m", 8192)]  # fmt: skip
     if goals:
@@ -202,7 +209,7 @@ def page() -> str:
                   "trainer's loss before the chunked one):", ""]  # fmt: skip
     for label, got in goals:
         ratio, known = got["peak_over_static"], got["params_grads_adam_gb"] + got["checkpointed_inputs_gb"]
-        speed = _speed(got, hf)
+        speed = _speed(got, "smollm2-135m", 8192, hf_speeds)
         met = ratio <= GOAL_PEAK_OVER_KNOWN and speed is not None and speed >= GOAL_SPEED
         speed_text = "with no HF step at its commit to compare" if speed is None else f"at {speed:.2f}x HF's tokens/s"
         live = (f"; live tensors {got['live_peak_over_static']:.2f}x ({got['live_peak_gb']:.2f} GB)"

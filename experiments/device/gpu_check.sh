@@ -3,7 +3,7 @@
 # by value, each under its own time budget, each appending its result rows to OUT as it goes, so a run cut
 # short still returns what finished. For a GPU you own, experiments/device/gpu_all.sh runs the long version.
 #
-#   bash experiments/device/gpu_check.sh OUT            on a CUDA GPU (at most 6 minutes on one H200)
+#   bash experiments/device/gpu_check.sh OUT            on a CUDA GPU (at most 6.5 minutes on one H200)
 #   bash experiments/device/gpu_check.sh --dry-run OUT  every stage on a CPU at micro sizes (CI runs this)
 #
 # Stages and budgets (seconds, GPU / dry run):
@@ -15,9 +15,10 @@
 #                        torch.compile of the reference, Liger-Kernel and flash-attention's Triton rotary, on
 #                        the training shapes (fwd, bwd, fwd+bwd) and decoding shapes (fwd), GB/s and the
 #                        fraction of a measured device-to-device copy (dry run: --smoke)      -> bench_rope.csv
-#   c. train   75 / 120  `ropekit bench --train-step`: SmolLM2-135M and Llama-3.2-1B shapes (random init) at
+#   c. train  100 / 120  `ropekit bench --train-step`: SmolLM2-135M and Llama-3.2-1B shapes (random init) at
 #                        8k/16k/32k, bf16 autocast, activation checkpointing; HF unpatched, patched, and
-#                        ropekit's trainer loss: tokens/s, TFLOP/s, MFU, peak memory
+#                        ropekit's trainer loss: tokens/s, TFLOP/s, MFU, the allocator's peak memory, and
+#                        the live tensors of one more, untimed step (57 s on an H200 before that step)
 #                        (dry run: the micro shape at 64/256)                                 -> train_step.csv
 #   d. demo   100 / 150  `ropekit demo` (the tiny preset, its built-in default) on CUDA: controls first, then
 #                        the variants; resumable (dry run: --preset micro)  -> demo_results.csv, demo_wall_times.json
@@ -79,14 +80,14 @@ if [ "$DRY" = 1 ]; then
     run_stage a 60 150 python3 experiments/device/gpu_check.py tests "$OUT/gpu_tests.csv" -- \
         tests/test_kernel.py -k "gpu or test_gqa_with_one_key_head"
     run_stage b 120 300 python3 -m ropekit.cli bench --smoke --out "$OUT/bench_rope.csv" "${FA[@]}"
-    run_stage c 75 120 python3 -m ropekit.cli bench --train-step --models micro --lengths 64,256 \
+    run_stage c 100 120 python3 -m ropekit.cli bench --train-step --models micro --lengths 64,256 \
         --out "$OUT/train_step.csv"
     run_stage d 100 150 python3 -m ropekit.cli demo --preset micro --out "$WORK/demo"
 else
     run_stage a 60 150 python3 experiments/device/gpu_check.py tests "$OUT/gpu_tests.csv" -- \
         -m gpu tests/test_kernel.py
     run_stage b 120 180 python3 -m ropekit.cli bench --out "$OUT/bench_rope.csv" "${FA[@]}"
-    run_stage c 75 120 python3 -m ropekit.cli bench --train-step --out "$OUT/train_step.csv"
+    run_stage c 100 120 python3 -m ropekit.cli bench --train-step --out "$OUT/train_step.csv"
     run_stage d 100 150 python3 -m ropekit.cli demo --out "$WORK/demo"
 fi
 [ -f "$WORK/demo/results.csv" ] && cp "$WORK/demo/results.csv" "$OUT/demo_results.csv"
