@@ -549,7 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flash-attn-rotary", default=None, help="path to flash_attn/ops/triton/rotary.py")
     p.add_argument("--train-step", action="store_true",
                    help="time whole training steps instead (HF unpatched, patched, ropekit's loss): tokens/s,\n"
-                        "TFLOP/s, MFU, peak memory per model shape and length")  # fmt: skip
+                        "TFLOP/s, MFU, peak memory per model shape and length, and the live tensors of one\n"
+                        "more step by phase (ropekit.live_memory)")  # fmt: skip
     p.add_argument("--models", type=_name_list, default=["smollm2-135m", "llama-1b"],
                    help="--train-step: shapes (smollm2-135m, llama-1b, vocab49k-256, micro)")  # fmt: skip
     p.add_argument("--providers", type=_name_list, default=["hf", "ropekit-patch", "ropekit-train"],
