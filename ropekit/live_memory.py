@@ -5,9 +5,10 @@ peak what the caching allocator rounds and holds; both move with the allocator's
 dispatch mode that counts the bytes of every tensor storage alive on the step's device, op by op: those the
 step starts with (parameters, buffers, optimizer state, inputs) and each one an op creates, until it is freed.
 It records the peak of each phase of the step, what was alive at the step's peak (parameters, gradients,
-optimizer state, the rest: activations, temporaries, the loss head's tensors), the loss head's own memory
-(its phase's peak less what was alive when it began) and the largest single tensor the step made, with the
-op that made it: a (T x vocabulary) logits tensor or a (T x T) attention matrix shows there.
+optimizer state, the rest: activations, temporaries, the loss head's tensors and the gradients autograd
+still holds before it hands them to the parameters), the loss head's own memory (its phase's peak less
+what was alive when it began) and the largest single tensor an op made or grew, with the op: a
+(T x vocabulary) logits tensor or a (T x T) attention matrix shows there.
 
 What it cannot see: memory a kernel allocates for itself without returning it as a tensor (a fused
 attention kernel's workspace), and what the allocator holds beyond live tensors: compare with the resident
@@ -52,9 +53,13 @@ class LiveTensors(TorchDispatchMode):
     def __init__(self, device: torch.device, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  *inputs: torch.Tensor):  # fmt: skip
         super().__init__()
-        self.device = torch.device(device)
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # tensors carry their index: cuda means cuda:N
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
         self.phase = PHASES[0]
-        self.live = 0  # bytes alive now
+        self._live = 0  # bytes alive now, less those in ``_freed``
+        self._freed: list[int] = []  # bytes of storages freed since the last look (freed on any thread)
         self.phase_peak = dict.fromkeys(PHASES, 0)
         self.phase_start: dict[str, int] = {}
         self.peak = 0
@@ -66,7 +71,16 @@ class LiveTensors(TorchDispatchMode):
         self._bytes: dict[int, int] = {}
         for t in [*self._params, *self._optimizer_tensors(), *inputs]:
             self._count(t)
+        self._params_bytes = self._bytes_of(self._params)
+        self._optimizer_bytes = self._bytes_of(self._optimizer_tensors())
         self.start_phase(PHASES[0])
+
+    @property
+    def live(self) -> int:
+        """Bytes alive now."""
+        while self._freed:
+            self._live -= self._freed.pop()
+        return self._live
 
     def _optimizer_tensors(self) -> list[torch.Tensor]:
         return [v for state in self._optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
@@ -79,21 +93,25 @@ class LiveTensors(TorchDispatchMode):
         return sum(seen.values())
 
     def _count(self, t: torch.Tensor, op: str = "") -> None:
+        """Count ``t``'s storage if it is new, or its growth if it was resized in place; the largest tensor is
+        one an op made or grew (``op``), never a view of a tensor that was there before."""
         if t.device != self.device or (st := _storage(t)) is None:
             return
         key, size = id(st), st.nbytes()
         old = self._bytes.get(key)
         if old is not None and key in self._refs and self._refs[key]() is st:
-            self.live += size - old  # resized in place, or the same size
+            if size == old:
+                return
+            self._live += size - old
         else:
-            self._refs[key] = weakref.ref(st, lambda _, key=key: self._freed(key))
-            self.live += size
+            self._refs[key] = weakref.ref(st, lambda _, key=key: self._on_free(key))
+            self._live += size
         self._bytes[key] = size
         if op and size > self.largest[0]:
             self.largest = (size, op, self.phase)
 
-    def _freed(self, key: int) -> None:
-        self.live -= self._bytes.pop(key, 0)
+    def _on_free(self, key: int) -> None:  # a weakref callback: may run on another thread (CUDA's backward)
+        self._freed.append(self._bytes.pop(key, 0))
         self._refs.pop(key, None)
 
     def start_phase(self, phase: str) -> None:
@@ -102,18 +120,31 @@ class LiveTensors(TorchDispatchMode):
         self._note_peak()
 
     def _note_peak(self) -> None:
-        if self.live > self.phase_peak[self.phase]:
-            self.phase_peak[self.phase] = self.live
-        if self.live > self.peak:
-            self.peak = self.live
-            params = self._bytes_of(self._params)
+        live = self.live
+        if live > self.phase_peak[self.phase]:
+            self.phase_peak[self.phase] = live
+        if live > self.peak:
+            self.peak = live
+            if self.phase == "optimizer":  # its state changes only in its step (the first step makes it)
+                self._optimizer_bytes = self._bytes_of(self._optimizer_tensors())
+            params, optimizer = self._params_bytes, self._optimizer_bytes
             grads = self._bytes_of(p.grad for p in self._params)
-            optimizer = self._bytes_of(self._optimizer_tensors())
             self.at_peak = {"phase": self.phase, "params": params, "grads": grads, "optimizer": optimizer,
-                            "rest": self.live - params - grads - optimizer}  # fmt: skip
+                            "rest": live - params - grads - optimizer}  # fmt: skip
+
+    def __exit__(self, *args):
+        """Leave the mode and let go of the model, the optimizer and the weak references (one use): a tracker
+        kept for its numbers must not keep a model alive, nor count storages freed after the step."""
+        try:
+            return super().__exit__(*args)
+        finally:
+            self.live  # noqa: B018 (takes in what was freed before the references go)
+            self._refs.clear()
+            self._params, self._optimizer = [], None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self.live  # noqa: B018 (takes in what was freed, before new storages count)
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self._count(t, str(func.overloadpacket.__name__))
@@ -121,12 +152,14 @@ class LiveTensors(TorchDispatchMode):
         return out
 
     def summary(self) -> dict:
-        """Bytes: the step's peak and its split, each phase's peak, the loss head's own memory (its phase's
-        peak less what was alive when it began) and the largest tensor an op made (with the op and phase)."""
+        """Bytes: the step's peak and its split, each phase's peak and what was alive as it began (in the
+        order the phases began), the loss head's own memory (its phase's peak less what was alive when it
+        began) and the largest tensor an op made or grew (with the op and phase)."""
         head = self.phase_peak["loss head"] - self.phase_start.get("loss head", self.phase_peak["loss head"])
         size, op, phase = self.largest
         return {"peak": self.peak, "at_peak": dict(self.at_peak), "phase_peak": dict(self.phase_peak),
-                "loss_head": max(head, 0), "largest_tensor": size, "largest_tensor_op": f"{op} ({phase})"}  # fmt: skip
+                "phase_start": dict(self.phase_start), "loss_head": max(head, 0), "largest_tensor": size,
+                "largest_tensor_op": f"{op} ({phase})"}  # fmt: skip
 
 
 def _decoder(model: torch.nn.Module) -> torch.nn.Module:

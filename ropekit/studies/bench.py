@@ -27,6 +27,7 @@ draws GB/s against sequence length per provider from that CSV.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import json
 import os
@@ -486,7 +487,8 @@ def measure_train_step(name: str, T: int, provider: str, *, steps: int = 2, devi
         return None
     finally:
         del model, opt
-        if cuda:
+        if cuda:  # the next measurement in this process starts from an empty device
+            gc.collect()
             torch.cuda.empty_cache()
     return {"step_s": dt, "params": n_params, "peak_gb": peak, "baseline_gb": baseline,
             "sdpa_backends": sorted(recorder.backends), "attention_mask_gb": recorder.mask_bytes / 1e9,
