@@ -30,7 +30,9 @@
 #      text, flash-attention's rotary file; its header lists them and how they are made). Commit first, so
 #      the rows' git sha names the code that ran.
 #   2. run once, with a timeout that leaves room to rerun one failed stage (STAGES=b,c reruns only those):
-#        device run, carry [".whl", ".carry"], timeout_s 420:
+#        device run, kind nvidia-h200, carry [".whl", ".carry"], timeout_s 420 (an 80 GB H100 may not hold
+#        HF's full-logit loss for the llama-1b shape at 32k: 70.8 GB on an H200; such a step is logged as out
+#        of memory, with no rows):
 #        ROPEKIT_GIT_SHA=<git rev-parse --short=12 HEAD> bash experiments/device/gpu_check.sh $OUT
 #   3. hand the machine back at once; copy what came back to figures/gpu/ (append the rows to the CSVs
 #      there) and commit it; `ropekit figures --results figures/gpu/bench_rope.csv` draws the plot.
