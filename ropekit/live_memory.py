@@ -32,6 +32,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ropekit.hf import decoder_of
+
 __all__ = ["PHASES", "LiveTensors", "phases"]
 
 PHASES = ("forward", "loss head", "backward", "optimizer")
@@ -162,10 +164,6 @@ class LiveTensors(TorchDispatchMode):
                 "largest_tensor_op": f"{op} ({phase})"}  # fmt: skip
 
 
-def _decoder(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, getattr(model, "base_model_prefix", "model"), None) or model.model
-
-
 @contextlib.contextmanager
 def phases(live: LiveTensors, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[LiveTensors]:
     """Move ``live`` through the step's phases: ``loss head`` when the decoder stack returns the head's input,
@@ -177,7 +175,7 @@ def phases(live: LiveTensors, model: torch.nn.Module, optimizer: torch.optim.Opt
         if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
             hidden.register_hook(lambda grad: live.start_phase("backward"))
 
-    handles = [_decoder(model).register_forward_hook(decoder_done),
+    handles = [decoder_of(model).register_forward_hook(decoder_done),
                optimizer.register_step_pre_hook(lambda *_: live.start_phase("optimizer"))]  # fmt: skip
     try:
         with live:
