@@ -49,7 +49,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 
 from ropekit.figures import pyplot, save_png, series
 from ropekit.hf import patch
-from ropekit.live_memory import LiveTensors, phases
+from ropekit.live_memory import PHASES, LiveTensors, phases
 from ropekit.methods import parse
 from ropekit.models import tiny_config
 from ropekit.parallel import parallelize
@@ -436,6 +436,9 @@ def _time_train_steps(model, opt, ids: torch.Tensor, provider: str, steps: int, 
         with phases(LiveTensors(ids.device, model, opt, ids, pos), model, opt) as tracker:
             step()
         counted = tracker.summary()
+        if list(counted["phase_start"]) != list(PHASES):  # a hook that did not fire: the split would be wrong
+            raise RuntimeError(f"{label}: the live count saw the phases {list(counted['phase_start'])}; "
+                               f"expected {list(PHASES)}")  # fmt: skip
     if not torch.isfinite(loss):
         raise ValueError(f"{label}: non-finite loss {float(loss)}")
     if cuda:
