@@ -247,4 +247,7 @@ def evaluate_in_process(model, tokenizer, tasks: list[str], include_path: str | 
         raise ValueError(f"max_length={max_length} is shorter than tasks {too_long}: lm-eval would cut their prompts "
                          f"from the left; use max_length >= {max(too_long.values())}")  # fmt: skip
     lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=max_length, batch_size=1)
-    return simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_path=str(include_path)), **kwargs)
+    # lm-eval's own tasks are indexed (thousands of YAML files) only when a task is not one in include_path
+    own = all((Path(include_path) / f"{task}.yaml").is_file() for task in tasks)
+    manager = TaskManager(include_path=str(include_path), include_defaults=not own)
+    return simple_evaluate(model=lm, tasks=tasks, task_manager=manager, **kwargs)

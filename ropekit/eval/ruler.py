@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import importlib.util
 import io
 import random
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -136,6 +138,19 @@ def _checked_lm(HFLM, model, tokenizer, max_length: int):
     return lm
 
 
+def _ruler_manager(TaskManager, length: int, tokenizer_folder: str):  # noqa: N803 (lm-eval's class, passed in)
+    """lm-eval's task manager over its RULER folder alone: indexing every task lm-eval ships reads thousands
+    of YAML files (seconds to tens of seconds) for the same RULER tasks."""
+    import lm_eval.tasks
+
+    ruler = Path(lm_eval.tasks.__file__).parent / "ruler"
+    if not ruler.is_dir():
+        raise ValueError(f"lm-eval {importlib.metadata.version('lm-eval')} has no RULER tasks (0.4.9 and newer "
+                         "have them): pip install 'ropekit[eval]'")  # fmt: skip
+    return TaskManager(include_path=str(ruler), include_defaults=False,
+                       metadata={"max_seq_lengths": [length], "tokenizer": tokenizer_folder})  # fmt: skip
+
+
 def _load_task(manager, name: str):
     """Build one task (lm-eval synthesises or downloads its data here); a failed download is one line."""
     noise = io.StringIO()  # nltk tries to download a sentence splitter on import and prints the failure
@@ -167,7 +182,7 @@ def ruler_samples(
     out: list[RulerSample] = []
     with tempfile.TemporaryDirectory() as folder:
         tokenizer.save_pretrained(folder)  # lm-eval's RULER loads the tokenizer by name: this folder
-        manager = TaskManager(metadata={"max_seq_lengths": [length], "tokenizer": folder})
+        manager = _ruler_manager(TaskManager, length, folder)
         loaded = []
         for name in tasks:  # each task's prompts depend on its name, L and the seed, not on the tasks beside it
             random.seed(seed)
