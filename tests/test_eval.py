@@ -444,3 +444,21 @@ def test_an_unknown_ruler_task_or_a_short_length_is_refused_before_the_model_loa
     assert main([*_RULER[:7], "2048", *_RULER[8:]]) == 2  # lm-eval's variable tracking would never finish
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "RULER length 2048 is too short" in err[0] and "4096" in err[0]
+
+
+def test_an_lm_eval_older_than_the_declared_bound_is_refused_in_one_line(monkeypatch):
+    """The bound ropekit checks is pyproject.toml's; an lm-eval older than it (a task API ropekit calls is
+    missing) is named with the fix, before any model loads."""
+    import importlib.metadata
+    from pathlib import Path
+
+    from ropekit.eval import ruler
+
+    pytest.importorskip("lm_eval")
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert f'"lm-eval[ruler]>={ruler.MIN_LM_EVAL},' in pyproject
+    ruler.check_lm_eval()  # the installed one passes
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.4.11" if name == "lm-eval" else real(name))
+    with pytest.raises(ValueError, match=rf"lm-eval >= {re.escape(ruler.MIN_LM_EVAL)}, found 0\.4\.11"):
+        ruler.check_lm_eval()

@@ -38,11 +38,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from packaging.version import Version
 
 __all__ = ["RULER_OFFLINE", "RULER_DOWNLOADS", "RULER_GROUPS", "MIN_LENGTH", "HEADROOM", "PromptCut",
            "DataUnavailable", "RulerSample", "check_lm_eval", "resolve_tasks", "ruler_samples"]  # fmt: skip
 
 # lm-eval 0.4's RULER tasks, by where their data comes from.
+MIN_LM_EVAL = "0.4.12"  # pyproject.toml's lower bound for lm-eval (tests/test_eval.py checks they agree)
 RULER_OFFLINE = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
 _ESSAYS = "Paul Graham's essays (the Hugging Face hub dataset baber/paul_graham_essays, cached under HF_HOME)"
 RULER_DOWNLOADS = {
@@ -105,6 +107,9 @@ def check_lm_eval() -> None:
         if importlib.util.find_spec(module) is None:  # found, not imported: nltk prints on import offline
             raise ValueError(f"RULER runs through lm-eval's ruler tasks, which need {module!r}: "
                              "pip install 'ropekit[eval]'")  # fmt: skip
+    version = importlib.metadata.version("lm-eval")
+    if Version(version) < Version(MIN_LM_EVAL):  # an older one lacks the task API called here
+        raise ValueError(f"RULER needs lm-eval >= {MIN_LM_EVAL}, found {version}: pip install 'ropekit[eval]'")
 
 
 def _import_lm_eval():
@@ -144,9 +149,6 @@ def _ruler_manager(TaskManager, length: int, tokenizer_folder: str):  # noqa: N8
     import lm_eval.tasks
 
     ruler = Path(lm_eval.tasks.__file__).parent / "ruler"
-    if not ruler.is_dir():
-        raise ValueError(f"lm-eval {importlib.metadata.version('lm-eval')} has no RULER tasks (0.4.9 and newer "
-                         "have them): pip install 'ropekit[eval]'")  # fmt: skip
     return TaskManager(include_path=str(ruler), include_defaults=False,
                        metadata={"max_seq_lengths": [length], "tokenizer": tokenizer_folder})  # fmt: skip
 
