@@ -99,10 +99,12 @@ LIVE = [
     "(`ropekit.live_memory`: the bytes of tensor storages alive on the device, op by op), which no allocator",
     "moves: the step's live peak and the phase it fell in (forward, loss head, backward, optimizer), what was",
     "alive then (parameters with buffers, gradients, optimizer state, the rest: activations, temporaries, the",
-    "loss head's tensors and gradients autograd has not yet handed to the parameters), each phase's peak, the",
-    "loss head's own memory (its phase's peak less what was alive when it began) and the largest tensor an op",
-    "made, with the op: HF's (tokens x vocabulary) logits, or a (T x T) attention matrix, would show there. It",
-    "cannot see a kernel's own workspace; the resident peak above includes it.",
+    "loss head's tensors), each phase's peak, the loss head's own memory (its phase's peak less what was alive",
+    "when it began) and the largest tensor an op made, with the op: HF's (tokens x vocabulary) logits, or a",
+    "(T x T) attention matrix, would show there. It cannot see a kernel's own workspace; the resident peak",
+    "above includes it. Gradients at the peak are the storages alive then that become parameters' `.grad`,",
+    "whether or not autograd had handed them over yet; rows measured before that was told (their gradients",
+    "read '– (in rest)') count the ones autograd still held in the rest.",
 ]
 GOAL_PEAK_OVER_KNOWN = 1.5  # issue: SmolLM2-135M at 8k peaks at most 1.5x what is known in advance,
 GOAL_SPEED = 0.9  # at no less than 0.9x the tokens/s of the full-logit step

@@ -5,14 +5,18 @@ peak what the caching allocator rounds and holds; both move with the allocator's
 dispatch mode that counts the bytes of every tensor storage alive on the step's device, op by op: those the
 step starts with (parameters, buffers, optimizer state, inputs) and each one an op creates, until it is freed.
 It records the peak of each phase of the step, what was alive at the step's peak (parameters, gradients,
-optimizer state, the rest: activations, temporaries, the loss head's tensors and the gradients autograd
-still holds before it hands them to the parameters), the loss head's own memory (its phase's peak less
-what was alive when it began) and the largest single tensor an op made or grew, with the op: a
+optimizer state, the rest: activations, temporaries, the loss head's tensors), the loss head's own memory
+(its phase's peak less what was alive when it began) and the largest single tensor an op made or grew, with the op: a
 (T x vocabulary) logits tensor or a (T x T) attention matrix shows there.
 
 What it cannot see: memory a kernel allocates for itself without returning it as a tensor (a fused
 attention kernel's workspace), and what the allocator holds beyond live tensors: compare with the resident
 or allocator peak of the same step (``ropekit bench --train-step`` records both).
+
+Gradients at the peak are the storages alive then that the step hands to the parameters as ``.grad``,
+whether autograd had handed them over by then or still held them (a peak in the backward comes before
+most are handed over): they are told apart when the optimizer phase begins, when every gradient is in
+place.
 
 Phases, in the order a step runs them (``phases`` sets them with hooks):
 
@@ -67,6 +71,7 @@ class LiveTensors(TorchDispatchMode):
         self.peak = 0
         self.at_peak: dict[str, int | str] = {}
         self.largest: tuple[int, str, str] = (0, "", "")  # bytes, op, phase
+        self._at_peak_refs: dict[int, weakref.ref] = {}  # the storages alive at the peak, until grads are told
         self._params = list(model.parameters()) + list(model.buffers())
         self._optimizer = optimizer
         self._refs: dict[int, weakref.ref] = {}  # id(storage) -> a weak reference that counts its bytes out
@@ -117,9 +122,27 @@ class LiveTensors(TorchDispatchMode):
         self._refs.pop(key, None)
 
     def start_phase(self, phase: str) -> None:
+        if phase == "optimizer":
+            self._grads_at_peak()
         self.phase = phase
         self.phase_start.setdefault(phase, self.live)
         self._note_peak()
+
+    def _grads_at_peak(self) -> None:
+        """Every gradient is in place as the optimizer begins: those alive at the peak count as gradients."""
+        if not self._at_peak_refs:
+            return
+        seen = {}
+        for p in self._params:
+            g = p.grad
+            if g is not None and g.device == self.device and (st := _storage(g)) is not None:
+                ref = self._at_peak_refs.get(id(st))
+                if ref is not None and ref() is st:  # the same storage, not a later one at a reused address
+                    seen[id(st)] = st.nbytes()
+        self._at_peak_refs = {}
+        at = self.at_peak
+        at["grads"] = sum(seen.values())
+        at["rest"] = self.peak - at["params"] - at["grads"] - at["optimizer"]
 
     def _note_peak(self) -> None:
         live = self.live
@@ -130,7 +153,8 @@ class LiveTensors(TorchDispatchMode):
             if self.phase == "optimizer":  # its state changes only in its step (the first step makes it)
                 self._optimizer_bytes = self._bytes_of(self._optimizer_tensors())
             params, optimizer = self._params_bytes, self._optimizer_bytes
-            grads = self._bytes_of(p.grad for p in self._params)
+            grads = self._bytes_of(p.grad for p in self._params)  # told again as the optimizer begins
+            self._at_peak_refs = dict(self._refs) if self.phase != "optimizer" else {}
             self.at_peak = {"phase": self.phase, "params": params, "grads": grads, "optimizer": optimizer,
                             "rest": live - params - grads - optimizer}  # fmt: skip
 
@@ -142,6 +166,7 @@ class LiveTensors(TorchDispatchMode):
         finally:
             self.live  # noqa: B018 (takes in what was freed before the references go)
             self._refs.clear()
+            self._at_peak_refs = {}
             self._params, self._optimizer = [], None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

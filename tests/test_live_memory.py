@@ -53,6 +53,25 @@ def test_a_tracker_lets_go_of_the_model_when_the_step_ends():
     assert live.summary()["peak"] > 0  # the numbers stay
 
 
+def test_a_gradient_alive_at_a_backward_peak_counts_as_a_gradient_before_autograd_hands_it_over():
+    """The weight's gradient makes the step's peak in the backward, before autograd sets ``.grad``: it counts
+    as gradients, not as the rest (activations), once the optimizer phase shows where it went."""
+    model = torch.nn.Linear(512, 512, bias=False)  # 1 MiB of weight, and of its gradient
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 512)
+    live = LiveTensors("cpu", model, opt, x)
+    with live:
+        loss = model(x).square().sum()
+        live.start_phase("backward")
+        loss.backward()
+        live.start_phase("optimizer")
+        opt.step()
+    at, weight = live.at_peak, _nbytes(model.parameters())
+    assert at["phase"] == "backward" and at["params"] == weight and at["grads"] == weight
+    assert at["params"] + at["grads"] + at["optimizer"] + at["rest"] == live.peak
+    assert 0 <= at["rest"] < weight / 8  # the activations and their gradients: a few (4 x 512) tensors
+
+
 def test_the_chunked_loss_makes_no_tensor_the_size_of_the_logits_and_the_full_loss_does():
     T, d, V = 1024, 32, 512
     logits_bytes = T * V * 4

@@ -530,9 +530,10 @@ def memory_split(shape: dict, T: int, params: int) -> dict[str, float]:
             "checkpointed_inputs_gb": shape["num_hidden_layers"] * T * shape["hidden_size"] * 4 / 1e9}  # fmt: skip
 
 
+GRADS_TOLD = "gradients at the peak: the storages alive then that become parameters' .grad"
 LIVE_MEMORY = (
     "bytes of tensor storages alive on the device over one untimed step after the warm-up "
-    "(ropekit.live_memory): independent of the allocator, without kernels' own workspace"
+    f"(ropekit.live_memory): independent of the allocator, without kernels' own workspace; {GRADS_TOLD}"
 )
 
 
@@ -711,17 +712,21 @@ def live_table(rows: list[dict]) -> list[str]:
     for r in rows:
         if r["experiment"] == "train_step" and r["metric"] == "live_peak_gb":
             config, (label, model) = json.loads(r["config"] or "{}"), _labelled(r)
+            told = GRADS_TOLD in config["live_memory"]
             ops[(model, int(r["context_length"]), label)] = (config["live_peak_phase"], config["largest_tensor_op"],
-                                                             r["git_sha"])  # fmt: skip
+                                                             r["git_sha"], told)  # fmt: skip
     out = ["| model | T | provider | live peak GB | / known | at | params, grads, optimizer, rest GB | "
            "phase peaks GB (forward, loss head, backward, optimizer) | loss head GB | largest tensor |",
            "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for (model, T, label), (phase, op, sha) in sorted(ops.items()):
+    for (model, T, label), (phase, op, sha, grads_told) in sorted(ops.items()):
         v = data[(model, T, label)]
         largest = f"{v['largest_tensor_gb']:.3f} GB, {op}"
         if sha in LARGEST_TENSOR_UNSHOWN:
             largest = f"– (at {sha[:7]} a view could be named)"
         parts = ", ".join(f"{v[f'at_peak_{k}_gb']:.2f}" for k in ("params", "grads", "optimizer", "rest"))
+        if not grads_told:  # measured before gradients autograd still held were told from the rest
+            grads_rest = v["at_peak_grads_gb"] + v["at_peak_rest_gb"]
+            parts = f"{v['at_peak_params_gb']:.2f}, – (in rest), {v['at_peak_optimizer_gb']:.2f}, {grads_rest:.2f}"
         peaks = ", ".join(f"{v[f'live_{k}_gb']:.2f}" for k in ("forward", "loss_head", "backward", "optimizer"))
         out.append(f"| {model} | {T:,} | {label} | {v['live_peak_gb']:.2f} | {v['live_peak_over_static']:.2f} | "
                    f"{phase} | {parts} | {peaks} | {v['loss_head_gb']:.2f} | {largest} |")  # fmt: skip
