@@ -16,7 +16,8 @@ or allocator peak of the same step (``ropekit bench --train-step`` records both)
 Gradients at the peak are the storages alive then that the step hands to the parameters as ``.grad``,
 whether autograd had handed them over by then or still held them (a peak in the backward comes before
 most are handed over): they are told apart when the optimizer phase begins, when every gradient is in
-place.
+place. A partial gradient that autograd later sums into a new tensor (a tied head's and embedding's,
+summed at the end of the backward) is not the one handed over: it counts in the rest.
 
 Phases, in the order a step runs them (``phases`` sets them with hooks):
 
