@@ -72,7 +72,9 @@ class LiveTensors(TorchDispatchMode):
         self.peak = 0
         self.at_peak: dict[str, int | str] = {}
         self.largest: tuple[int, str, str] = (0, "", "")  # bytes, op, phase
-        self._at_peak_refs: dict[int, weakref.ref] = {}  # the storages alive at the peak, until grads are told
+        self._counted = 0  # storages counted so far
+        self._born: dict[int, int] = {}  # id(storage) -> its place in that count
+        self._peak_born: int | None = None  # the newest storage alive at the peak, until grads are told
         self._params = list(model.parameters()) + list(model.buffers())
         self._optimizer = optimizer
         self._refs: dict[int, weakref.ref] = {}  # id(storage) -> a weak reference that counts its bytes out
@@ -113,6 +115,8 @@ class LiveTensors(TorchDispatchMode):
             self._live += size - old
         else:
             self._refs[key] = weakref.ref(st, lambda _, key=key: self._on_free(key))
+            self._counted += 1
+            self._born[key] = self._counted
             self._live += size
         self._bytes[key] = size
         if op and size > self.largest[0]:
@@ -121,6 +125,7 @@ class LiveTensors(TorchDispatchMode):
     def _on_free(self, key: int) -> None:  # a weakref callback: may run on another thread (CUDA's backward)
         self._freed.append(self._bytes.pop(key, 0))
         self._refs.pop(key, None)
+        self._born.pop(key, None)
 
     def start_phase(self, phase: str) -> None:
         if phase == "optimizer":
@@ -131,16 +136,16 @@ class LiveTensors(TorchDispatchMode):
 
     def _grads_at_peak(self) -> None:
         """Every gradient is in place as the optimizer begins: those alive at the peak count as gradients."""
-        if not self._at_peak_refs:
+        if self._peak_born is None:
             return
         seen = {}
-        for p in self._params:
+        for p in self._params:  # alive now and counted before the peak: alive at the peak
             g = p.grad
             if g is not None and g.device == self.device and (st := _storage(g)) is not None:
-                ref = self._at_peak_refs.get(id(st))
-                if ref is not None and ref() is st:  # the same storage, not a later one at a reused address
-                    seen[id(st)] = st.nbytes()
-        self._at_peak_refs = {}
+                key, ref = id(st), self._refs.get(id(st))
+                if ref is not None and ref() is st and self._born[key] <= self._peak_born:
+                    seen[key] = st.nbytes()
+        self._peak_born = None
         at = self.at_peak
         at["grads"] = sum(seen.values())
         at["rest"] = self.peak - at["params"] - at["grads"] - at["optimizer"]
@@ -155,7 +160,7 @@ class LiveTensors(TorchDispatchMode):
                 self._optimizer_bytes = self._bytes_of(self._optimizer_tensors())
             params, optimizer = self._params_bytes, self._optimizer_bytes
             grads = self._bytes_of(p.grad for p in self._params)  # told again as the optimizer begins
-            self._at_peak_refs = dict(self._refs) if self.phase != "optimizer" else {}
+            self._peak_born = self._counted if self.phase != "optimizer" else None
             self.at_peak = {"phase": self.phase, "params": params, "grads": grads, "optimizer": optimizer,
                             "rest": live - params - grads - optimizer}  # fmt: skip
 
@@ -167,7 +172,7 @@ class LiveTensors(TorchDispatchMode):
         finally:
             self.live  # noqa: B018 (takes in what was freed before the references go)
             self._refs.clear()
-            self._at_peak_refs = {}
+            self._born.clear()
             self._params, self._optimizer = [], None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
