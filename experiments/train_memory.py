@@ -55,9 +55,9 @@ metrics and a tqdm bar with loss and tokens/s, periodic validation loss. Data:
 a byte-level BPE trained on the training split (or the model's tokenizer), documents tokenised once
 into a cached uint32 file, packed into sequences with EOS between documents, positions running on or
 reset per document (`reset_positions`), optional upsampling of long documents. The loss is scored
-from the head's input in chunks whose logits the backward recomputes (`ropekit/loss.py`), so no
-(tokens × vocabulary) float32 tensor exists in a step; `ropekit bench --train-step` measures a step's
-peak memory and splits it (below, generated from its rows).
+from the head's input in chunks, each turned into its gradients while its logits exist
+(`ropekit/loss.py`), so no (tokens × vocabulary) float32 tensor exists in a step; `ropekit bench
+--train-step` measures a step's peak memory and splits it (below, generated from its rows).
 
 Checkpoints (weights as safetensors, optimizer, schedule position, RNG, data position, a manifest of
 sha256 hashes) are folders written whole or not at all. `--resume` finds the newest checkpoint by
@@ -182,8 +182,10 @@ def page() -> str:
         "## Memory: what a long-context step costs",
         "",
         "`ropekit train` scores next tokens from the head's input in chunks (`ropekit.loss.linear_cross_entropy`:",
-        "the backward recomputes each chunk's logits), so no (tokens x vocabulary) float32 tensor exists in a",
-        "step; activation checkpointing keeps one input per layer. `ropekit bench --train-step` measures a step",
+        "the forward turns each chunk's logits into the head's gradients while they exist, three head matmuls as",
+        "in the plain loss; rows from commits up to fdb0177 measured a backward that recomputed the logits, four",
+        "matmuls), so no (tokens x vocabulary) float32 tensor exists in a step; activation checkpointing keeps",
+        "one input per layer. `ropekit bench --train-step` measures a step",
         "and splits its peak into what is known in advance (parameters, gradients and AdamW's two moments: 16",
         "bytes a parameter in float32; the checkpointed layer inputs: layers x T x width x 4 bytes) and the rest",
         "(the layer being recomputed, the loss head, attention's workspace). On a CPU each measurement runs in a",

@@ -3,9 +3,11 @@
 - ``LogitTransform`` / ``logit_transform(config)``: what a causal LM does to its head's output before the
   softmax (Gemma 2/3's final soft-capping, Granite's ``logits_scaling``, Cohere's ``logit_scale``); the one
   place ropekit reads it (training and evaluation both score from the head's input).
-- ``linear_cross_entropy(hidden, weight, targets)``: per-token losses of ``transform(hidden @ weight.T)`` in
-  chunks of rows; the backward recomputes each chunk's logits, so memory holds one (chunk x vocabulary)
-  block at a time instead of the whole (T x V) logits, their float32 copy and their gradient.
+- ``linear_cross_entropy(hidden, weight, targets)``: losses of ``transform(hidden @ weight.T)`` in chunks of
+  rows, so memory holds one (chunk x vocabulary) block at a time instead of the whole (T x V) logits, their
+  float32 copy and their gradient. Per token (``reduction="none"``), the backward recomputes each chunk's
+  logits; as a weighted sum (``reduction="sum"``, the trainer's), the forward turns each chunk's logits into
+  the gradients while they exist, so the head costs three matmuls as in the plain loss, not four.
 - ``final_hidden(model, ...)``: the head's input, from the model's own forward with its output head set
   aside for the call (so wrappers such as FSDP2 see an ordinary forward of the root module).
 """
@@ -60,47 +62,97 @@ def logit_transform(config) -> LogitTransform:
     return LogitTransform(scale=scale, cap=float(cap) if cap else None)
 
 
+def _softmax_minus_onehot(logits: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor, cap: float | None):
+    """In place over one chunk's (transformed, float32) ``logits``: (logsumexp, target logit, and
+    ``row_scale * d loss / d z``) for z the logits before the transform, where row_scale already carries the
+    transform's own scale. Five passes over the block: max, subtract, exp, sum, scale."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    target_logit = logits[rows, targets]
+    dcap = 1.0 - (logits / cap) ** 2 if cap else None  # d/dz cap * tanh(z / cap) = 1 - tanh^2
+    top = logits.amax(dim=1, keepdim=True)
+    p = logits.sub_(top).exp_()
+    total = p.sum(dim=1, keepdim=True)
+    p.mul_(row_scale[:, None] / total)  # softmax, times each row's scale
+    p[rows, targets] -= row_scale
+    if dcap is not None:
+        p.mul_(dcap)
+    return (top + total.log())[:, 0], target_logit, p
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
+    """Per-token losses; the backward recomputes each chunk's logits (any per-token gradient)."""
+
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk, scale, cap, dtype):
-        compute = dtype or hidden.dtype
-        h, w = hidden.to(compute), weight.to(compute)
-        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        target_logit = torch.empty_like(lse)
-        for start in range(0, hidden.shape[0], chunk):
-            end = min(start + chunk, hidden.shape[0])
-            logits = _transform((h[start:end] @ w.T).float(), scale, cap)
-            lse[start:end] = torch.logsumexp(logits, dim=-1)
-            target_logit[start:end] = logits.gather(1, targets[start:end, None])[:, 0]
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.chunk, ctx.scale, ctx.cap, ctx.compute = chunk, scale, cap, compute
-        return lse - target_logit
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.chunk, ctx.scale, ctx.cap, ctx.compute = chunk, scale, cap, dtype or hidden.dtype
+        return _losses(hidden, weight, targets, chunk, scale, cap, ctx.compute)
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, weight, targets, lse = ctx.saved_tensors
-        h, w = hidden.to(ctx.compute), weight.to(ctx.compute)
-        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_w = None
-        if ctx.needs_input_grad[1]:  # accumulated over the chunks in float32
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        for start in range(0, hidden.shape[0], ctx.chunk):
-            end = min(start + ctx.chunk, hidden.shape[0])
-            raw = (h[start:end] @ w.T).float()
-            logits = _transform(raw, ctx.scale, ctx.cap)
-            d = torch.exp(logits - lse[start:end, None])  # softmax
-            d[torch.arange(end - start, device=d.device), targets[start:end]] -= 1.0
-            d *= grad[start:end, None]
-            if ctx.cap:  # d/dz cap * tanh(z / cap) = 1 - tanh^2
-                d *= 1.0 - (logits / ctx.cap) ** 2
-            if ctx.scale != 1.0:
-                d *= ctx.scale
-            d = d.to(ctx.compute)
-            if grad_h is not None:
-                grad_h[start:end] = (d @ w).to(hidden.dtype)
-            if grad_w is not None:
+        hidden, weight, targets = ctx.saved_tensors
+        grads = _head_grads(hidden, weight, targets, grad.float(), ctx.chunk, ctx.scale, ctx.cap, ctx.compute,
+                            ctx.needs_input_grad[:2])  # fmt: skip
+        return grads[1], grads[2], None, None, None, None, None
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    """sum_i weights_i * loss_i; the forward makes each chunk's logits once and turns them into the
+    gradients there and then (the backward only scales them by the incoming scalar): three matmuls per
+    chunk in all, as the plain loss, against four when the backward recomputes the logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, token_weights, chunk, scale, cap, dtype, needs):
+        total, grad_h, grad_w = _head_grads(hidden, weight, targets, token_weights, chunk, scale, cap,
+                                            dtype or hidden.dtype, needs)  # fmt: skip
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad, None if grad_w is None else grad_w * grad,
+                None, None, None, None, None, None, None)  # fmt: skip
+
+
+def _chunks(n: int, chunk: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, chunk):
+        yield start, min(start + chunk, n)
+
+
+def _losses(hidden, weight, targets, chunk, scale, cap, compute) -> torch.Tensor:
+    """(N,) float32 per-token losses, chunk by chunk (no gradient)."""
+    h, w = hidden.to(compute), weight.to(compute)
+    losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for start, end in _chunks(hidden.shape[0], chunk):
+        logits = _transform((h[start:end] @ w.T).float(), scale, cap)
+        losses[start:end] = torch.logsumexp(logits, dim=-1) - logits.gather(1, targets[start:end, None])[:, 0]
+    return losses
+
+
+def _head_grads(hidden, weight, targets, row_weights, chunk, scale, cap, compute, needs):
+    """(sum_i row_weights_i * loss_i, its gradient to hidden, to weight), chunk by chunk; a gradient is
+    None where ``needs`` (hidden, weight) says so. The weight's gradient is accumulated in float32."""
+    h, w = hidden.to(compute), weight.to(compute)
+    grad_h = torch.empty(hidden.shape, dtype=compute, device=hidden.device) if needs[0] else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs[1] else None
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    row_scale = row_weights.float() * scale
+    block = torch.empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=compute, device=hidden.device)
+    for start, end in _chunks(hidden.shape[0], chunk):  # one block reused: no fresh pages per chunk on a CPU
+        logits = _transform(torch.mm(h[start:end], w.T, out=block[: end - start]).float(), scale, cap)
+        lse, target_logit, d = _softmax_minus_onehot(logits, targets[start:end], row_scale[start:end], cap)
+        total += ((lse - target_logit) * row_weights[start:end]).sum()
+        d = d.to(compute)
+        if grad_h is not None:
+            torch.mm(d, w, out=grad_h[start:end])
+        if grad_w is not None:
+            if d.dtype == grad_w.dtype:
+                grad_w.addmm_(d.T, h[start:end])
+            else:
                 grad_w += (d.T @ h[start:end]).float()
-        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None, None
+    return (total, None if grad_h is None else grad_h.to(hidden.dtype),
+            None if grad_w is None else grad_w.to(weight.dtype))  # fmt: skip
 
 
 def _transform(logits: torch.Tensor, scale: float, cap: float | None) -> torch.Tensor:
@@ -112,17 +164,23 @@ def linear_cross_entropy(
     weight: torch.Tensor,
     targets: torch.Tensor,
     *,
+    token_weights: torch.Tensor | None = None,
+    reduction: str = "none",
     transform: LogitTransform | None = None,
     chunk: int | None = None,
 ) -> torch.Tensor:
-    """Per-token ``-log softmax(transform(hidden @ weight.T))[target]`` in float32, shape (N,).
+    """Per-token ``-log softmax(transform(hidden @ weight.T))[target]`` in float32, or their weighted sum.
 
     Args:
         hidden: (N, d) the head's input; weight: (V, d) the head's weight (no bias).
         targets: (N,) token ids in [0, V).
+        token_weights: (N,) each token's weight (default 1); a constant, not differentiated.
+        reduction: ``"none"``: the (N,) weighted losses, whose backward recomputes each chunk's logits;
+            ``"sum"``: their sum, whose gradient the forward computes while each chunk's logits exist (the
+            backward only scales it): one head matmul fewer, the trainer's path.
         transform: what the model does to the logits before the softmax (``logit_transform(config)``).
-        chunk: rows per block (default: as many as fit ``CHUNK_BYTES`` of float32 logits; the backward holds
-            about three such blocks); the matmuls run in the autocast dtype when autocast is on (as the head
+        chunk: rows per block (default: as many as fit ``CHUNK_BYTES`` of float32 logits; a step holds
+            about two such blocks); the matmuls run in the autocast dtype when autocast is on (as the head
             would), the softmax in float32.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
@@ -130,6 +188,10 @@ def linear_cross_entropy(
                          f"{tuple(weight.shape)}")  # fmt: skip
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets must be (N,) = ({hidden.shape[0]},); got {tuple(targets.shape)}")
+    if token_weights is not None and token_weights.shape != hidden.shape[:1]:
+        raise ValueError(f"token_weights must be (N,) = ({hidden.shape[0]},); got {tuple(token_weights.shape)}")
+    if reduction not in ("none", "sum"):
+        raise ValueError(f"reduction must be 'none' or 'sum'; got {reduction!r}")
     if chunk is None:
         chunk = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
     if not isinstance(chunk, int) or chunk < 1:
@@ -137,8 +199,19 @@ def linear_cross_entropy(
     transform = transform or LogitTransform()
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    needs = (torch.is_grad_enabled() and hidden.requires_grad, torch.is_grad_enabled() and weight.requires_grad)
     with torch.autocast(device, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, transform.scale, transform.cap, dtype)
+        if reduction == "none":
+            losses = _LinearCrossEntropy.apply(hidden, weight, targets, chunk, transform.scale, transform.cap, dtype)
+            return losses if token_weights is None else losses * token_weights.detach().float()
+        if token_weights is None:
+            token_weights = torch.ones(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        token_weights = token_weights.detach().float()
+        if not any(needs):  # scoring only (validation): no softmax gradient to form
+            losses = _losses(hidden, weight, targets, chunk, transform.scale, transform.cap, dtype or hidden.dtype)
+            return (losses * token_weights).sum()
+        return _LinearCrossEntropySum.apply(hidden, weight, targets, token_weights, chunk, transform.scale,
+                                            transform.cap, dtype, needs)  # fmt: skip
 
 
 def head_of(model) -> torch.nn.Module | None:

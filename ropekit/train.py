@@ -567,17 +567,19 @@ def loss_of(
     (``ropekit.loss``) where the head is a bias-free linear layer, from the full logits otherwise."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if ids.is_cuda else contextlib.nullcontext()
     head = head_of(model)
+    n = ids.shape[0] * (ids.shape[1] - 1)
+    w = torch.ones(n, device=ids.device) if weights is None else weights[:, :-1].reshape(-1).float()
     with autocast:
         if head is not None:  # from the head's input in chunks: no (B x T x vocabulary) float32 logits
             hidden = final_hidden(model, ids, pos)[:, :-1]
-            ce = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, ids[:, 1:].reshape(-1),
-                                      transform=logit_transform(model.config))  # fmt: skip
+            total = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, ids[:, 1:].reshape(-1),
+                                         token_weights=w, reduction="sum",
+                                         transform=logit_transform(model.config))  # fmt: skip
         else:
             logits = model(input_ids=ids, position_ids=pos).logits
             ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                  reduction="none")  # fmt: skip
-    w = torch.ones_like(ce) if weights is None else weights[:, :-1].reshape(-1)
-    total = (ce * w).sum()
+            total = (ce * w).sum()
     return total if reduction == "sum" else total / w.sum().clamp_min(1e-6)
 
 

@@ -5,6 +5,7 @@ transforms."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ropekit.loss import LogitTransform, final_hidden, linear_cross_entropy, logit_transform
 from ropekit.models import TINY, load_model
@@ -25,7 +26,8 @@ def close(got, want, scale):
 @pytest.mark.parametrize("transform", [LogitTransform(), LogitTransform(scale=0.25), LogitTransform(cap=3.0),
                                        LogitTransform(scale=4.0, cap=5.0)])  # fmt: skip
 @pytest.mark.parametrize("chunk", [1, 7, 64])
-def test_forward_and_backward_equal_the_plain_loss(transform, chunk):
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_forward_and_backward_equal_the_plain_loss(transform, chunk, reduction):
     torch.manual_seed(0)
     N, d, V = 37, 16, 101
     hidden = torch.randn(N, d, requires_grad=True)
@@ -33,14 +35,76 @@ def test_forward_and_backward_equal_the_plain_loss(transform, chunk):
     targets = torch.randint(0, V, (N,))
     token_weights = torch.rand(N) * 8  # the retrieval examples' per-token weights
     h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
-    got = linear_cross_entropy(hidden, weight, targets, transform=transform, chunk=chunk)
-    want = plain(h2, w2, targets, transform)
-    scale = float((hidden.abs() @ weight.abs().T).max()) * max(transform.scale, 1.0)
-    close(got, want, scale)
-    (got * token_weights).sum().backward()
-    (want * token_weights).sum().backward()
-    close(hidden.grad, h2.grad, scale * float(token_weights.max()) * float(weight.abs().max()))
-    close(weight.grad, w2.grad, scale * float(token_weights.sum()) * float(hidden.abs().max()))
+    got = linear_cross_entropy(hidden, weight, targets, token_weights=token_weights, reduction=reduction,
+                               transform=transform, chunk=chunk)  # fmt: skip
+    want = plain(h2, w2, targets, transform) * token_weights
+    scale = float((hidden.detach().abs() @ weight.detach().abs().T).max()) * max(transform.scale, 1.0)  # one logit
+    wmax, wsum = float(token_weights.max()), float(token_weights.sum())
+    if reduction == "sum":
+        want = want.sum()
+    close(got, want, scale * (wsum if reduction == "sum" else wmax))
+    g = 3.0  # an incoming gradient other than 1, as the trainer's (ranks / global weight)
+    (got.sum() * g).backward()
+    (want.sum() * g).backward()
+    close(hidden.grad, h2.grad, scale * g * wmax * float(weight.abs().max()))
+    close(weight.grad, w2.grad, scale * g * wsum * float(hidden.abs().max()))
+
+
+class _HeadMatmuls(TorchDispatchMode):
+    """Counts the matrix products that touch the vocabulary dimension (any overload: out=, in place)."""
+
+    def __init__(self, V):
+        super().__init__()
+        self.V, self.count = V, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.count += any(isinstance(a, torch.Tensor) and self.V in a.shape for a in args)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_summed_loss_costs_three_head_matmuls_as_the_plain_loss_and_the_per_token_loss_four():
+    N, d, V = 64, 16, 256
+    for reduction, chunks_times in [("sum", 3), ("none", 4)]:
+        hidden, weight = torch.randn(N, d, requires_grad=True), torch.randn(V, d, requires_grad=True)
+        with _HeadMatmuls(V) as head:
+            linear_cross_entropy(
+                hidden, weight, torch.randint(0, V, (N,)), reduction=reduction, chunk=16
+            ).sum().backward()
+        assert head.count == chunks_times * (N // 16), reduction
+    with _HeadMatmuls(V) as head:  # the control: the plain loss, one matmul each way
+        plain(hidden, weight, torch.randint(0, V, (N,)), LogitTransform()).sum().backward()
+    assert head.count == 3
+
+
+def test_scoring_without_gradients_matches_and_makes_no_gradient():
+    N, d, V = 40, 8, 64
+    hidden, weight = torch.randn(N, d, requires_grad=True), torch.randn(V, d, requires_grad=True)
+    targets, token_weights = torch.randint(0, V, (N,)), torch.rand(N)
+    with torch.no_grad():
+        got = linear_cross_entropy(hidden, weight, targets, token_weights=token_weights, reduction="sum", chunk=9)
+    assert got.grad_fn is None
+    want = (plain(hidden, weight, targets, LogitTransform()) * token_weights).sum()
+    close(got, want.detach(), float((hidden.abs() @ weight.abs().T).max()) * float(token_weights.sum()))
+
+
+def test_under_bf16_autocast_both_reductions_agree_with_the_bf16_head():
+    torch.manual_seed(0)
+    N, d, V = 48, 32, 128
+    hidden, weight = torch.randn(N, d, requires_grad=True), torch.randn(V, d, requires_grad=True)
+    targets, token_weights = torch.randint(0, V, (N,)), torch.rand(N) * 4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        summed = linear_cross_entropy(hidden, weight, targets, token_weights=token_weights, reduction="sum", chunk=10)
+    gh, gw = torch.autograd.grad(summed, [hidden, weight])
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the head in bf16, the softmax in float32
+        want = (F.cross_entropy((h2 @ w2.T).float(), targets, reduction="none") * token_weights).sum()
+    want_h, want_w = torch.autograd.grad(want, [h2, w2])
+    eps = torch.finfo(torch.bfloat16).eps  # each bf16 rounding of a logit or a gradient term
+    logit = float((hidden.abs() @ weight.abs().T).max())
+    torch.testing.assert_close(summed, want, rtol=0, atol=4 * eps * logit * float(token_weights.sum()))
+    torch.testing.assert_close(gh, want_h, rtol=0, atol=4 * eps * float(token_weights.max() * weight.abs().max()) * d)
+    torch.testing.assert_close(gw, want_w, rtol=0, atol=4 * eps * float(token_weights.sum() * hidden.abs().max()))
 
 
 def test_no_tokens_by_vocabulary_tensor_is_kept_for_backward():
@@ -61,6 +125,11 @@ def test_bad_shapes_and_chunk_are_named():
         linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 6), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"targets must be \(N,\) = \(3,\)"):
         linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"token_weights must be \(N,\) = \(3,\)"):
+        linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long),
+                             token_weights=torch.ones(2))  # fmt: skip
+    with pytest.raises(ValueError, match="reduction must be 'none' or 'sum'; got 'mean'"):
+        linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), reduction="mean")
     with pytest.raises(ValueError, match="chunk must be an integer >= 1; got 0"):
         linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), chunk=0)
 
