@@ -89,6 +89,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return _losses(hidden, weight, targets, chunk, scale, cap, ctx.compute)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         hidden, weight, targets = ctx.saved_tensors
         grads = _head_grads(hidden, weight, targets, grad.float(), ctx.chunk, ctx.scale, ctx.cap, ctx.compute,
@@ -104,14 +105,17 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, token_weights, chunk, scale, cap, dtype, needs):
         total, grad_h, grad_w = _head_grads(hidden, weight, targets, token_weights, chunk, scale, cap,
-                                            dtype or hidden.dtype, needs)  # fmt: skip
+                                            dtype or hidden.dtype, needs, keep_float32=True)  # fmt: skip
         ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = hidden.dtype, weight.dtype
         return total
 
     @staticmethod
-    def backward(ctx, grad):
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # scaled in float32, then rounded to the inputs' dtypes
         grad_h, grad_w = ctx.saved_tensors
-        return (None if grad_h is None else grad_h * grad, None if grad_w is None else grad_w * grad,
+        return (None if grad_h is None else (grad_h * grad).to(ctx.dtypes[0]),
+                None if grad_w is None else (grad_w * grad).to(ctx.dtypes[1]),
                 None, None, None, None, None, None, None)  # fmt: skip
 
 
@@ -130,16 +134,17 @@ def _losses(hidden, weight, targets, chunk, scale, cap, compute) -> torch.Tensor
     return losses
 
 
-def _head_grads(hidden, weight, targets, row_weights, chunk, scale, cap, compute, needs):
+def _head_grads(hidden, weight, targets, row_weights, chunk, scale, cap, compute, needs, keep_float32=False):
     """(sum_i row_weights_i * loss_i, its gradient to hidden, to weight), chunk by chunk; a gradient is
-    None where ``needs`` (hidden, weight) says so. The weight's gradient is accumulated in float32."""
+    None where ``needs`` (hidden, weight) says so. The weight's gradient is accumulated in float32; with
+    ``keep_float32`` both gradients are returned in float32, else in the inputs' dtypes."""
     h, w = hidden.to(compute), weight.to(compute)
     grad_h = torch.empty(hidden.shape, dtype=compute, device=hidden.device) if needs[0] else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs[1] else None
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     row_scale = row_weights.float() * scale
     block = torch.empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=compute, device=hidden.device)
-    for start, end in _chunks(hidden.shape[0], chunk):  # one block reused: no fresh pages per chunk on a CPU
+    for start, end in _chunks(hidden.shape[0], chunk):  # float32: one block reused, no fresh pages per chunk
         logits = _transform(torch.mm(h[start:end], w.T, out=block[: end - start]).float(), scale, cap)
         lse, target_logit, d = _softmax_minus_onehot(logits, targets[start:end], row_scale[start:end], cap)
         total += ((lse - target_logit) * row_weights[start:end]).sum()
@@ -151,6 +156,8 @@ def _head_grads(hidden, weight, targets, row_weights, chunk, scale, cap, compute
                 grad_w.addmm_(d.T, h[start:end])
             else:
                 grad_w += (d.T @ h[start:end]).float()
+    if keep_float32:
+        return total, None if grad_h is None else grad_h.float(), grad_w
     return (total, None if grad_h is None else grad_h.to(hidden.dtype),
             None if grad_w is None else grad_w.to(weight.dtype))  # fmt: skip
 
@@ -177,7 +184,8 @@ def linear_cross_entropy(
         token_weights: (N,) each token's weight (default 1); a constant, not differentiated.
         reduction: ``"none"``: the (N,) weighted losses, whose backward recomputes each chunk's logits;
             ``"sum"``: their sum, whose gradient the forward computes while each chunk's logits exist (the
-            backward only scales it): one head matmul fewer, the trainer's path.
+            backward only scales it): one head matmul fewer, the trainer's path (in float16, where a loss
+            scale must come first, the recomputing backward). Neither backward is differentiable again.
         transform: what the model does to the logits before the softmax (``logit_transform(config)``).
         chunk: rows per block (default: as many as fit ``CHUNK_BYTES`` of float32 logits; a step holds
             about two such blocks); the matmuls run in the autocast dtype when autocast is on (as the head
@@ -188,6 +196,10 @@ def linear_cross_entropy(
                          f"{tuple(weight.shape)}")  # fmt: skip
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets must be (N,) = ({hidden.shape[0]},); got {tuple(targets.shape)}")
+    lo, hi = torch.stack(torch.aminmax(targets)).tolist() if targets.numel() else (0, 0)
+    if lo < 0 or hi >= weight.shape[0]:  # an index past the block would wrap, not fail
+        raise ValueError(f"targets must be token ids in [0, {weight.shape[0]}); got {lo}..{hi} (for positions "
+                         "to ignore, give them token_weights 0)")  # fmt: skip
     if token_weights is not None and token_weights.shape != hidden.shape[:1]:
         raise ValueError(f"token_weights must be (N,) = ({hidden.shape[0]},); got {tuple(token_weights.shape)}")
     if reduction not in ("none", "sum"):
@@ -200,15 +212,18 @@ def linear_cross_entropy(
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     needs = (torch.is_grad_enabled() and hidden.requires_grad, torch.is_grad_enabled() and weight.requires_grad)
+    compute = dtype or hidden.dtype
     with torch.autocast(device, enabled=False):
-        if reduction == "none":
+        if reduction == "none" or compute == torch.float16:  # float16: no gradient rounded before the loss scale
             losses = _LinearCrossEntropy.apply(hidden, weight, targets, chunk, transform.scale, transform.cap, dtype)
-            return losses if token_weights is None else losses * token_weights.detach().float()
+            if token_weights is not None:
+                losses = losses * token_weights.detach().float()
+            return losses if reduction == "none" else losses.sum()
         if token_weights is None:
             token_weights = torch.ones(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         token_weights = token_weights.detach().float()
         if not any(needs):  # scoring only (validation): no softmax gradient to form
-            losses = _losses(hidden, weight, targets, chunk, transform.scale, transform.cap, dtype or hidden.dtype)
+            losses = _losses(hidden, weight, targets, chunk, transform.scale, transform.cap, compute)
             return (losses * token_weights).sum()
         return _LinearCrossEntropySum.apply(hidden, weight, targets, token_weights, chunk, transform.scale,
                                             transform.cap, dtype, needs)  # fmt: skip

@@ -46,8 +46,8 @@ def test_forward_and_backward_equal_the_plain_loss(transform, chunk, reduction):
     g = 3.0  # an incoming gradient other than 1, as the trainer's (ranks / global weight)
     (got.sum() * g).backward()
     (want.sum() * g).backward()
-    close(hidden.grad, h2.grad, scale * g * wmax * float(weight.abs().max()))
-    close(weight.grad, w2.grad, scale * g * wsum * float(hidden.abs().max()))
+    close(hidden.grad, h2.grad, scale * g * wmax * float(weight.detach().abs().max()))
+    close(weight.grad, w2.grad, scale * g * wsum * float(hidden.detach().abs().max()))
 
 
 class _HeadMatmuls(TorchDispatchMode):
@@ -77,6 +77,30 @@ def test_the_summed_loss_costs_three_head_matmuls_as_the_plain_loss_and_the_per_
     assert head.count == 3
 
 
+def test_float16_scales_the_gradient_before_rounding_it():
+    # fp16 weights whose summed gradient (about 1e5) fits float16 only once the incoming 1 / N scales it
+    torch.manual_seed(0)
+    N, d, V = 16384, 64, 32
+    hidden = (torch.randn(N, d).abs() * 8).half().requires_grad_()
+    weight = (torch.randn(V, d) * 1e-3).half().requires_grad_()
+    targets = torch.zeros(N, dtype=torch.long)
+    (linear_cross_entropy(hidden, weight, targets, reduction="sum", chunk=4096) / N).backward()
+    h32, w32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    (plain(h32, w32, targets, LogitTransform()).sum() / N).backward()
+    assert torch.isfinite(weight.grad).all()
+    half = torch.finfo(torch.float16).eps
+    torch.testing.assert_close(weight.grad.float(), w32.grad, rtol=0, atol=8 * half * float(w32.grad.abs().max()))
+
+
+def test_a_second_derivative_fails_loudly():
+    hidden, weight = torch.randn(6, 4, requires_grad=True), torch.randn(9, 4, requires_grad=True)
+    for reduction in ("sum", "none"):
+        loss = linear_cross_entropy(hidden, weight, torch.randint(0, 9, (6,)), reduction=reduction).sum()
+        (gh,) = torch.autograd.grad(loss, [hidden], create_graph=True)
+        with pytest.raises(RuntimeError, match="twice|does not require grad"):  # never a silent zero
+            gh.sum().backward()
+
+
 def test_scoring_without_gradients_matches_and_makes_no_gradient():
     N, d, V = 40, 8, 64
     hidden, weight = torch.randn(N, d, requires_grad=True), torch.randn(V, d, requires_grad=True)
@@ -85,7 +109,9 @@ def test_scoring_without_gradients_matches_and_makes_no_gradient():
         got = linear_cross_entropy(hidden, weight, targets, token_weights=token_weights, reduction="sum", chunk=9)
     assert got.grad_fn is None
     want = (plain(hidden, weight, targets, LogitTransform()) * token_weights).sum()
-    close(got, want.detach(), float((hidden.abs() @ weight.abs().T).max()) * float(token_weights.sum()))
+    close(
+        got, want.detach(), float((hidden.detach().abs() @ weight.detach().abs().T).max()) * float(token_weights.sum())
+    )
 
 
 def test_under_bf16_autocast_both_reductions_agree_with_the_bf16_head():
@@ -128,6 +154,9 @@ def test_bad_shapes_and_chunk_are_named():
     with pytest.raises(ValueError, match=r"token_weights must be \(N,\) = \(3,\)"):
         linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long),
                              token_weights=torch.ones(2))  # fmt: skip
+    for bad in (-100, 5):  # HF's ignore index is not a token; nor is one past the vocabulary
+        with pytest.raises(ValueError, match=rf"targets must be token ids in \[0, 5\); got {min(bad, 0)}\.\."):
+            linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, bad, 1]), reduction="sum")
     with pytest.raises(ValueError, match="reduction must be 'none' or 'sum'; got 'mean'"):
         linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), reduction="mean")
     with pytest.raises(ValueError, match="chunk must be an integer >= 1; got 0"):
