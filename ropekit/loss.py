@@ -92,9 +92,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         hidden, weight, targets = ctx.saved_tensors
-        grads = _head_grads(hidden, weight, targets, grad.float(), ctx.chunk, ctx.scale, ctx.cap, ctx.compute,
-                            ctx.needs_input_grad[:2])  # fmt: skip
-        return grads[1], grads[2], None, None, None, None, None
+        _, grad_h, grad_w = _head_grads(hidden, weight, targets, grad.float(), ctx.chunk, ctx.scale, ctx.cap,
+                                        ctx.compute, ctx.needs_input_grad[:2])  # fmt: skip
+        return (None if grad_h is None else grad_h.to(hidden.dtype),
+                None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None, None)  # fmt: skip
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):
@@ -105,7 +106,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, token_weights, chunk, scale, cap, dtype, needs):
         total, grad_h, grad_w = _head_grads(hidden, weight, targets, token_weights, chunk, scale, cap,
-                                            dtype or hidden.dtype, needs, keep_float32=True)  # fmt: skip
+                                            dtype or hidden.dtype, needs)  # fmt: skip
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = hidden.dtype, weight.dtype
         return total
@@ -134,10 +135,10 @@ def _losses(hidden, weight, targets, chunk, scale, cap, compute) -> torch.Tensor
     return losses
 
 
-def _head_grads(hidden, weight, targets, row_weights, chunk, scale, cap, compute, needs, keep_float32=False):
+def _head_grads(hidden, weight, targets, row_weights, chunk, scale, cap, compute, needs):
     """(sum_i row_weights_i * loss_i, its gradient to hidden, to weight), chunk by chunk; a gradient is
-    None where ``needs`` (hidden, weight) says so. The weight's gradient is accumulated in float32; with
-    ``keep_float32`` both gradients are returned in float32, else in the inputs' dtypes."""
+    None where ``needs`` (hidden, weight) says so. Both gradients come back in float32 (the weight's is
+    accumulated in it), for the caller to scale before rounding them to the inputs' dtypes."""
     h, w = hidden.to(compute), weight.to(compute)
     grad_h = torch.empty(hidden.shape, dtype=compute, device=hidden.device) if needs[0] else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs[1] else None
@@ -156,10 +157,7 @@ def _head_grads(hidden, weight, targets, row_weights, chunk, scale, cap, compute
                 grad_w.addmm_(d.T, h[start:end])
             else:
                 grad_w += (d.T @ h[start:end]).float()
-    if keep_float32:
-        return total, None if grad_h is None else grad_h.float(), grad_w
-    return (total, None if grad_h is None else grad_h.to(hidden.dtype),
-            None if grad_w is None else grad_w.to(weight.dtype))  # fmt: skip
+    return total, None if grad_h is None else grad_h.float(), grad_w
 
 
 def _transform(logits: torch.Tensor, scale: float, cap: float | None) -> torch.Tensor:
