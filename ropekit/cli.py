@@ -335,7 +335,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         for model in args.models:
             for length in lengths:
                 rows = bench.run_train_step([model], [length], providers=args.providers, steps=args.steps,
-                                            mmap_mib=args.mmap_threshold_mib)  # fmt: skip
+                                            mmap_mib=args.mmap_threshold_mib,
+                                            release_cpu_memory=not args.keep_freed_pages)  # fmt: skip
                 if args.out:
                     append_rows(args.out, rows)
                 count += len(rows)
@@ -560,6 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mmap-threshold-mib", type=int, default=None,
                    help="--train-step on CPU: fix glibc's mmap threshold (1-32 MiB) in each measuring process,\n"
                         "so freed tensors' memory goes back to the system (default: glibc's dynamic one)")  # fmt: skip
+    p.add_argument("--keep-freed-pages", action="store_true",
+                   help="--train-step on CPU: ropekit-train without the trainer's release of freed pages at\n"
+                        "each layer (as `ropekit train --set release_cpu_memory=false`)")  # fmt: skip
     p.add_argument("--lengths", type=_int_list, default=None,
                    help="sequence lengths: --train-step's (default 8192,16384,32768), or the training shapes'\n"
                         "to keep (default all; decoding shapes always run)")  # fmt: skip

@@ -107,3 +107,25 @@ def test_a_cpu_row_of_ropekit_train_without_the_trainers_release_is_labelled_so(
     assert bench.provider_label("ropekit-train", cpu) == "ropekit-train (no release per layer)"  # rows before it
     assert bench.provider_label("hf", cpu) == "hf"  # HF's step is measured as HF runs it
     assert bench.provider_label("ropekit-train", {"memory": "CUDA allocator peak"}) == "ropekit-train"
+
+
+def test_keep_freed_pages_measures_ropekit_train_without_the_per_layer_release(monkeypatch):
+    from ropekit import parallel
+
+    calls = []
+    monkeypatch.setattr(parallel, "release_freed_memory", lambda: calls.append(1))
+    kept = bench.measure_train_step("micro", 32, "ropekit-train", steps=1, release_cpu_memory=False)
+    assert not kept["release_cpu_memory"] and calls == []
+    released = bench.measure_train_step("micro", 32, "ropekit-train", steps=1)  # the trainer's default
+    layers = bench.TRAIN_STEP_MODELS["micro"]["num_hidden_layers"]
+    assert released["release_cpu_memory"] and len(calls) >= 2 * layers  # before each forward, after each backward
+
+
+def test_the_cli_passes_keep_freed_pages_to_the_measurement(monkeypatch):
+    from ropekit.cli import main
+
+    seen = []
+    monkeypatch.setattr(bench, "run_train_step", lambda *a, **kw: seen.append(kw["release_cpu_memory"]) or [])
+    argv = ["bench", "--train-step", "--models", "micro", "--lengths", "64"]
+    assert main(argv) == 0 and main([*argv, "--keep-freed-pages"]) == 0
+    assert seen == [True, False]

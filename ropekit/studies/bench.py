@@ -457,13 +457,16 @@ def _time_train_steps(model, opt, ids: torch.Tensor, provider: str, steps: int, 
     return (time.perf_counter() - t0) / steps, counted
 
 
-def measure_train_step(name: str, T: int, provider: str, *, steps: int = 2, device: str = "cpu") -> dict | None:
+def measure_train_step(name: str, T: int, provider: str, *, steps: int = 2, device: str = "cpu",
+                       release_cpu_memory: bool = True) -> dict | None:  # fmt: skip
     """One model shape, length and provider: {"step_s", "params", "peak_gb", "baseline_gb", "sdpa_backends",
     "attention_mask_gb", "mmap_threshold", "release_cpu_memory", "live"} or None when out of memory
     (``mmap_threshold``: the process's fixed malloc mmap threshold in bytes from its environment, None for
     glibc's default; ``live``: the live tensor memory of one step, ``LiveTensors.summary``). CUDA: the
     allocator's peak over the timed steps (baseline 0); CPU: this process's resident high-water mark and its
-    value before the model was built (run it in a fresh process: the mark never falls)."""
+    value before the model was built (run it in a fresh process: the mark never falls). ``release_cpu_memory``:
+    ``ropekit-train`` on a CPU hands freed pages back at each layer, as the trainer does (false: as the trainer
+    with ``release_cpu_memory=false``)."""
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     if not cuda:  # the baseline after the libraries' lazy imports and first-call set-up: a micro step first
@@ -480,7 +483,7 @@ def measure_train_step(name: str, T: int, provider: str, *, steps: int = 2, devi
     model.train()
     if provider != "hf":
         patch(model, TRAIN_METHOD, max_position_embeddings=T)
-    release = provider == "ropekit-train" and not cuda  # as the trainer does on a CPU (``release_cpu_memory``)
+    release = release_cpu_memory and provider == "ropekit-train" and not cuda  # as the trainer on a CPU
     parallelize(model, activation_checkpointing=True, release_cpu_memory=release)  # the trainer's order
     defaults = TrainConfig(model="tiny:llama")  # the trainer's optimizer settings
     opt = adamw(model, lr=1e-4, weight_decay=defaults.weight_decay, betas=(defaults.beta1, defaults.beta2))
@@ -504,10 +507,12 @@ def measure_train_step(name: str, T: int, provider: str, *, steps: int = 2, devi
             "release_cpu_memory": release, "live": live}  # fmt: skip
 
 
-def _measure_in_child(name: str, T: int, provider: str, steps: int, mmap_mib: int | None = None) -> dict | None:
+def _measure_in_child(name: str, T: int, provider: str, steps: int, mmap_mib: int | None = None,
+                      release_cpu_memory: bool = True) -> dict | None:  # fmt: skip
     """``measure_train_step`` in a fresh Python process (CPU: its resident high-water mark is this step's), with
     glibc's mmap threshold fixed at ``mmap_mib`` MiB where given; None when the system killed it for memory."""
-    call = f"measure_train_step({name!r}, {T}, {provider!r}, steps={steps}, device='cpu')"
+    call = (f"measure_train_step({name!r}, {T}, {provider!r}, steps={steps}, device='cpu', "
+            f"release_cpu_memory={release_cpu_memory})")  # fmt: skip
     code = f"import json; from ropekit.studies.bench import measure_train_step; print('RESULT', json.dumps({call}))"
     env = dict(os.environ)
     if mmap_mib is not None:
@@ -549,20 +554,25 @@ def live_measures(live: dict, known_gb: float) -> dict[str, float]:
 
 
 def run_train_step(models: list[str], lengths: list[int], *, providers=TRAIN_STEP_PROVIDERS, steps: int = 2,
-                   device: str | None = None, mmap_mib: int | None = None, log=print) -> list[dict]:  # fmt: skip
+                   device: str | None = None, mmap_mib: int | None = None, release_cpu_memory: bool = True,
+                   log=print) -> list[dict]:  # fmt: skip
     """Time ``steps`` optimizer steps (after one warm-up) of each model shape at each length for each provider;
     returns result rows: tokens/s, achieved TFLOP/s, MFU (where the device's peak is known), the peak memory
     (CUDA: the allocator's; CPU: the resident high-water mark of a fresh process per measurement, less its
     value before the model was built) and its split: parameters + gradients + AdamW state and checkpointed
     layer inputs (known in advance), and the rest (activations of the layer being recomputed, the loss head,
     attention's workspace), with ``peak_over_static`` = peak / (the two known parts). ``mmap_mib`` (CPU):
-    glibc's mmap threshold in each measuring process (``MALLOC_MMAP_ENV``), recorded in the rows' config."""
+    glibc's mmap threshold in each measuring process (``MALLOC_MMAP_ENV``), recorded in the rows' config;
+    ``release_cpu_memory`` false (CPU): ``ropekit-train`` keeps freed pages, as the trainer with
+    ``release_cpu_memory=false`` (the config records which)."""
     check_train_step(models, lengths, providers, mmap_mib)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     prov = provenance(dev)
     cuda = dev.type == "cuda"
     if cuda and mmap_mib is not None:
         raise ValueError("an mmap threshold applies to CPU measurements; this one runs on CUDA")
+    if cuda and not release_cpu_memory:
+        raise ValueError("releasing freed pages at each layer applies to CPU measurements; this one runs on CUDA")
     peak_flops = PEAK_BF16_TFLOPS.get(prov["device"]) if cuda else None
     rows = []
     for name in models:
@@ -572,7 +582,7 @@ def run_train_step(models: list[str], lengths: list[int], *, providers=TRAIN_STE
                 if cuda:
                     got = measure_train_step(name, T, provider, steps=steps, device=str(dev))
                 else:
-                    got = _measure_in_child(name, T, provider, steps, mmap_mib)
+                    got = _measure_in_child(name, T, provider, steps, mmap_mib, release_cpu_memory)
                 if got is None:
                     log(f"  {provider:14s} {name:13s} T={T:6d}: out of memory (no rows)")
                     continue
