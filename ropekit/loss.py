@@ -27,9 +27,16 @@ __all__ = [
     "head_of",
     "final_hidden",
     "CHUNK_BYTES",
+    "default_chunk",
 ]
 
-CHUNK_BYTES = 2**26  # one float32 (rows x vocabulary) block: 64 MiB (341 rows of a 49,152-token vocabulary)
+# One float32 (rows x vocabulary) block per device type. CPU: 64 MiB (341 rows of a 49,152-token vocabulary).
+# CUDA: 512 MiB, in whole 128-row tiles. Each block adds its product to the float32 (V x d) weight gradient,
+# which reads and writes that whole sum: for a 128,256 x 2,048 head at 32,768 tokens, 64 MiB blocks (130
+# rows, the second 128-row tile nearly empty) would move about 0.5 TB, some 0.1 s at an H200's 4.8 TB/s;
+# 1,024-row blocks about 67 GB (a static estimate, not a timing: `ropekit bench --train-step` times it).
+CHUNK_BYTES = {"cpu": 2**26, "cuda": 2**29}
+CUDA_TILE_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -153,11 +160,41 @@ def _head_grads(hidden, weight, targets, row_weights, chunk, scale, cap, compute
         if grad_h is not None:
             torch.mm(d, w, out=grad_h[start:end])
         if grad_w is not None:
-            if d.dtype == grad_w.dtype:
-                grad_w.addmm_(d.T, h[start:end])
-            else:
-                grad_w += (d.T @ h[start:end]).float()
+            _add_product(grad_w, d.T, h[start:end])
     return total, None if grad_h is None else grad_h.float(), grad_w
+
+
+_FLOAT32_OUT: dict[str, bool] = {}  # device type -> whether addmm's float32 output from bf16/fp16 inputs works
+
+
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` for a float32 ``acc``: in place when ``a`` and ``b`` are float32; from bf16/fp16 on a
+    device whose addmm writes a float32 result from them (cuBLAS, ``out_dtype``: no product in the low dtype,
+    no float32 copy of it), else through the product converted to float32. Whether the device has it is
+    learnt from its first call and kept."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    device = acc.device.type
+    if _FLOAT32_OUT.get(device, True):
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            _FLOAT32_OUT[device] = True
+            return
+        except (RuntimeError, NotImplementedError, TypeError):  # the CPU has no such kernel; older builds no overload
+            if _FLOAT32_OUT.get(device):  # it worked here before: a real failure
+                raise
+            _FLOAT32_OUT[device] = False
+    acc += (a @ b).float()
+
+
+def default_chunk(vocab_size: int, device_type: str) -> int:
+    """Rows per block: as many as fit the device's ``CHUNK_BYTES`` of float32 logits (other devices: the
+    CPU's), on CUDA rounded down to whole ``CUDA_TILE_ROWS`` tiles where there is room for one."""
+    rows = max(1, CHUNK_BYTES.get(device_type, CHUNK_BYTES["cpu"]) // (4 * vocab_size))
+    if device_type == "cuda" and rows >= CUDA_TILE_ROWS:
+        rows -= rows % CUDA_TILE_ROWS
+    return rows
 
 
 def _transform(logits: torch.Tensor, scale: float, cap: float | None) -> torch.Tensor:
@@ -185,7 +222,8 @@ def linear_cross_entropy(
             backward only scales it): one head matmul fewer, the trainer's path (in float16, where a loss
             scale must come first, the recomputing backward). Neither backward is differentiable again.
         transform: what the model does to the logits before the softmax (``logit_transform(config)``).
-        chunk: rows per block (default: as many as fit ``CHUNK_BYTES`` of float32 logits; a step holds
+        chunk: rows per block (default: ``default_chunk``, as many as fit ``CHUNK_BYTES`` of float32 logits
+            for the device; a step holds
             about two such blocks); the matmuls run in the autocast dtype when autocast is on (as the head
             would), the softmax in float32.
     """
@@ -203,7 +241,7 @@ def linear_cross_entropy(
     if reduction not in ("none", "sum"):
         raise ValueError(f"reduction must be 'none' or 'sum'; got {reduction!r}")
     if chunk is None:
-        chunk = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+        chunk = default_chunk(weight.shape[0], hidden.device.type)
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be an integer >= 1; got {chunk!r}")
     transform = transform or LogitTransform()

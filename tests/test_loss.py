@@ -7,7 +7,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ropekit.loss import LogitTransform, final_hidden, linear_cross_entropy, logit_transform
+from ropekit.loss import (
+    _FLOAT32_OUT,
+    LogitTransform,
+    _add_product,
+    default_chunk,
+    final_hidden,
+    linear_cross_entropy,
+    logit_transform,
+)
 from ropekit.models import TINY, load_model
 from ropekit.train import loss_of
 
@@ -114,16 +122,18 @@ def test_scoring_without_gradients_matches_and_makes_no_gradient():
     )
 
 
-def test_under_bf16_autocast_both_reductions_agree_with_the_bf16_head():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_under_bf16_autocast_both_reductions_agree_with_the_bf16_head(device):
     torch.manual_seed(0)
     N, d, V = 48, 32, 128
-    hidden, weight = torch.randn(N, d, requires_grad=True), torch.randn(V, d, requires_grad=True)
-    targets, token_weights = torch.randint(0, V, (N,)), torch.rand(N) * 4
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    hidden = torch.randn(N, d, device=device, requires_grad=True)
+    weight = torch.randn(V, d, device=device, requires_grad=True)
+    targets, token_weights = torch.randint(0, V, (N,), device=device), torch.rand(N, device=device) * 4
+    with torch.autocast(device, dtype=torch.bfloat16):
         summed = linear_cross_entropy(hidden, weight, targets, token_weights=token_weights, reduction="sum", chunk=10)
     gh, gw = torch.autograd.grad(summed, [hidden, weight])
     h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the head in bf16, the softmax in float32
+    with torch.autocast(device, dtype=torch.bfloat16):  # the head in bf16, the softmax in float32
         want = (F.cross_entropy((h2 @ w2.T).float(), targets, reduction="none") * token_weights).sum()
     want_h, want_w = torch.autograd.grad(want, [h2, w2])
     eps = torch.finfo(torch.bfloat16).eps  # each bf16 rounding of a logit or a gradient term
@@ -131,6 +141,32 @@ def test_under_bf16_autocast_both_reductions_agree_with_the_bf16_head():
     torch.testing.assert_close(summed, want, rtol=0, atol=4 * eps * logit * float(token_weights.sum()))
     torch.testing.assert_close(gh, want_h, rtol=0, atol=4 * eps * float(token_weights.max() * weight.abs().max()) * d)
     torch.testing.assert_close(gw, want_w, rtol=0, atol=4 * eps * float(token_weights.sum() * hidden.abs().max()))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_bf16_weight_gradient_is_summed_in_float32(device):
+    """The head's weight gradient from bf16 blocks: each block's product added to a float32 sum. On CUDA,
+    cuBLAS writes it in float32 (no bf16 product: float32 agreement); elsewhere the product is rounded to bf16
+    first (one bf16 rounding of each block's terms)."""
+    torch.manual_seed(0)
+    a = torch.randn(64, 40, device=device).bfloat16()
+    b = torch.randn(40, 48, device=device).bfloat16()
+    acc = torch.randn(64, 48, device=device)
+    want = acc.double() + a.double() @ b.double()
+    _add_product(acc, a, b)
+    _add_product(acc, a, b)  # the second call takes the path the first one learnt
+    want = want + a.double() @ b.double()
+    size = float((a.double().abs() @ b.double().abs()).max())  # one product's magnitude
+    eps = torch.finfo(torch.float32 if device == "cuda" else torch.bfloat16).eps
+    torch.testing.assert_close(acc.double(), want, rtol=0, atol=2 * eps * (size + float(want.abs().max())))
+    assert _FLOAT32_OUT[device] == (device == "cuda")  # CUDA: the float32 output from bf16 inputs was used
+
+
+def test_default_blocks_fit_the_devices_budget_and_fill_whole_tiles_on_cuda():
+    assert default_chunk(49152, "cpu") == 341 and default_chunk(128256, "cpu") == 130  # 64 MiB of float32 logits
+    assert default_chunk(128256, "cuda") == 1024  # 512 MiB holds 1,046 rows: eight whole 128-row tiles
+    assert default_chunk(49152, "cuda") == 2688 and default_chunk(2**23, "cuda") == 16  # under a tile: as it fits
+    assert default_chunk(2**40, "cpu") == 1 and default_chunk(49152, "mps") == 341  # other devices: the CPU's
 
 
 def test_no_tokens_by_vocabulary_tensor_is_kept_for_backward():

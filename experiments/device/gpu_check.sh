@@ -8,8 +8,9 @@
 #
 # Stages and budgets (seconds, GPU / dry run):
 #   a. tests   60 / 150  the `gpu` tests: the kernel at real sizes in 3 dtypes x 9 methods x 2 layouts forward
-#                        and backward, past 2^31 elements, torch.compile(fullgraph=True), the patch on CUDA
-#                        (dry run: the same file's gpu selection, which skips, and one kernel test in
+#                        and backward, past 2^31 elements, torch.compile(fullgraph=True), the patch on CUDA;
+#                        the trainer's loss under bf16 autocast against the plain loss, forward and backward
+#                        (dry run: the same files' gpu selection, which skips, and one kernel test in
 #                        Triton's interpreter)                                                -> gpu_tests.csv
 #   b. bench  120 / 300  `ropekit bench`: the kernel against HF eager (table inside/outside the call),
 #                        torch.compile of the reference, Liger-Kernel and flash-attention's Triton rotary, on
@@ -80,14 +81,14 @@ run_stage() {  # run_stage NAME GPU_BUDGET DRY_BUDGET COMMAND...: its output to 
 
 if [ "$DRY" = 1 ]; then
     run_stage a 60 150 python3 experiments/device/gpu_check.py tests "$OUT/gpu_tests.csv" -- \
-        tests/test_kernel.py -k "gpu or test_gqa_with_one_key_head"
+        tests/test_kernel.py tests/test_loss.py -k "gpu or test_gqa_with_one_key_head"
     run_stage b 120 300 python3 -m ropekit.cli bench --smoke --out "$OUT/bench_rope.csv" "${FA[@]}"
     run_stage c 100 120 python3 -m ropekit.cli bench --train-step --models micro --lengths 64,256 \
         --out "$OUT/train_step.csv"
     run_stage d 100 150 python3 -m ropekit.cli demo --preset micro --out "$WORK/demo"
 else
     run_stage a 60 150 python3 experiments/device/gpu_check.py tests "$OUT/gpu_tests.csv" -- \
-        -m gpu tests/test_kernel.py
+        -m gpu tests/test_kernel.py tests/test_loss.py
     run_stage b 120 180 python3 -m ropekit.cli bench --out "$OUT/bench_rope.csv" "${FA[@]}"
     run_stage c 100 120 python3 -m ropekit.cli bench --train-step --out "$OUT/train_step.csv"
     run_stage d 100 150 python3 -m ropekit.cli demo --out "$WORK/demo"
