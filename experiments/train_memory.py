@@ -8,6 +8,13 @@ generated from figures/train_step_cpu.csv.
         --out figures/train_step_cpu.csv
     ropekit bench --train-step --models smollm2-135m --lengths 8192 --providers ropekit-train,hf --steps 1 \\
         --out figures/train_step_cpu.csv
+    # the trainer's per-layer release of freed pages against none, alternating, five runs each
+    for i in 1 2 3 4 5; do
+        ropekit bench --train-step --models vocab49k-256 --lengths 8192 --providers ropekit-train --steps 2 \\
+            --out figures/train_step_cpu.csv
+        ropekit bench --train-step --models vocab49k-256 --lengths 8192 --providers ropekit-train --steps 2 \\
+            --keep-freed-pages --out figures/train_step_cpu.csv
+    done
     # the same step with glibc's mmap threshold fixed at 1 MiB (freed tensors' pages go back to the system)
     ropekit bench --train-step --models smollm2-135m --lengths 8192 --providers ropekit-train --steps 1 \\
         --mmap-threshold-mib 1 --out figures/train_step_cpu.csv
@@ -25,7 +32,14 @@ from collections import defaultdict
 from pathlib import Path
 
 from ropekit.results import read_rows
-from ropekit.studies.bench import allocator_table, live_table, memory_growth, provider_label, train_step_table
+from ropekit.studies.bench import (
+    allocator_table,
+    live_table,
+    memory_growth,
+    provider_label,
+    repeated_runs,
+    train_step_table,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = ROOT / "figures" / "train_step_cpu.csv"
@@ -50,12 +64,14 @@ torchrun --nproc-per-node 8 -m ropekit.cli train --preset paper --set method=abf
 The model is patched with the method first (recorded in every checkpoint's config), then AdamW with
 linear warm-up and cosine decay, gradient accumulation to `tokens_per_step`, bf16 autocast on CUDA
 and float32 on CPU, gradient clipping, SDPA attention, optional activation checkpointing and
-`torch.compile`, on a CPU freed tensor pages handed back to the system at each layer (below), JSONL
+`torch.compile`, on a CPU freed tensor pages handed back to the system between layers (below), JSONL
 metrics and a tqdm bar with loss and tokens/s, periodic validation loss. Data:
 a byte-level BPE trained on the training split (or the model's tokenizer), documents tokenised once
 into a cached uint32 file, packed into sequences with EOS between documents, positions running on or
 reset per document (`reset_positions`), optional upsampling of long documents. The loss is scored
-from the head's input in chunks, each turned into its gradients while its logits exist
+from the head's input in chunks (64 MiB of float32 logits on a CPU, 512 MiB in whole 128-row tiles
+on CUDA, where addmm's `out_dtype` sums the bf16 weight gradient into float32 if torch has it for
+the device; the prepared GPU run tests it), each turned into its gradients while its logits exist
 (`ropekit/loss.py`), so no (tokens × vocabulary) float32 tensor exists in a step; `ropekit bench
 --train-step` measures a step's peak memory and splits it (below, generated from its rows).
 
@@ -119,9 +135,12 @@ threshold (by default it rises, as large blocks are freed, up to 32 MiB) malloc 
 process for reuse; a step frees and allocates activation-sized tensors thousands of times, between
 long-lived ones (the checkpointed inputs, the gradients), so the heap keeps resident holes the next sizes
 do not fit, and they grow from one step to the next. `ropekit train` on a CPU therefore hands the free
-pages back (`malloc_trim`) before each decoder layer's forward and after its backward
+pages back (`malloc_trim`) before a decoder layer's forward or after its backward
 (`ropekit.parallel.trim_between_layers`; `--set release_cpu_memory=false` turns it off); the bench's
-`ropekit-train` step does the same. Fixing the threshold instead (`MALLOC_MMAP_THRESHOLD_=1048576` in the
+`ropekit-train` step does the same. Each release costs time: the next tensors fault their pages in
+again. Rows whose config records no `release_slack` released at every layer; since it is recorded, a
+release happens only once the process's resident size has grown by that fraction (a tenth) since the
+last one (`ropekit.parallel.RELEASE_SLACK`). Fixing the threshold instead (`MALLOC_MMAP_THRESHOLD_=1048576` in the
 environment, or `ropekit bench --train-step --mmap-threshold-mib 1`) gives every tensor of 1 MiB or more
 pages of its own, returned when it is freed, paid for in page faults on every fresh tensor. The rows
 below compare what was measured; rows from different sessions differ in this machine's speed as well.
@@ -166,9 +185,18 @@ def _speed_history(rows, model: str, T: int) -> list[str]:
     return [f"{sha[:7]} {v / hf[(model, T, sha)]:.2f}x" for sha, v in ours.items() if (model, T, sha) in hf]
 
 
+# Repeated runs at one commit (prose; the table and ratios come from the rows).
+REPEATED = """\
+The rows above are one run each, from different commits and sessions. Where both ways were run two or
+more times at one commit, alternating (`ropekit bench --train-step --keep-freed-pages` runs `ropekit-train`
+without the per-layer release), each run reads:
+"""
+
+
 def _allocator_section(rows) -> list[str]:
-    table = allocator_table(rows)
-    return ["", ALLOCATOR, *table] if table else []
+    table, repeated = allocator_table(rows), repeated_runs(rows)
+    lines = ["", ALLOCATOR, *table] if table else []
+    return [*lines, "", REPEATED, *repeated] if repeated else lines
 
 
 def page() -> str:

@@ -181,6 +181,8 @@ def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             _FLOAT32_OUT[device] = True
             return
+        except torch.OutOfMemoryError:  # says nothing of the kernel
+            raise
         except (RuntimeError, NotImplementedError, TypeError):  # the CPU has no such kernel; older builds no overload
             if _FLOAT32_OUT.get(device):  # it worked here before: a real failure
                 raise

@@ -87,10 +87,10 @@ def test_a_cpu_step_under_a_fixed_mmap_threshold_is_recorded_and_shown_beside_th
     assert json.loads(both[-1]["config"])["malloc_mmap_threshold"] == 2**20
     table = bench.allocator_table(both)
     assert table[2:] == [
-        "| micro | 1,024 | ropekit-train | glibc default, freed pages released at each layer (the trainer's) | 100 | "
+        "| micro | 1,024 | ropekit-train | glibc default, freed pages released at every layer (the trainer's) | 100 | "
         "2.00 | 4.00 |",
         "| micro | 1,024 | ropekit-train | mmap >= 1 MiB | 80 | 0.60 | 1.20 |",
-        "| micro | 4,096 | ropekit-train | glibc default, freed pages released at each layer (the trainer's) | 100 | "
+        "| micro | 4,096 | ropekit-train | glibc default, freed pages released at every layer (the trainer's) | 100 | "
         "5.00 | 10.00 |",
         "| micro | 4,096 | ropekit-train | mmap >= 1 MiB | 80 | 1.20 | 2.40 |",
     ]
@@ -114,6 +114,7 @@ def test_keep_freed_pages_measures_ropekit_train_without_the_per_layer_release(m
 
     calls = []
     monkeypatch.setattr(parallel, "release_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(parallel, "_resident_bytes", lambda: None)  # no size to read: a release at every layer
     kept = bench.measure_train_step("micro", 32, "ropekit-train", steps=1, release_cpu_memory=False)
     assert not kept["release_cpu_memory"] and calls == []
     released = bench.measure_train_step("micro", 32, "ropekit-train", steps=1)  # the trainer's default
@@ -129,3 +130,47 @@ def test_the_cli_passes_keep_freed_pages_to_the_measurement(monkeypatch):
     argv = ["bench", "--train-step", "--models", "micro", "--lengths", "64"]
     assert main(argv) == 0 and main([*argv, "--keep-freed-pages"]) == 0
     assert seen == [True, False]
+
+
+def test_repeated_runs_at_one_commit_are_listed_run_by_run_and_paired_in_order():
+    from ropekit.results import make_row
+
+    cpu = {"memory": "resident high-water mark of a fresh process"}
+
+    def run(release, stamp, speed, peak, sha="abc1234def"):
+        prov = {"git_sha": sha, "device": "cpu", "versions": "{}", "timestamp": stamp}
+        config = {**cpu, "release_cpu_memory": release}
+        return [make_row(experiment="train_step", variant="ropekit-train @ micro", metric=metric, context_length=64,
+                         value=v, n=1, seed=0, config=config, prov=prov)
+                for metric, v in (("tokens_per_s", speed), ("peak_mem_gb", peak))]  # fmt: skip
+
+    rows = (
+        run(True, "t1", 100, 1.0) + run(False, "t2", 90, 2.0) + run(True, "t3", 120, 1.0) + run(False, "t4", 132, 1.5)
+    )
+    table = bench.repeated_runs(rows)
+    released = "glibc default, freed pages released at every layer (the trainer's)"
+    assert table[2] == f"| micro | 64 | abc1234 | ropekit-train | {released} | 100, 120 | 1.00, 1.00 |"
+    assert table[3] == "| micro | 64 | abc1234 | ropekit-train | no release per layer | 90, 132 | 2.00, 1.50 |"
+    paired = table[-1]  # the i-th run against the i-th
+    assert "run by run: tokens/s x0.90, 1.10, mean difference +1 tok/s (95% paired bootstrap -10 to +12)" in paired
+    assert "peak x2.00, 1.50, mean difference +0.75 GB" in paired and paired.count("not resolved (2 pairs; 5") == 2
+    five = [
+        r for i in range(5) for r in run(True, f"u{2 * i}", 100 + i, 1.0) + run(False, f"u{2 * i + 1}", 110 + i, 1.0)
+    ]
+    assert "+10 tok/s (95% paired bootstrap +10 to +10): resolved;" in bench.repeated_runs(five)[-1]
+    assert bench.repeated_runs(rows[:6]) == []  # one run of a way: nothing to pair
+    b = "fff0000aaa"
+    two_commits = (
+        run(True, "t1", 100, 1.0) + run(False, "t2", 90, 2.0, b) + run(True, "t3", 1, 1) + run(False, "t4", 1, 1, b)
+    )
+    assert bench.repeated_runs(two_commits) == []  # runs at two commits are never paired
+
+
+def test_the_trainers_release_reads_as_the_rows_config_records_it():
+    plain = "ropekit-train"
+    assert bench._malloc_way(plain, plain, {}) == "glibc default, freed pages released at every layer (the trainer's)"
+    assert bench._malloc_way(plain, plain, {"release_slack": 0.1}) == (
+        "glibc default, freed pages released between layers past 10% growth (the trainer's)"
+    )
+    assert bench._malloc_way(f"{plain} (no release per layer)", plain, {}) == "no release per layer"
+    assert bench._malloc_way("hf", "hf", {}) == "glibc default"

@@ -52,10 +52,11 @@ from ropekit.hf import patch
 from ropekit.live_memory import PHASES, LiveTensors, phases
 from ropekit.methods import parse
 from ropekit.models import tiny_config
-from ropekit.parallel import parallelize
+from ropekit.parallel import RELEASE_SLACK, parallelize
 from ropekit.reference import RopeParams, apply_rope_reference
 from ropekit.results import append_rows, make_row, provenance, read_rows
 from ropekit.rotary import apply_rope, apply_rope_params, rope_params
+from ropekit.stats import MIN_RESOLVED, compare
 from ropekit.studies import kernel_static as static
 from ropekit.train import TrainConfig, adamw, loss_of
 
@@ -76,6 +77,7 @@ __all__ = [
     "memory_growth",
     "live_measures",
     "live_table",
+    "repeated_runs",
     "draw_bench",
 ]
 
@@ -465,7 +467,7 @@ def measure_train_step(name: str, T: int, provider: str, *, steps: int = 2, devi
     glibc's default; ``live``: the live tensor memory of one step, ``LiveTensors.summary``). CUDA: the
     allocator's peak over the timed steps (baseline 0); CPU: this process's resident high-water mark and its
     value before the model was built (run it in a fresh process: the mark never falls). ``release_cpu_memory``:
-    ``ropekit-train`` on a CPU hands freed pages back at each layer, as the trainer does (false: as the trainer
+    ``ropekit-train`` on a CPU hands freed pages back between layers, as the trainer does (false: as the trainer
     with ``release_cpu_memory=false``)."""
     dev = torch.device(device)
     cuda = dev.type == "cuda"
@@ -572,7 +574,7 @@ def run_train_step(models: list[str], lengths: list[int], *, providers=TRAIN_STE
     if cuda and mmap_mib is not None:
         raise ValueError("an mmap threshold applies to CPU measurements; this one runs on CUDA")
     if cuda and not release_cpu_memory:
-        raise ValueError("releasing freed pages at each layer applies to CPU measurements; this one runs on CUDA")
+        raise ValueError("releasing freed pages between layers applies to CPU measurements; this one runs on CUDA")
     peak_flops = PEAK_BF16_TFLOPS.get(prov["device"]) if cuda else None
     rows = []
     for name in models:
@@ -609,7 +611,8 @@ def run_train_step(models: list[str], lengths: list[int], *, providers=TRAIN_STE
                        "largest_tensor_op": got["live"]["largest_tensor_op"]}  # fmt: skip
                 if not cuda:
                     cfg["malloc_mmap_threshold"] = got["mmap_threshold"]  # None: glibc's default (dynamic)
-                    cfg["release_cpu_memory"] = got["release_cpu_memory"]  # freed pages released at each layer
+                    cfg["release_cpu_memory"] = got["release_cpu_memory"]  # freed pages released between layers
+                    cfg["release_slack"] = RELEASE_SLACK if got["release_cpu_memory"] else None  # growth that releases
                 for metric, value in measures.items():
                     rows.append(make_row(experiment="train_step", variant=f"{provider} @ {name}", metric=metric,
                                          context_length=T, value=value, n=steps, seed=0, config=cfg,
@@ -628,7 +631,7 @@ def run_train_step(models: list[str], lengths: list[int], *, providers=TRAIN_STE
 
 def provider_label(provider: str, config: dict) -> str:
     """The provider of a train-step row, with what its CPU process did to malloc where it differs from the
-    trainer: a fixed mmap threshold, and for ``ropekit-train`` no release of freed pages at each layer."""
+    trainer: a fixed mmap threshold, and for ``ropekit-train`` no release of freed pages between layers."""
     notes = []
     if config.get("malloc_mmap_threshold"):
         notes.append(f"mmap >= {config['malloc_mmap_threshold'] / 2**20:g} MiB")
@@ -692,6 +695,8 @@ def allocator_table(rows: list[dict]) -> list[str]:
     """Markdown rows comparing each provider's CPU step under the ways of handling malloc that were measured
     (``provider_label``), where more than one was: tokens/s, peak and peak / known."""
     data = _train_step_values(rows)
+    newest = {(m, int(r["context_length"]), label): json.loads(r["config"] or "{}")
+              for r in rows if r["experiment"] == "train_step" for label, m in [_labelled(r)]}  # fmt: skip
     groups: dict[tuple[str, int, str], list[str]] = defaultdict(list)
     for model, T, label in sorted(data):
         groups[(model, T, label.split(" (")[0])].append(label)
@@ -701,12 +706,72 @@ def allocator_table(rows: list[dict]) -> list[str]:
             continue
         for label in labels:
             values = data[(model, T, label)]
-            how = label[len(plain) + 2 : -1] if label != plain else "glibc default"
-            if label == plain and plain == "ropekit-train":
-                how = "glibc default, freed pages released at each layer (the trainer's)"
+            how = _malloc_way(label, plain, newest[(model, T, label)])
             out.append(f"| {model} | {T:,} | {plain} | {how} | {values['tokens_per_s']:,.0f} | "
                        f"{values['peak_mem_gb']:.2f} | {values['peak_over_static']:.2f} |")  # fmt: skip
     return out if len(out) > 2 else []
+
+
+def _malloc_way(label: str, plain: str, config: dict) -> str:
+    """How a provider's CPU step handled malloc, from its label (``provider_label``) and, for the trainer's
+    release of freed pages, its row's config (no ``release_slack``: the rows that released at every layer)."""
+    if label != plain:
+        return label[len(plain) + 2 : -1]
+    if plain == "ropekit-train":
+        slack = config.get("release_slack")
+        when = "at every layer" if slack is None else f"between layers past {slack:.0%} growth"
+        return f"glibc default, freed pages released {when} (the trainer's)"
+    return "glibc default"
+
+
+def repeated_runs(rows: list[dict]) -> list[str]:
+    """Markdown rows for each model, length and commit where one provider ran under two or more ways of
+    handling malloc (``provider_label``), each at least twice (a run: one bench call): every run's tokens/s
+    and peak in the order they ran; then each way against the default, paired run by run (the i-th against
+    the i-th: the bench's commands alternate them), with the mean difference, its paired bootstrap interval
+    and whether it is resolved (``ropekit.stats.compare``)."""
+    runs: dict[tuple, dict[str, dict[str, dict[str, float]]]] = defaultdict(lambda: defaultdict(dict))
+    configs: dict[tuple, dict] = {}
+    for r in rows:
+        if r["experiment"] == "train_step" and r["metric"] in ("tokens_per_s", "peak_mem_gb"):
+            label, model = _labelled(r)
+            key = (model, int(r["context_length"]), r["git_sha"], label.split(" (")[0])
+            runs[key][label].setdefault(r["timestamp"], {})[r["metric"]] = float(r["value"])
+            configs[(key, label)] = json.loads(r["config"] or "{}")
+    out = ["| model | T | commit | provider | malloc | tokens/s, run by run | peak GB, run by run |",
+           "|---|---|---|---|---|---|---|"]  # fmt: skip
+    pairs = []
+    for key, by_label in sorted(runs.items()):
+        model, T, sha, plain = key
+        if plain not in by_label or len(by_label) < 2 or min(len(v) for v in by_label.values()) < 2:
+            continue
+        ordered = {label: [by_label[label][t] for t in sorted(by_label[label])] for label in by_label}
+        for label, each in sorted(ordered.items(), key=lambda kv: kv[0] != plain):
+            speeds = ", ".join(format(v["tokens_per_s"], ",.0f") for v in each)
+            peaks = ", ".join(format(v["peak_mem_gb"], ".2f") for v in each)
+            how = _malloc_way(label, plain, configs[(key, label)])
+            out.append(f"| {model} | {T:,} | {sha[:7]} | {plain} | {how} | {speeds} | {peaks} |")
+        for label in ordered:
+            if label == plain:
+                continue
+            n = min(len(ordered[label]), len(ordered[plain]))
+            parts = []
+            for metric, name, unit, fmt in (("tokens_per_s", "tokens/s", "tok/s", "+,.0f"),
+                                            ("peak_mem_gb", "peak", "GB", "+.2f")):  # fmt: skip
+                samples = {way: {i: ordered[way][i][metric] for i in range(n)} for way in (plain, label)}
+                got = compare(samples, plain)[label]
+                ratios = ", ".join(f"{samples[label][i] / samples[plain][i]:.2f}" for i in range(n))
+                verdict = "resolved" if got["resolved"] else f"not resolved ({n} pairs; {MIN_RESOLVED} needed)" \
+                    if n < MIN_RESOLVED else "not resolved"  # fmt: skip
+                parts.append(f"{name} x{ratios}, mean difference {format(got['delta'], fmt)} {unit} "
+                             f"(95% paired bootstrap {format(got['delta_low'], fmt)} to "
+                             f"{format(got['delta_high'], fmt)}): {verdict}")  # fmt: skip
+            pairs.append(
+                f"- `{model}` at {T:,} (commit {sha[:7]}), `{label}` against `{plain}`, run by run: "
+                + "; ".join(parts)
+                + "."
+            )
+    return [*out, "", *pairs] if pairs else []
 
 
 # Commits whose live count could name a view of a tensor that was there before the step (the head's weight,
