@@ -4,10 +4,9 @@ The model files stay single-device; ``parallelize`` wraps what ``train.py`` buil
 
 - activation checkpointing per decoder layer (transformers' gradient checkpointing, non-reentrant);
 - ``torch.compile`` per decoder layer;
-- on a CPU with glibc, freed tensor memory handed back to the system at a decoder layer's forward or
-  backward once the resident size has grown by a tenth (``trim_between_layers``): without it malloc keeps
-  the holes a step leaves between long-lived tensors, and a step's resident peak doubles (measured in
-  docs/training.md);
+- on a CPU with glibc, freed tensor memory handed back to the system at every decoder layer's forward and
+  backward (``trim_between_layers``): without it malloc keeps the holes a step leaves between long-lived
+  tensors, and a step's resident peak doubles (measured in docs/training.md);
 - FSDP2 (``torch.distributed.fsdp.fully_shard``) per decoder layer and at the root, when launched with
   ``torchrun`` (NCCL on GPUs, gloo on CPU). Gradients are averaged across ranks, so a run on R ranks
   with micro-batch m equals one rank with micro-batch R*m on the same global batch.
@@ -80,53 +79,23 @@ def release_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-RELEASE_SLACK = 0.1  # release once the resident size has grown by this fraction since the last release
-_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def _resident_bytes() -> int | None:
-    """This process's resident size (Linux: /proc/self/statm), None where it cannot be read."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * _PAGE_BYTES
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-class _ReleaseOnGrowth:
-    """``release_freed_memory`` when the process's resident size exceeds (1 + ``slack``) x the least it was
-    since the last release (always, where the size cannot be read). Each release hands back every free page
-    and the next tensors fault theirs in again, so a release at every layer costs time; the slack bounds the
-    holes at a fraction of the step's own size and releases only once they build up."""
-
-    def __init__(self, slack: float = RELEASE_SLACK):
-        self.slack, self.floor = slack, 0
-
-    def __call__(self, *_) -> None:
-        rss = _resident_bytes()
-        if rss is not None and self.floor and rss <= self.floor * (1 + self.slack):
-            self.floor = min(self.floor, rss)
-            return
-        release_freed_memory()
-        self.floor = _resident_bytes() or 0
-
-
-def trim_between_layers(model, slack: float = RELEASE_SLACK) -> list:
-    """Before each decoder layer's forward and after its backward (a hook on the layer's input gradient),
-    hand freed pages back (``release_freed_memory``) once the resident size has grown by ``slack`` since the
-    last release (``_ReleaseOnGrowth``; 0: whenever it has grown at all); returns the hook handles. A step allocates and
-    frees activation-sized tensors between long-lived ones (checkpointed inputs, gradients); malloc keeps the
-    holes resident and the step's resident peak grows past what its tensors need (``ropekit bench
-    --train-step`` measures both)."""
-    release = _ReleaseOnGrowth(slack)
+def trim_between_layers(model) -> list:
+    """Call ``release_freed_memory`` before each decoder layer's forward and after its backward (a hook on the
+    layer's input gradient); returns the hook handles. A step allocates and frees activation-sized tensors
+    between long-lived ones (checkpointed inputs, gradients); malloc keeps the holes resident and the step's
+    resident peak grows past what its tensors need (``ropekit bench --train-step`` measures both)."""
 
     def before_layer(module, args, kwargs):
-        release()
+        release_freed_memory()
         hidden = args[0] if args else kwargs.get("hidden_states")
         if torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
-            hidden.register_hook(release)
+            hidden.register_hook(_release_after_backward)
 
     return [layer.register_forward_pre_hook(before_layer, with_kwargs=True) for layer in _decoder_layers(model)]
+
+
+def _release_after_backward(grad: torch.Tensor) -> None:
+    release_freed_memory()
 
 
 def parallelize(model, *, activation_checkpointing: bool = False, compile: bool = False, fsdp: bool = False,

@@ -114,7 +114,6 @@ def test_keep_freed_pages_measures_ropekit_train_without_the_per_layer_release(m
 
     calls = []
     monkeypatch.setattr(parallel, "release_freed_memory", lambda: calls.append(1))
-    monkeypatch.setattr(parallel, "_resident_bytes", lambda: None)  # no size to read: a release at every layer
     kept = bench.measure_train_step("micro", 32, "ropekit-train", steps=1, release_cpu_memory=False)
     assert not kept["release_cpu_memory"] and calls == []
     released = bench.measure_train_step("micro", 32, "ropekit-train", steps=1)  # the trainer's default
@@ -166,11 +165,10 @@ def test_repeated_runs_at_one_commit_are_listed_run_by_run_and_paired_in_order()
     assert bench.repeated_runs(two_commits) == []  # runs at two commits are never paired
 
 
-def test_the_trainers_release_reads_as_the_rows_config_records_it():
-    plain = "ropekit-train"
-    assert bench._malloc_way(plain, plain, {}) == "glibc default, freed pages released at every layer (the trainer's)"
-    assert bench._malloc_way(plain, plain, {"release_slack": 0.1}) == (
-        "glibc default, freed pages released between layers past 10% growth (the trainer's)"
+def test_a_release_tried_past_a_growth_slack_is_labelled_so():
+    cpu = {"memory": "resident high-water mark of a fresh process", "release_cpu_memory": True}
+    assert (
+        bench.provider_label("ropekit-train", {**cpu, "release_slack": 0.1})
+        == "ropekit-train (release past 10% growth)"
     )
-    assert bench._malloc_way(f"{plain} (no release per layer)", plain, {}) == "no release per layer"
-    assert bench._malloc_way("hf", "hf", {}) == "glibc default"
+    assert bench._malloc_way("ropekit-train (release past 10% growth)", "ropekit-train") == "release past 10% growth"

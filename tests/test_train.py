@@ -347,7 +347,6 @@ def test_freed_cpu_memory_is_released_at_every_layer_without_changing_the_gradie
 
     calls = []
     monkeypatch.setattr(parallel, "release_freed_memory", lambda: calls.append(1))
-    monkeypatch.setattr(parallel, "_resident_bytes", lambda: None)  # no size to read: a release at every layer
     config = tiny_config("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=128)  # fmt: skip
     ids = torch.randint(0, 128, (1, 32), generator=torch.Generator().manual_seed(0))
@@ -371,33 +370,3 @@ def test_freed_cpu_memory_is_released_at_every_layer_without_changing_the_gradie
     assert TrainConfig().release_cpu_memory and "release_cpu_memory" in train_mod._RESUME_FREE
     monkeypatch.undo()
     parallel.release_freed_memory()
-
-
-def test_freed_pages_are_released_only_once_the_resident_size_has_grown_by_the_slack(monkeypatch):
-    from ropekit import parallel
-
-    sizes, calls = iter([100, 96, 105, 100, 115, 100, 60, 67, 60]), []
-    monkeypatch.setattr(parallel, "_resident_bytes", lambda: next(sizes))
-    monkeypatch.setattr(parallel, "release_freed_memory", lambda: calls.append(1))
-    release = parallel._ReleaseOnGrowth(slack=0.1)
-    release()  # the first call releases; the size after it (96) is the floor
-    assert len(calls) == 1 and release.floor == 96
-    release()  # 105 <= 96 x 1.1: kept
-    release()  # 100: kept
-    assert len(calls) == 1
-    release()  # 115 > 105.6: released; floor 100
-    assert len(calls) == 2 and release.floor == 100
-    release()  # the size fell to 60: the floor follows it down
-    release()  # 67 > 66: released
-    assert len(calls) == 3 and release.floor == 60
-
-
-def test_the_resident_size_is_read_on_linux():
-    import platform
-
-    from ropekit import parallel
-
-    if platform.system() != "Linux":
-        pytest.skip("reads /proc/self/statm")
-    size = parallel._resident_bytes()
-    assert size is not None and 10 * 2**20 < size < 64 * 2**30  # a Python process with torch loaded

@@ -52,7 +52,7 @@ from ropekit.hf import patch
 from ropekit.live_memory import PHASES, LiveTensors, phases
 from ropekit.methods import parse
 from ropekit.models import tiny_config
-from ropekit.parallel import RELEASE_SLACK, parallelize
+from ropekit.parallel import parallelize
 from ropekit.reference import RopeParams, apply_rope_reference
 from ropekit.results import append_rows, make_row, provenance, read_rows
 from ropekit.rotary import apply_rope, apply_rope_params, rope_params
@@ -612,7 +612,6 @@ def run_train_step(models: list[str], lengths: list[int], *, providers=TRAIN_STE
                 if not cuda:
                     cfg["malloc_mmap_threshold"] = got["mmap_threshold"]  # None: glibc's default (dynamic)
                     cfg["release_cpu_memory"] = got["release_cpu_memory"]  # freed pages released between layers
-                    cfg["release_slack"] = RELEASE_SLACK if got["release_cpu_memory"] else None  # growth that releases
                 for metric, value in measures.items():
                     rows.append(make_row(experiment="train_step", variant=f"{provider} @ {name}", metric=metric,
                                          context_length=T, value=value, n=steps, seed=0, config=cfg,
@@ -638,6 +637,8 @@ def provider_label(provider: str, config: dict) -> str:
     cpu = str(config.get("memory", "")).startswith("resident")
     if provider == "ropekit-train" and cpu and not config.get("release_cpu_memory"):
         notes.append("no release per layer")
+    elif provider == "ropekit-train" and cpu and config.get("release_slack"):  # tried at one commit
+        notes.append(f"release past {config['release_slack']:.0%} growth")
     return f"{provider} ({', '.join(notes)})" if notes else provider
 
 
@@ -695,8 +696,6 @@ def allocator_table(rows: list[dict]) -> list[str]:
     """Markdown rows comparing each provider's CPU step under the ways of handling malloc that were measured
     (``provider_label``), where more than one was: tokens/s, peak and peak / known."""
     data = _train_step_values(rows)
-    newest = {(m, int(r["context_length"]), label): json.loads(r["config"] or "{}")
-              for r in rows if r["experiment"] == "train_step" for label, m in [_labelled(r)]}  # fmt: skip
     groups: dict[tuple[str, int, str], list[str]] = defaultdict(list)
     for model, T, label in sorted(data):
         groups[(model, T, label.split(" (")[0])].append(label)
@@ -706,21 +705,18 @@ def allocator_table(rows: list[dict]) -> list[str]:
             continue
         for label in labels:
             values = data[(model, T, label)]
-            how = _malloc_way(label, plain, newest[(model, T, label)])
+            how = _malloc_way(label, plain)
             out.append(f"| {model} | {T:,} | {plain} | {how} | {values['tokens_per_s']:,.0f} | "
                        f"{values['peak_mem_gb']:.2f} | {values['peak_over_static']:.2f} |")  # fmt: skip
     return out if len(out) > 2 else []
 
 
-def _malloc_way(label: str, plain: str, config: dict) -> str:
-    """How a provider's CPU step handled malloc, from its label (``provider_label``) and, for the trainer's
-    release of freed pages, its row's config (no ``release_slack``: the rows that released at every layer)."""
+def _malloc_way(label: str, plain: str) -> str:
+    """How a provider's CPU step handled malloc, from its label (``provider_label``)."""
     if label != plain:
         return label[len(plain) + 2 : -1]
     if plain == "ropekit-train":
-        slack = config.get("release_slack")
-        when = "at every layer" if slack is None else f"between layers past {slack:.0%} growth"
-        return f"glibc default, freed pages released {when} (the trainer's)"
+        return "glibc default, freed pages released at every layer (the trainer's)"
     return "glibc default"
 
 
@@ -731,43 +727,43 @@ def repeated_runs(rows: list[dict]) -> list[str]:
     the i-th: the bench's commands alternate them), with the mean difference, its paired bootstrap interval
     and whether it is resolved (``ropekit.stats.compare``)."""
     runs: dict[tuple, dict[str, dict[str, dict[str, float]]]] = defaultdict(lambda: defaultdict(dict))
-    configs: dict[tuple, dict] = {}
     for r in rows:
         if r["experiment"] == "train_step" and r["metric"] in ("tokens_per_s", "peak_mem_gb"):
             label, model = _labelled(r)
             key = (model, int(r["context_length"]), r["git_sha"], label.split(" (")[0])
             runs[key][label].setdefault(r["timestamp"], {})[r["metric"]] = float(r["value"])
-            configs[(key, label)] = json.loads(r["config"] or "{}")
     out = ["| model | T | commit | provider | malloc | tokens/s, run by run | peak GB, run by run |",
            "|---|---|---|---|---|---|---|"]  # fmt: skip
     pairs = []
     for key, by_label in sorted(runs.items()):
         model, T, sha, plain = key
-        if plain not in by_label or len(by_label) < 2 or min(len(v) for v in by_label.values()) < 2:
+        # against the default where it ran, else against no release at all
+        ref = plain if plain in by_label else next((w for w in by_label if w.endswith("(no release per layer)")), None)
+        if ref is None or len(by_label) < 2 or min(len(v) for v in by_label.values()) < 2:
             continue
         ordered = {label: [by_label[label][t] for t in sorted(by_label[label])] for label in by_label}
-        for label, each in sorted(ordered.items(), key=lambda kv: kv[0] != plain):
+        for label, each in sorted(ordered.items(), key=lambda kv: kv[0] != ref):
             speeds = ", ".join(format(v["tokens_per_s"], ",.0f") for v in each)
             peaks = ", ".join(format(v["peak_mem_gb"], ".2f") for v in each)
-            how = _malloc_way(label, plain, configs[(key, label)])
+            how = _malloc_way(label, plain)
             out.append(f"| {model} | {T:,} | {sha[:7]} | {plain} | {how} | {speeds} | {peaks} |")
         for label in ordered:
-            if label == plain:
+            if label == ref:
                 continue
-            n = min(len(ordered[label]), len(ordered[plain]))
+            n = min(len(ordered[label]), len(ordered[ref]))
             parts = []
             for metric, name, unit, fmt in (("tokens_per_s", "tokens/s", "tok/s", "+,.0f"),
                                             ("peak_mem_gb", "peak", "GB", "+.2f")):  # fmt: skip
-                samples = {way: {i: ordered[way][i][metric] for i in range(n)} for way in (plain, label)}
-                got = compare(samples, plain)[label]
-                ratios = ", ".join(f"{samples[label][i] / samples[plain][i]:.2f}" for i in range(n))
+                samples = {way: {i: ordered[way][i][metric] for i in range(n)} for way in (ref, label)}
+                got = compare(samples, ref)[label]
+                ratios = ", ".join(f"{samples[label][i] / samples[ref][i]:.2f}" for i in range(n))
                 verdict = "resolved" if got["resolved"] else f"not resolved ({n} pairs; {MIN_RESOLVED} needed)" \
                     if n < MIN_RESOLVED else "not resolved"  # fmt: skip
                 parts.append(f"{name} x{ratios}, mean difference {format(got['delta'], fmt)} {unit} "
                              f"(95% paired bootstrap {format(got['delta_low'], fmt)} to "
                              f"{format(got['delta_high'], fmt)}): {verdict}")  # fmt: skip
             pairs.append(
-                f"- `{model}` at {T:,} (commit {sha[:7]}), `{label}` against `{plain}`, run by run: "
+                f"- `{model}` at {T:,} (commit {sha[:7]}), `{label}` against `{ref}`, run by run: "
                 + "; ".join(parts)
                 + "."
             )
