@@ -757,8 +757,9 @@ def repeated_runs(rows: list[dict]) -> list[str]:
                 samples = {way: {i: ordered[way][i][metric] for i in range(n)} for way in (ref, label)}
                 got = compare(samples, ref)[label]
                 ratios = ", ".join(f"{samples[label][i] / samples[ref][i]:.2f}" for i in range(n))
-                verdict = "resolved" if got["resolved"] else f"not resolved ({n} pairs; {MIN_RESOLVED} needed)" \
-                    if n < MIN_RESOLVED else "not resolved"  # fmt: skip
+                verdict = "resolved" if got["resolved"] else "not resolved"
+                if n < MIN_RESOLVED:
+                    verdict += f" ({n} pairs; {MIN_RESOLVED} needed)"
                 parts.append(f"{name} x{ratios}, mean difference {format(got['delta'], fmt)} {unit} "
                              f"(95% paired bootstrap {format(got['delta_low'], fmt)} to "
                              f"{format(got['delta_high'], fmt)}): {verdict}")  # fmt: skip
