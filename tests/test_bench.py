@@ -131,18 +131,19 @@ def test_the_cli_passes_keep_freed_pages_to_the_measurement(monkeypatch):
     assert seen == [True, False]
 
 
-def test_repeated_runs_at_one_commit_are_listed_run_by_run_and_paired_in_order():
+def _step_rows(release, stamp, speed, peak, sha="abc1234def", provider="ropekit-train"):
+    """The tokens/s and peak rows of one CPU train-step run (one bench call: its timestamp)."""
     from ropekit.results import make_row
 
-    cpu = {"memory": "resident high-water mark of a fresh process"}
+    prov = {"git_sha": sha, "device": "cpu", "versions": "{}", "timestamp": stamp}
+    config = {"memory": "resident high-water mark of a fresh process", "release_cpu_memory": release}
+    return [make_row(experiment="train_step", variant=f"{provider} @ micro", metric=metric, context_length=64,
+                     value=v, n=1, seed=0, config=config, prov=prov)
+            for metric, v in (("tokens_per_s", speed), ("peak_mem_gb", peak))]  # fmt: skip
 
-    def run(release, stamp, speed, peak, sha="abc1234def"):
-        prov = {"git_sha": sha, "device": "cpu", "versions": "{}", "timestamp": stamp}
-        config = {**cpu, "release_cpu_memory": release}
-        return [make_row(experiment="train_step", variant="ropekit-train @ micro", metric=metric, context_length=64,
-                         value=v, n=1, seed=0, config=config, prov=prov)
-                for metric, v in (("tokens_per_s", speed), ("peak_mem_gb", peak))]  # fmt: skip
 
+def test_repeated_runs_at_one_commit_are_listed_run_by_run_and_paired_in_order():
+    run = _step_rows
     rows = (
         run(True, "t1", 100, 1.0) + run(False, "t2", 90, 2.0) + run(True, "t3", 120, 1.0) + run(False, "t4", 132, 1.5)
     )
@@ -163,6 +164,64 @@ def test_repeated_runs_at_one_commit_are_listed_run_by_run_and_paired_in_order()
         run(True, "t1", 100, 1.0) + run(False, "t2", 90, 2.0, b) + run(True, "t3", 1, 1) + run(False, "t4", 1, 1, b)
     )
     assert bench.repeated_runs(two_commits) == []  # runs at two commits are never paired
+
+
+def test_the_trainers_repeated_runs_are_paired_against_hfs_and_a_way_against_the_trainers():
+    run = _step_rows
+    rows = []
+    for i in range(5):  # one call per pair runs both providers (one timestamp); the keep runs in calls of their own
+        stamp = f"t{i}"
+        rows += run(True, stamp, 100 + i, 1.0) + run(True, stamp, 95 + i, 4.0, provider="hf")
+        rows += run(False, f"k{i}", 99 + i, 2.0)
+    table = bench.repeated_runs(rows)
+    assert [line.split(" | ")[3:5] for line in table[2:5]] == [
+        ["hf", "glibc default"],
+        ["ropekit-train", "glibc default, freed pages released at every layer (the trainer's)"],
+        ["ropekit-train", "no release per layer"],
+    ]
+    pairs = [line for line in table if line.startswith("- ")]
+    assert len(pairs) == 2
+    assert "`ropekit-train` against `hf`, run by run: tokens/s x1.05, 1.05, 1.05, 1.05, 1.05" in pairs[0]
+    assert "mean difference +5 tok/s (95% paired bootstrap +5 to +5): resolved;" in pairs[0]
+    assert "peak x0.25, 0.25, 0.25, 0.25, 0.25, mean difference -3.00 GB" in pairs[0]
+    assert "`ropekit-train (no release per layer)` against `ropekit-train`" in pairs[1]
+    assert "mean difference -1 tok/s (95% paired bootstrap -1 to -1): resolved" in pairs[1]
+
+
+def test_the_paired_speed_ratio_is_taken_run_by_run_at_the_newest_commit_that_repeated_both():
+    run = _step_rows
+    old = [r for i in range(2) for r in run(True, f"a{i}", 50, 1.0, "old") + run(True, f"a{i}", 100, 4.0, "old", "hf")]
+    new = [r for i, (ours, hf) in enumerate(((90, 100), (110, 100), (100, 125)))
+           for r in run(True, f"b{i}", ours, 1.0, "new") + run(True, f"b{i}", hf, 4.0, "new", "hf")]  # fmt: skip
+    got = bench.paired_speed_ratio(old + new, "micro", 64)
+    assert got["commit"] == "new" and got["ratios"] == [0.9, 1.1, 0.8]
+    assert abs(got["mean"] - 0.9333333) < 1e-6 and got["low"] <= got["mean"] <= got["high"]
+    assert bench.paired_speed_ratio(old, "micro", 64)["ratios"] == [0.5, 0.5]
+    assert bench.paired_speed_ratio(old[:4], "micro", 64) is None  # one run of each: no pairs
+    assert bench.paired_speed_ratio(old, "micro", 128) is None
+
+
+def test_the_training_pages_speed_goal_is_decided_by_the_paired_interval():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "train_memory.py"
+    spec = importlib.util.spec_from_file_location("train_memory", path)
+    page = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(page)
+
+    def verdict(ratios, low, high, memory_met=True):
+        paired = {"commit": "abc1234def", "ratios": ratios, "mean": sum(ratios) / len(ratios), "low": low, "high": high}
+        return page._paired_verdict(paired, memory_met)
+
+    five = [1.0] * 5
+    assert verdict(five, 0.95, 1.05)[0] == "met"
+    assert verdict(five, 0.95, 1.05)[1] == "at 1.00x HF's tokens/s (the mean of 5 paired runs at abc1234, " \
+                                           "95% bootstrap 0.95x to 1.05x)"  # fmt: skip
+    assert verdict(five, 0.8, 0.89)[0] == "not met"
+    assert verdict(five, 0.85, 0.95)[0] == "undecided (the interval holds 0.9x)"
+    assert verdict([1.0] * 4, 0.95, 1.05)[0] == "undecided (4 pairs; 5 needed)"
+    assert verdict(five, 0.95, 1.05, memory_met=False)[0] == "not met"
 
 
 def test_a_release_tried_past_a_growth_slack_is_labelled_so():

@@ -56,7 +56,7 @@ from ropekit.parallel import parallelize
 from ropekit.reference import RopeParams, apply_rope_reference
 from ropekit.results import append_rows, make_row, provenance, read_rows
 from ropekit.rotary import apply_rope, apply_rope_params, rope_params
-from ropekit.stats import MIN_RESOLVED, compare
+from ropekit.stats import MIN_RESOLVED, compare, mean_interval
 from ropekit.studies import kernel_static as static
 from ropekit.train import TrainConfig, adamw, loss_of
 
@@ -78,6 +78,7 @@ __all__ = [
     "live_measures",
     "live_table",
     "repeated_runs",
+    "paired_speed_ratio",
     "draw_bench",
 ]
 
@@ -720,36 +721,55 @@ def _malloc_way(label: str, plain: str) -> str:
     return "glibc default"
 
 
-def repeated_runs(rows: list[dict]) -> list[str]:
-    """Markdown rows for each model, length and commit where one provider ran under two or more ways of
-    handling malloc (``provider_label``), each at least twice (a run: one bench call): every run's tokens/s
-    and peak in the order they ran; then each way against the default, paired run by run (the i-th against
-    the i-th: the bench's commands alternate them), with the mean difference, its paired bootstrap interval
-    and whether it is resolved (``ropekit.stats.compare``)."""
+def _runs(rows: list[dict]) -> dict[tuple[str, int, str], dict[str, list[dict[str, float]]]]:
+    """{(model, T, commit): {provider label: [{"tokens_per_s", "peak_mem_gb"} of each run, in the order they
+    ran]}} for the labels run two or more times at that commit (a run: one bench call; its timestamp)."""
     runs: dict[tuple, dict[str, dict[str, dict[str, float]]]] = defaultdict(lambda: defaultdict(dict))
     for r in rows:
         if r["experiment"] == "train_step" and r["metric"] in ("tokens_per_s", "peak_mem_gb"):
             label, model = _labelled(r)
-            key = (model, int(r["context_length"]), r["git_sha"], label.split(" (")[0])
-            runs[key][label].setdefault(r["timestamp"], {})[r["metric"]] = float(r["value"])
+            run = runs[(model, int(r["context_length"]), r["git_sha"])][label].setdefault(r["timestamp"], {})
+            run[r["metric"]] = float(r["value"])
+    out = {}
+    for key, by_label in runs.items():
+        kept = {label: [each[t] for t in sorted(each)] for label, each in by_label.items() if len(each) >= 2}
+        if kept:
+            out[key] = kept
+    return out
+
+
+def _paired_against(label: str, labels) -> str | None:
+    """What a label's repeated runs are paired against: the trainer's step (``ropekit-train``) against HF's,
+    another way of handling malloc against its provider's default, else against no release at all; None for
+    a reference (or a way with nothing to pair against)."""
+    plain = label.split(" (")[0]
+    if label == plain:
+        return "hf" if plain != "hf" and "hf" in labels else None
+    if plain in labels:
+        return plain
+    keep = f"{plain} (no release per layer)"
+    return keep if keep in labels and keep != label else None
+
+
+def repeated_runs(rows: list[dict]) -> list[str]:
+    """Markdown rows for each model, length and commit where two or more providers or ways of handling malloc
+    (``provider_label``) ran at least twice each: every run's tokens/s and peak in the order they ran; then
+    each against its reference (``_paired_against``), paired run by run (the i-th against the i-th: the
+    bench's commands alternate them), with the mean difference, its paired bootstrap interval and whether it
+    is resolved (``ropekit.stats.compare``)."""
     out = ["| model | T | commit | provider | malloc | tokens/s, run by run | peak GB, run by run |",
            "|---|---|---|---|---|---|---|"]  # fmt: skip
     pairs = []
-    for key, by_label in sorted(runs.items()):
-        model, T, sha, plain = key
-        # against the default where it ran, else against no release at all
-        ref = plain if plain in by_label else next((w for w in by_label if w.endswith("(no release per layer)")), None)
-        if ref is None or len(by_label) < 2 or min(len(v) for v in by_label.values()) < 2:
+    for (model, T, sha), ordered in sorted(_runs(rows).items()):
+        refs = {label: ref for label in ordered if (ref := _paired_against(label, ordered))}
+        if not refs:
             continue
-        ordered = {label: [by_label[label][t] for t in sorted(by_label[label])] for label in by_label}
-        for label, each in sorted(ordered.items(), key=lambda kv: kv[0] != ref):
-            speeds = ", ".join(format(v["tokens_per_s"], ",.0f") for v in each)
-            peaks = ", ".join(format(v["peak_mem_gb"], ".2f") for v in each)
-            how = _malloc_way(label, plain)
-            out.append(f"| {model} | {T:,} | {sha[:7]} | {plain} | {how} | {speeds} | {peaks} |")
-        for label in ordered:
-            if label == ref:
-                continue
+        for label in sorted(ordered, key=lambda x: (x != "hf", " (" in x, x)):
+            plain = label.split(" (")[0]
+            speeds = ", ".join(format(v["tokens_per_s"], ",.0f") for v in ordered[label])
+            peaks = ", ".join(format(v["peak_mem_gb"], ".2f") for v in ordered[label])
+            out.append(f"| {model} | {T:,} | {sha[:7]} | {plain} | {_malloc_way(label, plain)} | {speeds} | {peaks} |")
+        for label, ref in sorted(refs.items(), key=lambda kv: (" (" in kv[0], kv[0])):
             n = min(len(ordered[label]), len(ordered[ref]))
             parts = []
             for metric, name, unit, fmt in (("tokens_per_s", "tokens/s", "tok/s", "+,.0f"),
@@ -769,6 +789,24 @@ def repeated_runs(rows: list[dict]) -> list[str]:
                 + "."
             )
     return [*out, "", *pairs] if pairs else []
+
+
+def paired_speed_ratio(rows: list[dict], model: str, T: int) -> dict | None:
+    """``ropekit-train``'s tokens/s over HF's, run by run, at the newest commit (by its last run) where both ran
+    two or more times at ``model`` and ``T``: {"commit", "ratios" (the i-th run over the i-th), "mean", "low",
+    "high" (its 95% bootstrap interval, ``ropekit.stats.mean_interval``)}; None where no commit has such runs."""
+    found = []
+    for (m, t, sha), ordered in _runs(rows).items():
+        if (m, t) == (model, T) and {"hf", "ropekit-train"} <= set(ordered):
+            ours, hf = ordered["ropekit-train"], ordered["hf"]
+            ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(ours, hf, strict=False)]
+            last = max(r["timestamp"] for r in rows if r["git_sha"] == sha and r["experiment"] == "train_step")
+            found.append((last, sha, ratios))
+    if not found:
+        return None
+    _, sha, ratios = max(found)
+    mean, low, high = mean_interval(ratios)
+    return {"commit": sha, "ratios": ratios, "mean": mean, "low": low, "high": high}
 
 
 # Commits whose live count could name a view of a tensor that was there before the step (the head's weight,
