@@ -308,7 +308,7 @@ def page() -> str:
                      f"{speed_text}: {verdict} on this CPU{live}.")  # fmt: skip
     if goals and history:
         where = "the other commits" if paired else "every commit"
-        lines += ["", f"`ropekit-train`'s tokens/s over HF's at {where} that measured both (one step each): "
+        lines += ["", f"`ropekit-train`'s tokens/s over HF's at {where} that measured both (the newest run at each): "
                   + ", ".join(f"{sha[:7]} {ratio:.2f}x" for sha, ratio in history) + "."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
