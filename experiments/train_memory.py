@@ -182,8 +182,8 @@ def _speed(ours: dict, model: str, T: int, hf_speeds: dict) -> float | None:
 
 def _speed_history(rows, model: str, T: int) -> list[tuple[str, float]]:
     """(commit, ropekit-train's tokens/s over HF's) at every commit that measured both (newest row of each per
-    commit), in the order the commits were first measured: one step each, so the spread is the instrument's
-    noise."""
+    commit), in the order the commits were first measured: one timed step a run, so the spread holds the
+    instrument's noise as well as any change between commits."""
     ours: dict[str, float] = {}
     for r in rows:
         provider, m = r["variant"].split(" @ ")
