@@ -20,6 +20,11 @@ generated from figures/train_step_cpu.csv.
         ropekit bench --train-step --models smollm2-135m --lengths 8192 --providers $order --steps 1 \\
             --out figures/train_step_cpu.csv
     done
+    # the same at a small width (vocab49k-256), where the loss head is most of the step
+    for order in ropekit-train,hf hf,ropekit-train ropekit-train,hf hf,ropekit-train ropekit-train,hf; do
+        ropekit bench --train-step --models vocab49k-256 --lengths 8192 --providers $order --steps 1 \\
+            --out figures/train_step_cpu.csv
+    done
     # the same step with glibc's mmap threshold fixed at 1 MiB (freed tensors' pages go back to the system)
     ropekit bench --train-step --models smollm2-135m --lengths 8192 --providers ropekit-train --steps 1 \\
         --mmap-threshold-mib 1 --out figures/train_step_cpu.csv
@@ -199,7 +204,7 @@ def _paired_verdict(paired: dict, memory_met: bool) -> tuple[str, str]:
     interval lies at or above GOAL_SPEED over MIN_RESOLVED or more pairs, not met where it lies below."""
     n, low, high = len(paired["ratios"]), paired["low"], paired["high"]
     text = (f"at {paired['mean']:.2f}x HF's tokens/s (the mean of {n} paired runs at {paired['commit'][:7]}, "
-            f"95% bootstrap {low:.2f}x to {high:.2f}x)")  # fmt: skip
+            f"{paired['paired']}; 95% bootstrap {low:.2f}x to {high:.2f}x)")  # fmt: skip
     if not memory_met:
         return "not met", text
     if n < MIN_RESOLVED:
@@ -216,8 +221,10 @@ REPEATED = """\
 The rows above are one run each, from different commits and sessions. Where two providers, or two ways
 of handling malloc, were each run two or more times at one commit, alternating (`--providers
 ropekit-train,hf` runs both in one call, in the order given; `ropekit bench --train-step
---keep-freed-pages` runs `ropekit-train` without the per-layer release), each run reads (the trainer's
-step is paired against HF's, another way against the trainer's):
+--keep-freed-pages` runs `ropekit-train` without the per-layer release), each run reads. The trainer's
+step is paired against HF's, another way against the trainer's: by call where one call ran both (a run
+whose partner failed is left out, never matched with another call's), else in the order they ran where
+each ran equally often in calls of its own; runs of separate calls whose counts differ are not paired.
 """
 
 

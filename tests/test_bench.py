@@ -151,8 +151,9 @@ def test_repeated_runs_at_one_commit_are_listed_run_by_run_and_paired_in_order()
     released = "glibc default, freed pages released at every layer (the trainer's)"
     assert table[2] == f"| micro | 64 | abc1234 | ropekit-train | {released} | 100, 120 | 1.00, 1.00 |"
     assert table[3] == "| micro | 64 | abc1234 | ropekit-train | no release per layer | 90, 132 | 2.00, 1.50 |"
-    paired = table[-1]  # the i-th run against the i-th
-    assert "run by run: tokens/s x0.90, 1.10, mean difference +1 tok/s (95% paired bootstrap -10 to +12)" in paired
+    paired = table[-1]  # calls of their own, as often each: the i-th run against the i-th
+    assert "paired in the order they ran (separate calls): tokens/s x0.90, 1.10, mean difference +1 tok/s " \
+           "(95% paired bootstrap -10 to +12)" in paired  # fmt: skip
     assert "peak x2.00, 1.50, mean difference +0.75 GB" in paired and paired.count("not resolved (2 pairs; 5") == 2
     five = [
         r for i in range(5) for r in run(True, f"u{2 * i}", 100 + i, 1.0) + run(False, f"u{2 * i + 1}", 110 + i, 1.0)
@@ -181,10 +182,10 @@ def test_the_trainers_repeated_runs_are_paired_against_hfs_and_a_way_against_the
     ]
     pairs = [line for line in table if line.startswith("- ")]
     assert len(pairs) == 2
-    assert "`ropekit-train` against `hf`, run by run: tokens/s x1.05, 1.05, 1.05, 1.05, 1.05" in pairs[0]
+    assert "`ropekit-train` against `hf`, paired by call: tokens/s x1.05, 1.05, 1.05, 1.05, 1.05" in pairs[0]
     assert "mean difference +5 tok/s (95% paired bootstrap +5 to +5): resolved;" in pairs[0]
     assert "peak x0.25, 0.25, 0.25, 0.25, 0.25, mean difference -3.00 GB" in pairs[0]
-    assert "`ropekit-train (no release per layer)` against `ropekit-train`" in pairs[1]
+    assert "`ropekit-train (no release per layer)` against `ropekit-train`, paired in the order" in pairs[1]
     assert "mean difference -1 tok/s (95% paired bootstrap -1 to -1): resolved" in pairs[1]
 
 
@@ -201,6 +202,35 @@ def test_the_paired_speed_ratio_is_taken_run_by_run_at_the_newest_commit_that_re
     assert bench.paired_speed_ratio(old, "micro", 128) is None
 
 
+def test_runs_are_paired_by_call_and_a_run_without_its_partner_never_shifts_the_pairs():
+    run = _step_rows
+    calls = [(100, 50), (110, 55), (120, 60)]  # (ours, hf) of three calls that ran both: x2.00 each
+    rows = [r for i, (a, b) in enumerate(calls)
+            for r in run(True, f"t{i}", a, 1.0) + run(True, f"t{i}", b, 4.0, provider="hf")]  # fmt: skip
+    lonely = run(True, "t0b", 999, 1.0, provider="hf")  # a call whose trainer's run failed (no row): HF's alone
+    got = bench.paired_speed_ratio(rows[:4] + lonely + rows[4:], "micro", 64)
+    assert got["ratios"] == [2.0, 2.0, 2.0]  # in order, the lonely run would have made x0.11, 2.00, 2.00 and dropped 1
+    assert got["paired"] == "paired by call; 1 run without a partner in its call left out"
+    line = bench.repeated_runs(rows + lonely)[-1]
+    assert "paired by call; 1 run without a partner in its call left out: tokens/s x2.00, 2.00, 2.00," in line
+
+
+def test_runs_of_separate_calls_are_not_paired_when_their_counts_differ():
+    run = _step_rows
+    rows = run(True, "t1", 100, 1.0) + run(False, "t2", 90, 2.0) + run(True, "t3", 120, 1.0)
+    rows += run(False, "t4", 132, 1.5) + run(False, "t5", 95, 1.5)  # three runs without release, two with
+    assert bench.repeated_runs(rows)[-1] == (
+        "- `micro` at 64 (commit abc1234), `ropekit-train (no release per layer)` against `ropekit-train`: "
+        "not paired: 3 and 2 runs in separate calls."
+    )
+    one = run(True, "t1", 100, 1.0) + run(True, "t1", 50, 1.0, provider="hf")
+    one += run(True, "t2", 100, 1.0) + run(True, "t3", 50, 1.0, provider="hf")  # one shared call, one alone each
+    assert bench.repeated_runs(one)[-1].endswith(
+        "paired by call; 2 runs without a partner in its call left out (one pair: no interval)."
+    )
+    assert bench.paired_speed_ratio(one, "micro", 64) is None
+
+
 def test_the_training_pages_speed_goal_is_decided_by_the_paired_interval():
     import importlib.util
     from pathlib import Path
@@ -211,13 +241,15 @@ def test_the_training_pages_speed_goal_is_decided_by_the_paired_interval():
     spec.loader.exec_module(page)
 
     def verdict(ratios, low, high, memory_met=True):
-        paired = {"commit": "abc1234def", "ratios": ratios, "mean": sum(ratios) / len(ratios), "low": low, "high": high}
+        mean = sum(ratios) / len(ratios)
+        paired = {"commit": "abc1234def", "ratios": ratios, "paired": "paired by call", "mean": mean, "low": low,
+                  "high": high}  # fmt: skip
         return page._paired_verdict(paired, memory_met)
 
     five = [1.0] * 5
     assert verdict(five, 0.95, 1.05)[0] == "met"
     assert verdict(five, 0.95, 1.05)[1] == "at 1.00x HF's tokens/s (the mean of 5 paired runs at abc1234, " \
-                                           "95% bootstrap 0.95x to 1.05x)"  # fmt: skip
+                                           "paired by call; 95% bootstrap 0.95x to 1.05x)"  # fmt: skip
     assert verdict(five, 0.8, 0.89)[0] == "not met"
     assert verdict(five, 0.85, 0.95)[0] == "undecided (the interval holds 0.9x)"
     assert verdict([1.0] * 4, 0.95, 1.05)[0] == "undecided (4 pairs; 5 needed)"

@@ -721,9 +721,10 @@ def _malloc_way(label: str, plain: str) -> str:
     return "glibc default"
 
 
-def _runs(rows: list[dict]) -> dict[tuple[str, int, str], dict[str, list[dict[str, float]]]]:
-    """{(model, T, commit): {provider label: [{"tokens_per_s", "peak_mem_gb"} of each run, in the order they
-    ran]}} for the labels run two or more times at that commit (a run: one bench call; its timestamp)."""
+def _runs(rows: list[dict]) -> dict[tuple[str, int, str], dict[str, dict[str, dict[str, float]]]]:
+    """{(model, T, commit): {provider label: {timestamp: {"tokens_per_s", "peak_mem_gb"}}}} for the labels run
+    two or more times at that commit (a run: one bench call, named by its timestamp; the providers one call
+    ran share it)."""
     runs: dict[tuple, dict[str, dict[str, dict[str, float]]]] = defaultdict(lambda: defaultdict(dict))
     for r in rows:
         if r["experiment"] == "train_step" and r["metric"] in ("tokens_per_s", "peak_mem_gb"):
@@ -732,10 +733,28 @@ def _runs(rows: list[dict]) -> dict[tuple[str, int, str], dict[str, list[dict[st
             run[r["metric"]] = float(r["value"])
     out = {}
     for key, by_label in runs.items():
-        kept = {label: [each[t] for t in sorted(each)] for label, each in by_label.items() if len(each) >= 2}
+        kept = {label: dict(sorted(each.items())) for label, each in by_label.items() if len(each) >= 2}
         if kept:
             out[key] = kept
     return out
+
+
+def _pair_runs(ours: dict[str, dict], ref: dict[str, dict]) -> tuple[list[tuple[dict, dict]], str]:
+    """([(our run, the reference's run)], how they were paired) for two labels' runs ({timestamp: values}):
+    by call where one bench call ran both (a shared timestamp; a run of either without its partner is left
+    out and said so), else in the order they ran where both ran equally often in calls of their own (the
+    bench's commands alternate them); no pairs where the counts of separate calls differ, since pairing
+    them in order would match runs the commands did not alternate."""
+    shared = sorted(set(ours) & set(ref))
+    if shared:
+        alone = len(ours) + len(ref) - 2 * len(shared)
+        how = "paired by call"
+        if alone:
+            how += f"; {alone} run{'s' * (alone != 1)} without a partner in its call left out"
+        return [(ours[t], ref[t]) for t in shared], how
+    if len(ours) == len(ref):
+        return list(zip(ours.values(), ref.values(), strict=True)), "paired in the order they ran (separate calls)"
+    return [], f"not paired: {len(ours)} and {len(ref)} runs in separate calls"
 
 
 def _paired_against(label: str, labels) -> str | None:
@@ -754,9 +773,9 @@ def _paired_against(label: str, labels) -> str | None:
 def repeated_runs(rows: list[dict]) -> list[str]:
     """Markdown rows for each model, length and commit where two or more providers or ways of handling malloc
     (``provider_label``) ran at least twice each: every run's tokens/s and peak in the order they ran; then
-    each against its reference (``_paired_against``), paired run by run (the i-th against the i-th: the
-    bench's commands alternate them), with the mean difference, its paired bootstrap interval and whether it
-    is resolved (``ropekit.stats.compare``)."""
+    each against its reference (``_paired_against``), paired run by run (``_pair_runs``: by call, else in
+    order), with the mean difference, its paired bootstrap interval and whether it is resolved
+    (``ropekit.stats.compare``); a pairing that is refused or leaves fewer than two pairs is said so."""
     out = ["| model | T | commit | provider | malloc | tokens/s, run by run | peak GB, run by run |",
            "|---|---|---|---|---|---|---|"]  # fmt: skip
     pairs = []
@@ -766,47 +785,51 @@ def repeated_runs(rows: list[dict]) -> list[str]:
             continue
         for label in sorted(ordered, key=lambda x: (x != "hf", " (" in x, x)):
             plain = label.split(" (")[0]
-            speeds = ", ".join(format(v["tokens_per_s"], ",.0f") for v in ordered[label])
-            peaks = ", ".join(format(v["peak_mem_gb"], ".2f") for v in ordered[label])
+            speeds = ", ".join(format(v["tokens_per_s"], ",.0f") for v in ordered[label].values())
+            peaks = ", ".join(format(v["peak_mem_gb"], ".2f") for v in ordered[label].values())
             out.append(f"| {model} | {T:,} | {sha[:7]} | {plain} | {_malloc_way(label, plain)} | {speeds} | {peaks} |")
         for label, ref in sorted(refs.items(), key=lambda kv: (" (" in kv[0], kv[0])):
-            n = min(len(ordered[label]), len(ordered[ref]))
+            matched, how = _pair_runs(ordered[label], ordered[ref])
+            head = f"- `{model}` at {T:,} (commit {sha[:7]}), `{label}` against `{ref}`"
+            n = len(matched)
+            if n < 2:
+                pairs.append(f"{head}: {how}" + (" (one pair: no interval)." if n == 1 else "."))
+                continue
             parts = []
             for metric, name, unit, fmt in (("tokens_per_s", "tokens/s", "tok/s", "+,.0f"),
                                             ("peak_mem_gb", "peak", "GB", "+.2f")):  # fmt: skip
-                samples = {way: {i: ordered[way][i][metric] for i in range(n)} for way in (ref, label)}
+                samples = {ref: {i: b[metric] for i, (_, b) in enumerate(matched)},
+                           label: {i: a[metric] for i, (a, _) in enumerate(matched)}}  # fmt: skip
                 got = compare(samples, ref)[label]
-                ratios = ", ".join(f"{samples[label][i] / samples[ref][i]:.2f}" for i in range(n))
+                ratios = ", ".join(f"{a[metric] / b[metric]:.2f}" for a, b in matched)
                 verdict = "resolved" if got["resolved"] else "not resolved"
                 if n < MIN_RESOLVED:
                     verdict += f" ({n} pairs; {MIN_RESOLVED} needed)"
                 parts.append(f"{name} x{ratios}, mean difference {format(got['delta'], fmt)} {unit} "
                              f"(95% paired bootstrap {format(got['delta_low'], fmt)} to "
                              f"{format(got['delta_high'], fmt)}): {verdict}")  # fmt: skip
-            pairs.append(
-                f"- `{model}` at {T:,} (commit {sha[:7]}), `{label}` against `{ref}`, run by run: "
-                + "; ".join(parts)
-                + "."
-            )
+            pairs.append(f"{head}, {how}: " + "; ".join(parts) + ".")
     return [*out, "", *pairs] if pairs else []
 
 
 def paired_speed_ratio(rows: list[dict], model: str, T: int) -> dict | None:
-    """``ropekit-train``'s tokens/s over HF's, run by run, at the newest commit (by its last run) where both ran
-    two or more times at ``model`` and ``T``: {"commit", "ratios" (the i-th run over the i-th), "mean", "low",
-    "high" (its 95% bootstrap interval, ``ropekit.stats.mean_interval``)}; None where no commit has such runs."""
+    """``ropekit-train``'s tokens/s over HF's, pair by pair (``_pair_runs``), at the newest commit (by its last
+    run) where both ran two or more times at ``model`` and ``T`` and two or more pairs were made: {"commit",
+    "ratios", "paired" (how), "mean", "low", "high" (its 95% bootstrap interval,
+    ``ropekit.stats.mean_interval``)}; None where no commit has such pairs."""
     found = []
     for (m, t, sha), ordered in _runs(rows).items():
         if (m, t) == (model, T) and {"hf", "ropekit-train"} <= set(ordered):
-            ours, hf = ordered["ropekit-train"], ordered["hf"]
-            ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(ours, hf, strict=False)]
-            last = max(r["timestamp"] for r in rows if r["git_sha"] == sha and r["experiment"] == "train_step")
-            found.append((last, sha, ratios))
+            matched, how = _pair_runs(ordered["ropekit-train"], ordered["hf"])
+            if len(matched) >= 2:
+                ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in matched]
+                last = max(r["timestamp"] for r in rows if r["git_sha"] == sha and r["experiment"] == "train_step")
+                found.append((last, sha, ratios, how))
     if not found:
         return None
-    _, sha, ratios = max(found)
+    _, sha, ratios, how = max(found)
     mean, low, high = mean_interval(ratios)
-    return {"commit": sha, "ratios": ratios, "mean": mean, "low": low, "high": high}
+    return {"commit": sha, "ratios": ratios, "paired": how, "mean": mean, "low": low, "high": high}
 
 
 # Commits whose live count could name a view of a tensor that was there before the step (the head's weight,
