@@ -64,6 +64,12 @@ def test_memory_growth_says_when_memory_grows_faster_than_the_length():
     assert "at most linear" in linear and "flash_attention" in linear and "x3.50 for length x4" in linear
     (quadratic,) = bench.memory_growth(rows({1024: 1.0, 4096: 16.0}))
     assert "faster than linear" in quadratic
+    newer = rows({1024: 2.0})  # a later commit measured only the shortest length
+    for r in newer:
+        r.update(git_sha="y", timestamp="u")
+    (one_commit,) = bench.memory_growth(rows({1024: 1.0, 4096: 3.5}) + newer)  # never 2.0 at 1,024 and 3.5 at 4,096
+    assert one_commit.startswith("- `ropekit-train` on `micro` at x: 1,024: 1.00 GB, 4,096: 3.50 GB;")
+    assert bench.memory_growth(newer) == []  # one length: no growth
 
 
 def test_a_cpu_step_under_a_fixed_mmap_threshold_is_recorded_and_shown_beside_the_default(tmp_path):
@@ -95,7 +101,8 @@ def test_a_cpu_step_under_a_fixed_mmap_threshold_is_recorded_and_shown_beside_th
         "| micro | 4,096 | ropekit-train | mmap >= 1 MiB | 80 | 1.20 | 2.40 |",
     ]
     growth = bench.memory_growth(both)  # one line per allocator: the rows are not mixed
-    assert len(growth) == 2 and any("(mmap >= 1 MiB)` on `micro`: 1,024: 0.60 GB, 4,096: 1.20 GB" in g for g in growth)
+    mmap = "(mmap >= 1 MiB)` on `micro` at x: 1,024: 0.60 GB, 4,096: 1.20 GB"
+    assert len(growth) == 2 and any(mmap in g for g in growth)
     assert bench.allocator_table(rows(None, {1024: 2.0}, 1.0)) == []  # nothing to compare: no table
     main = bench.train_step_table(both)  # the main table holds the default allocator's rows
     assert "| micro | 1,024 |" in main[2] and "2.00 |" in main[2] and len(main) == 4

@@ -649,33 +649,35 @@ def _labelled(r: dict) -> tuple[str, str]:
 
 
 def memory_growth(rows: list[dict], metric: str = "peak_mem_gb") -> list[str]:
-    """Per provider and model measured at two or more lengths, how the peak memory (``metric``: the resident or
-    allocator peak, or ``live_peak_gb``) grows with the length: the peaks, GB per 1,024 tokens from the
-    shortest to the longest, the ratio of the peaks against the ratio of the lengths (at most linear, or
-    faster), and the SDPA backends attention ran on (``_SDPARecorder``)."""
-    peaks: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
-    backends: dict[tuple[str, str], set[str]] = defaultdict(set)
+    """Per provider and model measured at two or more lengths at one commit, how the peak memory (``metric``:
+    the resident or allocator peak, or ``live_peak_gb``) grows with the length: the peaks, GB per 1,024 tokens
+    from the shortest to the longest, the ratio of the peaks against the ratio of the lengths (at most
+    linear, or faster), and the SDPA backends attention ran on (``_SDPARecorder``). The points come from one
+    commit, the newest of those that measured the most lengths (its newest row at each length): a slope
+    across commits would mix code, machines and sessions."""
+    peaks: dict[tuple[str, str], dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    last: dict[str, str] = {}
+    backends: dict[tuple[str, str, str], set[str]] = defaultdict(set)
     for r in rows:
         if r["experiment"] == "train_step" and r["metric"] == metric:
-            key = _labelled(r)
-            peaks[key][int(r["context_length"])] = float(r["value"])  # newest row wins
-            backends[key].update(json.loads(r["config"] or "{}").get("sdpa_backends", []))
+            key, sha = _labelled(r), r["git_sha"]
+            peaks[key][sha][int(r["context_length"])] = float(r["value"])  # newest row wins
+            last[sha] = max(last.get(sha, ""), r["timestamp"])
+            backends[(*key, sha)].update(json.loads(r["config"] or "{}").get("sdpa_backends", []))
     out = []
-    for (provider, model), by_T in sorted(peaks.items()):
-        if len(by_T) < 2:
+    for (provider, model), by_sha in sorted(peaks.items()):
+        sha = max(by_sha, key=lambda c: (len(by_sha[c]), last[c]))
+        if len(by_sha[sha]) < 2:
             continue
-        pts = sorted(by_T.items())
+        pts = sorted(by_sha[sha].items())
         (t0, p0), (t1, p1) = pts[0], pts[-1]
         slope, ratio, lengths = (p1 - p0) / (t1 - t0) * 1024, p1 / p0, t1 / t0
         verdict = "at most linear" if ratio <= lengths else "**faster than linear**"
-        seen = (
-            f"; attention on SDPA's {', '.join(sorted(backends[(provider, model)]))}"
-            if backends[(provider, model)]
-            else ""
-        )
+        seen = backends[(provider, model, sha)]
+        seen = f"; attention on SDPA's {', '.join(sorted(seen))}" if seen else ""
         growth = ", ".join(f"{T:,}: {m:.2f} GB" for T, m in pts)
-        out.append(f"- `{provider}` on `{model}`: {growth}; {slope:.3f} GB per 1,024 tokens from {t0:,} to {t1:,} "
-                   f"(peak x{ratio:.2f} for length x{lengths:.0f}: {verdict}){seen}")  # fmt: skip
+        out.append(f"- `{provider}` on `{model}` at {sha[:7]}: {growth}; {slope:.3f} GB per 1,024 tokens from {t0:,} "
+                   f"to {t1:,} (peak x{ratio:.2f} for length x{lengths:.0f}: {verdict}){seen}")  # fmt: skip
     return out
 
 
