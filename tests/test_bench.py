@@ -216,7 +216,7 @@ def test_runs_are_paired_by_call_and_a_run_without_its_partner_never_shifts_the_
             for r in run(True, f"t{i}", a, 1.0) + run(True, f"t{i}", b, 4.0, provider="hf")]  # fmt: skip
     lonely = run(True, "t0b", 999, 1.0, provider="hf")  # a call whose trainer's run failed (no row): HF's alone
     got = bench.paired_speed_ratio(rows[:4] + lonely + rows[4:], "micro", 64)
-    assert got["ratios"] == [2.0, 2.0, 2.0]  # in order, the lonely run would have made x0.11, 2.00, 2.00 and dropped 1
+    assert got["ratios"] == [2.0, 2.0, 2.0]  # in order: x2.00, 0.11, 2.18 (shifted by one)
     assert got["paired"] == "paired by call; 1 run without a partner in its call left out"
     line = bench.repeated_runs(rows + lonely)[-1]
     assert "paired by call; 1 run without a partner in its call left out: tokens/s x2.00, 2.00, 2.00," in line
