@@ -199,6 +199,25 @@ def _speed_history(rows, model: str, T: int) -> list[tuple[str, float]]:
     return [(sha, v / hf[(model, T, sha)]) for sha, v in ours.items() if (model, T, sha) in hf]
 
 
+def _versus_hf(values: dict, hf_speeds: dict) -> list[str]:
+    """One line per model and length where both providers ran: the trainer's peak against HF's step's (each
+    provider's newest row; the commits are named where they differ) and the tokens/s ratio where HF ran at the
+    trainer's commit (``_speed``)."""
+    lines = []
+    for model in sorted({m for _, m, _ in values}):
+        for T in sorted({t for _, m, t in values if m == model}):
+            hf, ours = values.get(("hf", model, T)), values.get(("ropekit-train", model, T))
+            if hf and ours:
+                mem, speed = ours["peak_mem_gb"] / hf["peak_mem_gb"], _speed(ours, model, T, hf_speeds)
+                ratios = f"({mem:.2f}x), " + (f"at {speed:.2f}x its tokens/s" if speed else "its tokens/s measured "
+                                              "at another commit: no speed ratio")  # fmt: skip
+                if ours["commit"] != hf["commit"]:
+                    ratios += f" (peaks from two commits: ropekit's {ours['commit'][:7]}, HF's {hf['commit'][:7]})"
+                lines.append(f"- `{model}` at {T:,}: ropekit's step peaks at {ours['peak_mem_gb']:.2f} GB against "
+                             f"{hf['peak_mem_gb']:.2f} GB for HF's loss {ratios}.")  # fmt: skip
+    return lines
+
+
 def _paired_verdict(paired: dict, memory_met: bool) -> tuple[str, str]:
     """(verdict, speed text) of the goal from ``paired_speed_ratio``: met where the memory is and the ratio's
     interval lies at or above GOAL_SPEED over MIN_RESOLVED or more pairs, not met where it lies below."""
@@ -273,15 +292,7 @@ def page() -> str:
     if live := live_table(rows):
         lines += ["What was alive at each step's peak (live tensors):", "", *live, "",
                   "Live tensor peak against length:", "", *memory_growth(rows, "live_peak_gb"), ""]  # fmt: skip
-    for model in sorted({m for _, m, _ in values}):
-        for T in sorted({t for _, m, t in values if m == model}):
-            hf, ours = values.get(("hf", model, T)), values.get(("ropekit-train", model, T))
-            if hf and ours:
-                mem, speed = ours["peak_mem_gb"] / hf["peak_mem_gb"], _speed(ours, model, T, hf_speeds)
-                ratios = f"({mem:.2f}x), " + (f"at {speed:.2f}x its tokens/s" if speed else "its tokens/s measured "
-                                              "at another commit: no speed ratio")  # fmt: skip
-                lines.append(f"- `{model}` at {T:,}: ropekit's step peaks at {ours['peak_mem_gb']:.2f} GB against "
-                             f"{hf['peak_mem_gb']:.2f} GB for HF's loss {ratios}.")  # fmt: skip
+    lines += _versus_hf(values, hf_speeds)
     lines += _allocator_section(rows)
     goals = [(label, got) for (label, model, T), got in sorted(values.items())
              if label.startswith("ropekit-train") and (model, T) == ("smollm2-135m", 8192)]  # fmt: skip

@@ -238,7 +238,8 @@ def test_runs_of_separate_calls_are_not_paired_when_their_counts_differ():
     assert bench.paired_speed_ratio(one, "micro", 64) is None
 
 
-def test_the_training_pages_speed_goal_is_decided_by_the_paired_interval():
+def _training_page():
+    """experiments/train_memory.py as a module (it is a script, not part of the package)."""
     import importlib.util
     from pathlib import Path
 
@@ -246,6 +247,11 @@ def test_the_training_pages_speed_goal_is_decided_by_the_paired_interval():
     spec = importlib.util.spec_from_file_location("train_memory", path)
     page = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(page)
+    return page
+
+
+def test_the_training_pages_speed_goal_is_decided_by_the_paired_interval():
+    page = _training_page()
 
     def verdict(ratios, low, high, memory_met=True):
         mean = sum(ratios) / len(ratios)
@@ -261,6 +267,23 @@ def test_the_training_pages_speed_goal_is_decided_by_the_paired_interval():
     assert verdict(five, 0.85, 0.95)[0] == "undecided (the interval holds 0.9x)"
     assert verdict([1.0] * 4, 0.95, 1.05)[0] == "undecided (4 pairs; 5 needed)"
     assert verdict(five, 0.95, 1.05, memory_met=False)[0] == "not met"
+
+
+def test_the_training_pages_peak_against_hfs_names_the_commits_when_they_differ():
+    page = _training_page()
+
+    def values(hf_commit):
+        return {
+            ("hf", "micro", 64): {"peak_mem_gb": 4.0, "tokens_per_s": 100.0, "commit": hf_commit},
+            ("ropekit-train", "micro", 64): {"peak_mem_gb": 1.0, "tokens_per_s": 150.0, "commit": "abc1234def"},
+        }
+
+    same = page._versus_hf(values("abc1234def"), {("micro", 64, "abc1234def"): 100.0})
+    assert same == ["- `micro` at 64: ropekit's step peaks at 1.00 GB against 4.00 GB for HF's loss (0.25x), "
+                    "at 1.50x its tokens/s."]  # fmt: skip
+    (mixed,) = page._versus_hf(values("fff0000aaa"), {("micro", 64, "fff0000aaa"): 100.0})
+    assert mixed.endswith("(0.25x), its tokens/s measured at another commit: no speed ratio (peaks from two commits: "
+                          "ropekit's abc1234, HF's fff0000).")  # fmt: skip
 
 
 def test_a_release_tried_past_a_growth_slack_is_labelled_so():
