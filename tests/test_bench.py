@@ -149,6 +149,14 @@ def _step_rows(release, stamp, speed, peak, sha="abc1234def", provider="ropekit-
             for metric, v in (("tokens_per_s", speed), ("peak_mem_gb", peak))]  # fmt: skip
 
 
+def test_the_train_step_table_names_the_commit_of_each_providers_cells_when_they_differ():
+    run = _step_rows
+    one = run(True, "t1", 100, 1.0) + run(True, "t1", 50, 4.0, provider="hf")
+    assert bench.train_step_table(one)[2] == "| micro | 64 | 50, –, 100 | –, – | 4.00, –, 1.00 | – | – | abc1234 |"
+    two = run(True, "t1", 100, 1.0) + run(True, "t0", 50, 4.0, sha="fff0000aaa", provider="hf")
+    assert bench.train_step_table(two)[2].endswith("| fff0000 (hf), abc1234 (ropekit loss) |")
+
+
 def test_repeated_runs_at_one_commit_are_listed_run_by_run_and_paired_in_order():
     run = _step_rows
     rows = (

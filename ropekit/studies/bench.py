@@ -869,20 +869,34 @@ def live_table(rows: list[dict]) -> list[str]:
 
 
 def train_step_table(rows: list[dict]) -> list[str]:
-    """Markdown rows of ``train_step`` result rows: per model and length, HF's tokens/s, the patched and
-    ropekit-loss ratios to it, MFU where known, and each provider's peak memory against the known parts."""
+    """Markdown rows of ``train_step`` result rows: per model and length, each provider's tokens/s, MFU where
+    known, peak memory against the known parts, and the commit each provider's newest row came from (one
+    name where they share it: cells from different commits are not a side-by-side measurement)."""
     data = _train_step_values(rows)
+    commits = {}
+    for r in rows:
+        if r["experiment"] == "train_step":
+            label, model = _labelled(r)
+            commits[(model, int(r["context_length"]), label)] = r["git_sha"][:7]  # the newest row wins
     out = ["| model | T | tokens/s (hf, patched, ropekit loss) | MFU (hf, ropekit loss) | peak GB (hf, patched, "
-           "ropekit loss) | known GB | ropekit loss peak / known |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+           "ropekit loss) | known GB | ropekit loss peak / known | commit |",
+           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for model, T in sorted({(m, T) for m, T, p in data if p in TRAIN_STEP_PROVIDERS}):
         got = [data.get((model, T, p), {}) for p in TRAIN_STEP_PROVIDERS]
         known = next((g["params_grads_adam_gb"] + g["checkpointed_inputs_gb"] for g in got
                       if "params_grads_adam_gb" in g), None)  # fmt: skip
         ratio = f"{got[2]['peak_over_static']:.2f}" if "peak_over_static" in got[2] else "–"
         known_cell = "–" if known is None else f"{known:.2f}"
+        shas = {p: commits[(model, T, p)] for p in TRAIN_STEP_PROVIDERS if (model, T, p) in commits}
+        commit = next(iter(shas.values())) if len(set(shas.values())) == 1 else ", ".join(
+            f"{sha} ({_TRAIN_STEP_NAMES[p]})" for p, sha in shas.items())  # fmt: skip
         out.append(f"| {model} | {T:,} | {_cells(got, 'tokens_per_s', ',.0f')} | {_cells(got, 'mfu', '.3f', (0, 2))} | "
-                   f"{_cells(got, 'peak_mem_gb', '.2f')} | {known_cell} | {ratio} |")  # fmt: skip
+                   f"{_cells(got, 'peak_mem_gb', '.2f')} | {known_cell} | {ratio} | {commit} |")  # fmt: skip
     return out
+
+
+# The column names of TRAIN_STEP_PROVIDERS in train_step_table.
+_TRAIN_STEP_NAMES = {"hf": "hf", "ropekit-patch": "patched", "ropekit-train": "ropekit loss"}
 
 
 def run_static(out: str | None, *, stage: str, cases: str = "all", jobs: int = 1, liger_rope: str | None = None,
