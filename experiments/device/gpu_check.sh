@@ -6,7 +6,8 @@
 #   bash experiments/device/gpu_check.sh OUT            on a CUDA GPU (at most 6.5 minutes on one H200)
 #   bash experiments/device/gpu_check.sh --dry-run OUT  every stage on a CPU at micro sizes (CI runs this)
 #
-# Stages and budgets (seconds, GPU / dry run):
+# Stages and budgets (seconds, GPU / dry run), run in the order a, c, b, d (by value: training at 32k is the
+# open question, the kernel bench has rows from two earlier leases):
 #   a. tests   60 / 150  the `gpu` tests: the kernel at real sizes in 3 dtypes x 9 methods x 2 layouts forward
 #                        and backward, past 2^31 elements, torch.compile(fullgraph=True), the patch on CUDA;
 #                        the trainer's loss under bf16 autocast against the plain loss, forward and backward
@@ -16,13 +17,14 @@
 #                        torch.compile of the reference, Liger-Kernel and flash-attention's Triton rotary, on
 #                        the training shapes (fwd, bwd, fwd+bwd) and decoding shapes (fwd), GB/s and the
 #                        fraction of a measured device-to-device copy (dry run: --smoke)      -> bench_rope.csv
-#   c. train  100 / 120  `ropekit bench --train-step`: SmolLM2-135M and Llama-3.2-1B shapes (random init) at
+#   c. train  140 / 120  `ropekit bench --train-step`: Llama-3.2-1B, then SmolLM2-135M shapes (random init) at
 #                        8k/16k/32k, bf16 autocast, activation checkpointing; HF unpatched, patched, and
 #                        ropekit's trainer loss: tokens/s, TFLOP/s, MFU, the allocator's peak memory, and
-#                        the live tensors of one more, untimed step (57 s on an H200 before that step)
+#                        the live tensors of one more, untimed step (57 s on an H200 before that step; rows
+#                        land per shape and length, so a cut keeps the 1B rows)
 #                        (dry run: the micro shape at 64/256)                                 -> train_step.csv
-#   d. demo   100 / 150  `ropekit demo` (the tiny preset, its built-in default) on CUDA: controls first, then
-#                        the variants; resumable (dry run: --preset micro)  -> demo_results.csv, demo_wall_times.json
+#   d. demo    70 / 150  `ropekit demo` (the tiny preset, its built-in default) on CUDA: controls first, then
+#                        the variants; resumable; cut at 100 s on an H200 before (dry run: --preset micro)  -> demo_results.csv, demo_wall_times.json
 # Every stage's wall time and exit status (124: cut at its budget) -> stages.csv; all output -> log.txt.
 # Seven files: the device tool returns at most eight.
 #
@@ -82,16 +84,17 @@ run_stage() {  # run_stage NAME GPU_BUDGET DRY_BUDGET COMMAND...: its output to 
 if [ "$DRY" = 1 ]; then
     run_stage a 60 150 python3 experiments/device/gpu_check.py tests "$OUT/gpu_tests.csv" -- \
         tests/test_kernel.py tests/test_loss.py -k "gpu or test_gqa_with_one_key_head"
-    run_stage b 120 300 python3 -m ropekit.cli bench --smoke --out "$OUT/bench_rope.csv" "${FA[@]}"
-    run_stage c 100 120 python3 -m ropekit.cli bench --train-step --models micro --lengths 64,256 \
+    run_stage c 140 120 python3 -m ropekit.cli bench --train-step --models micro --lengths 64,256 \
         --out "$OUT/train_step.csv"
-    run_stage d 100 150 python3 -m ropekit.cli demo --preset micro --out "$WORK/demo"
+    run_stage b 120 300 python3 -m ropekit.cli bench --smoke --out "$OUT/bench_rope.csv" "${FA[@]}"
+    run_stage d 70 150 python3 -m ropekit.cli demo --preset micro --out "$WORK/demo"
 else
     run_stage a 60 150 python3 experiments/device/gpu_check.py tests "$OUT/gpu_tests.csv" -- \
         -m gpu tests/test_kernel.py tests/test_loss.py
+    run_stage c 140 120 python3 -m ropekit.cli bench --train-step --models llama-1b,smollm2-135m \
+        --out "$OUT/train_step.csv"
     run_stage b 120 180 python3 -m ropekit.cli bench --out "$OUT/bench_rope.csv" "${FA[@]}"
-    run_stage c 100 120 python3 -m ropekit.cli bench --train-step --out "$OUT/train_step.csv"
-    run_stage d 100 150 python3 -m ropekit.cli demo --out "$WORK/demo"
+    run_stage d 70 150 python3 -m ropekit.cli demo --out "$WORK/demo"
 fi
 [ -f "$WORK/demo/results.csv" ] && cp "$WORK/demo/results.csv" "$OUT/demo_results.csv"
 [ -f "$WORK/demo/wall_times.json" ] && cp "$WORK/demo/wall_times.json" "$OUT/demo_wall_times.json"
