@@ -685,13 +685,15 @@ def _cells(got: list[dict], key: str, fmt: str, which=(0, 1, 2)) -> str:
     return ", ".join(format(got[i][key], fmt) if key in got[i] else "–" for i in which)
 
 
-def _train_step_values(rows: list[dict]) -> dict[tuple[str, int, str], dict[str, float]]:
-    """{(model, T, provider label): {metric: value}} of ``train_step`` rows; the newest row wins."""
-    data: dict[tuple[str, int, str], dict[str, float]] = defaultdict(dict)
+def _train_step_values(rows: list[dict]) -> dict[tuple[str, int, str], dict]:
+    """{(model, T, provider label): {metric: value, "commit": the newest row's git commit}} of ``train_step``
+    rows; the newest row wins."""
+    data: dict[tuple[str, int, str], dict] = defaultdict(dict)
     for r in rows:
         if r["experiment"] == "train_step":
             provider, model = _labelled(r)
-            data[(model, int(r["context_length"]), provider)][r["metric"]] = float(r["value"])
+            got = data[(model, int(r["context_length"]), provider)]
+            got[r["metric"]], got["commit"] = float(r["value"]), r["git_sha"]
     return data
 
 
@@ -873,11 +875,6 @@ def train_step_table(rows: list[dict]) -> list[str]:
     known, peak memory against the known parts, and the commit each provider's newest row came from (one
     name where they share it: cells from different commits are not a side-by-side measurement)."""
     data = _train_step_values(rows)
-    commits = {}
-    for r in rows:
-        if r["experiment"] == "train_step":
-            label, model = _labelled(r)
-            commits[(model, int(r["context_length"]), label)] = r["git_sha"][:7]  # the newest row wins
     out = ["| model | T | tokens/s (hf, patched, ropekit loss) | MFU (hf, ropekit loss) | peak GB (hf, patched, "
            "ropekit loss) | known GB | ropekit loss peak / known | commit |",
            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -887,7 +884,7 @@ def train_step_table(rows: list[dict]) -> list[str]:
                       if "params_grads_adam_gb" in g), None)  # fmt: skip
         ratio = f"{got[2]['peak_over_static']:.2f}" if "peak_over_static" in got[2] else "–"
         known_cell = "–" if known is None else f"{known:.2f}"
-        shas = {p: commits[(model, T, p)] for p in TRAIN_STEP_PROVIDERS if (model, T, p) in commits}
+        shas = {p: g["commit"][:7] for p, g in zip(TRAIN_STEP_PROVIDERS, got, strict=True) if g}
         commit = next(iter(shas.values())) if len(set(shas.values())) == 1 else ", ".join(
             f"{sha} ({_TRAIN_STEP_NAMES[p]})" for p, sha in shas.items())  # fmt: skip
         out.append(f"| {model} | {T:,} | {_cells(got, 'tokens_per_s', ',.0f')} | {_cells(got, 'mfu', '.3f', (0, 2))} | "
