@@ -38,19 +38,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 from ropekit.results import read_rows
 from ropekit.stats import MIN_RESOLVED
 from ropekit.studies.bench import (
     allocator_table,
+    labelled,
     live_table,
     memory_growth,
     paired_speed_ratio,
-    provider_label,
     repeated_runs,
     train_step_table,
+    train_step_values,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,22 +160,14 @@ below compare what was measured; rows from different sessions differ in this mac
 """
 
 
-def _values(rows) -> dict[tuple[str, str, int], dict[str, float]]:
-    """{(provider label, model, T): {metric: value, "commit": the git commit it was measured at}}, newest wins."""
-    out: dict[tuple[str, str, int], dict] = defaultdict(dict)
+def _speeds(rows, provider: str) -> dict[tuple[str, int, str], float]:
+    """{(model, T, commit): ``provider``'s tokens/s measured at that commit}, the newest row at each commit winning."""
+    out = {}
     for r in rows:
-        provider, model = r["variant"].split(" @ ")
-        provider = provider_label(provider, json.loads(r["config"] or "{}"))
-        got = out[(provider, model, int(r["context_length"]))]
-        got[r["metric"]], got["commit"] = float(r["value"]), r["git_sha"]
+        label, model = labelled(r)
+        if label == provider and r["metric"] == "tokens_per_s":
+            out[(model, int(r["context_length"]), r["git_sha"])] = float(r["value"])
     return out
-
-
-def _hf_speeds(rows) -> dict[tuple[str, int, str], float]:
-    """{(model, T, commit): HF's tokens/s measured at that commit}, the newest row at each commit winning."""
-    hf = [r for r in rows if r["variant"].startswith("hf @ ") and r["metric"] == "tokens_per_s"]
-    return {(r["variant"].split(" @ ")[1], int(r["context_length"]), r["git_sha"]):
-            float(r["value"]) for r in hf}  # fmt: skip
 
 
 def _speed(ours: dict, model: str, T: int, hf_speeds: dict) -> float | None:
@@ -189,14 +181,8 @@ def _speed_history(rows, model: str, T: int) -> list[tuple[str, float]]:
     """(commit, ropekit-train's tokens/s over HF's) at every commit that measured both (newest row of each per
     commit), in the order the commits were first measured: one timed step a run, so the spread holds the
     instrument's noise as well as any change between commits."""
-    ours: dict[str, float] = {}
-    for r in rows:
-        provider, m = r["variant"].split(" @ ")
-        if (m, int(r["context_length"]), r["metric"]) == (model, T, "tokens_per_s") and \
-                provider_label(provider, json.loads(r["config"] or "{}")) == "ropekit-train":  # fmt: skip
-            ours[r["git_sha"]] = float(r["value"])
-    hf = _hf_speeds(rows)
-    return [(sha, v / hf[(model, T, sha)]) for sha, v in ours.items() if (model, T, sha) in hf]
+    ours, hf = _speeds(rows, "ropekit-train"), _speeds(rows, "hf")
+    return [(sha, v / hf[(m, t, sha)]) for (m, t, sha), v in ours.items() if (m, t) == (model, T) and (m, t, sha) in hf]
 
 
 def _versus_hf(values: dict, hf_speeds: dict) -> list[str]:
@@ -204,17 +190,16 @@ def _versus_hf(values: dict, hf_speeds: dict) -> list[str]:
     provider's newest row; the commits are named where they differ) and the tokens/s ratio where HF ran at the
     trainer's commit (``_speed``)."""
     lines = []
-    for model in sorted({m for _, m, _ in values}):
-        for T in sorted({t for _, m, t in values if m == model}):
-            hf, ours = values.get(("hf", model, T)), values.get(("ropekit-train", model, T))
-            if hf and ours:
-                mem, speed = ours["peak_mem_gb"] / hf["peak_mem_gb"], _speed(ours, model, T, hf_speeds)
-                ratios = f"({mem:.2f}x), " + (f"at {speed:.2f}x its tokens/s" if speed else "its tokens/s measured "
-                                              "at another commit: no speed ratio")  # fmt: skip
-                if ours["commit"] != hf["commit"]:
-                    ratios += f" (peaks from two commits: ropekit's {ours['commit'][:7]}, HF's {hf['commit'][:7]})"
-                lines.append(f"- `{model}` at {T:,}: ropekit's step peaks at {ours['peak_mem_gb']:.2f} GB against "
-                             f"{hf['peak_mem_gb']:.2f} GB for HF's loss {ratios}.")  # fmt: skip
+    for model, T in sorted({(m, t) for m, t, _ in values}):
+        hf, ours = values.get((model, T, "hf")), values.get((model, T, "ropekit-train"))
+        if hf and ours:
+            mem, speed = ours["peak_mem_gb"] / hf["peak_mem_gb"], _speed(ours, model, T, hf_speeds)
+            ratios = f"({mem:.2f}x), " + (f"at {speed:.2f}x its tokens/s" if speed else "its tokens/s measured "
+                                          "at another commit: no speed ratio")  # fmt: skip
+            if ours["commit"] != hf["commit"]:
+                ratios += f" (peaks from two commits: ropekit's {ours['commit'][:7]}, HF's {hf['commit'][:7]})"
+            lines.append(f"- `{model}` at {T:,}: ropekit's step peaks at {ours['peak_mem_gb']:.2f} GB against "
+                         f"{hf['peak_mem_gb']:.2f} GB for HF's loss {ratios}.")  # fmt: skip
     return lines
 
 
@@ -255,7 +240,7 @@ def _allocator_section(rows) -> list[str]:
 
 def page() -> str:
     rows = read_rows(ROWS)
-    values, hf_speeds = _values(rows), _hf_speeds(rows)
+    values, hf_speeds = train_step_values(rows), _speeds(rows, "hf")
     device = rows[0]["device"]
     versions = json.loads(rows[0]["versions"])
     sha = sorted({r["git_sha"] for r in rows})
@@ -294,7 +279,7 @@ def page() -> str:
                   "Live tensor peak against length:", "", *memory_growth(rows, "live_peak_gb"), ""]  # fmt: skip
     lines += _versus_hf(values, hf_speeds)
     lines += _allocator_section(rows)
-    goals = [(label, got) for (label, model, T), got in sorted(values.items())
+    goals = [(label, got) for (model, T, label), got in sorted(values.items())
              if label.startswith("ropekit-train") and (model, T) == ("smollm2-135m", 8192)]  # fmt: skip
     if goals:
         lines += ["", f"Goal: a SmolLM2-135M step at 8,192 tokens peaks at most {GOAL_PEAK_OVER_KNOWN}x what is known "

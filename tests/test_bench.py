@@ -282,8 +282,8 @@ def test_the_training_pages_peak_against_hfs_names_the_commits_when_they_differ(
 
     def values(hf_commit):
         return {
-            ("hf", "micro", 64): {"peak_mem_gb": 4.0, "tokens_per_s": 100.0, "commit": hf_commit},
-            ("ropekit-train", "micro", 64): {"peak_mem_gb": 1.0, "tokens_per_s": 150.0, "commit": "abc1234def"},
+            ("micro", 64, "hf"): {"peak_mem_gb": 4.0, "tokens_per_s": 100.0, "commit": hf_commit},
+            ("micro", 64, "ropekit-train"): {"peak_mem_gb": 1.0, "tokens_per_s": 150.0, "commit": "abc1234def"},
         }
 
     same = page._versus_hf(values("abc1234def"), {("micro", 64, "abc1234def"): 100.0})

@@ -643,7 +643,8 @@ def provider_label(provider: str, config: dict) -> str:
     return f"{provider} ({', '.join(notes)})" if notes else provider
 
 
-def _labelled(r: dict) -> tuple[str, str]:
+def labelled(r: dict) -> tuple[str, str]:
+    """(provider label (``provider_label``), model) of a ``train_step`` row."""
     provider, model = r["variant"].split(" @ ")
     return provider_label(provider, json.loads(r["config"] or "{}")), model
 
@@ -660,7 +661,7 @@ def memory_growth(rows: list[dict], metric: str = "peak_mem_gb") -> list[str]:
     backends: dict[tuple[str, str, str], set[str]] = defaultdict(set)
     for r in rows:
         if r["experiment"] == "train_step" and r["metric"] == metric:
-            key, sha = _labelled(r), r["git_sha"]
+            key, sha = labelled(r), r["git_sha"]
             peaks[key][sha][int(r["context_length"])] = float(r["value"])  # newest row wins
             last[sha] = max(last.get(sha, ""), r["timestamp"])
             backends[(*key, sha)].update(json.loads(r["config"] or "{}").get("sdpa_backends", []))
@@ -685,13 +686,13 @@ def _cells(got: list[dict], key: str, fmt: str, which=(0, 1, 2)) -> str:
     return ", ".join(format(got[i][key], fmt) if key in got[i] else "–" for i in which)
 
 
-def _train_step_values(rows: list[dict]) -> dict[tuple[str, int, str], dict]:
+def train_step_values(rows: list[dict]) -> dict[tuple[str, int, str], dict]:
     """{(model, T, provider label): {metric: value, "commit": the newest row's git commit}} of ``train_step``
     rows; the newest row wins."""
     data: dict[tuple[str, int, str], dict] = defaultdict(dict)
     for r in rows:
         if r["experiment"] == "train_step":
-            provider, model = _labelled(r)
+            provider, model = labelled(r)
             got = data[(model, int(r["context_length"]), provider)]
             got[r["metric"]], got["commit"] = float(r["value"]), r["git_sha"]
     return data
@@ -700,7 +701,7 @@ def _train_step_values(rows: list[dict]) -> dict[tuple[str, int, str], dict]:
 def allocator_table(rows: list[dict]) -> list[str]:
     """Markdown rows comparing each provider's CPU step under the ways of handling malloc that were measured
     (``provider_label``), where more than one was: tokens/s, peak and peak / known."""
-    data = _train_step_values(rows)
+    data = train_step_values(rows)
     groups: dict[tuple[str, int, str], list[str]] = defaultdict(list)
     for model, T, label in sorted(data):
         groups[(model, T, label.split(" (")[0])].append(label)
@@ -732,7 +733,7 @@ def _runs(rows: list[dict]) -> dict[tuple[str, int, str], dict[str, dict[str, di
     runs: dict[tuple, dict[str, dict[str, dict[str, float]]]] = defaultdict(lambda: defaultdict(dict))
     for r in rows:
         if r["experiment"] == "train_step" and r["metric"] in ("tokens_per_s", "peak_mem_gb"):
-            label, model = _labelled(r)
+            label, model = labelled(r)
             run = runs[(model, int(r["context_length"]), r["git_sha"])][label].setdefault(r["timestamp"], {})
             run[r["metric"]] = float(r["value"])
     out = {}
@@ -845,10 +846,10 @@ def live_table(rows: list[dict]) -> list[str]:
     """Markdown rows of the live tensor memory of each measured step (``live_measures``): the peak, its ratio
     to what is known in advance, the phase it fell in and what was alive then, each phase's peak, the loss
     head's own memory and the largest tensor (with the op and phase that made it); the newest row wins."""
-    data, ops = _train_step_values(rows), {}
+    data, ops = train_step_values(rows), {}
     for r in rows:
         if r["experiment"] == "train_step" and r["metric"] == "live_peak_gb":
-            config, (label, model) = json.loads(r["config"] or "{}"), _labelled(r)
+            config, (label, model) = json.loads(r["config"] or "{}"), labelled(r)
             told = GRADS_TOLD in config["live_memory"]
             ops[(model, int(r["context_length"]), label)] = (config["live_peak_phase"], config["largest_tensor_op"],
                                                              r["git_sha"], told)  # fmt: skip
@@ -874,7 +875,7 @@ def train_step_table(rows: list[dict]) -> list[str]:
     """Markdown rows of ``train_step`` result rows: per model and length, each provider's tokens/s, MFU where
     known, peak memory against the known parts, and the commit each provider's newest row came from (one
     name where they share it: cells from different commits are not a side-by-side measurement)."""
-    data = _train_step_values(rows)
+    data = train_step_values(rows)
     out = ["| model | T | tokens/s (hf, patched, ropekit loss) | MFU (hf, ropekit loss) | peak GB (hf, patched, "
            "ropekit loss) | known GB | ropekit loss peak / known | commit |",
            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
