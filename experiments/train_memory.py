@@ -85,7 +85,12 @@ from the head's input in chunks (64 MiB of float32 logits on a CPU, 512 MiB in w
 on CUDA, where addmm's `out_dtype` sums the bf16 weight gradient into float32 if torch has it for
 the device; the prepared GPU run tests it), each turned into its gradients while its logits exist
 (`ropekit/loss.py`), so no (tokens × vocabulary) float32 tensor exists in a step; `ropekit bench
---train-step` measures a step's peak memory and splits it (below, generated from its rows).
+--train-step` measures a step's peak memory and splits it (below, generated from its rows). What a
+model does to its head's output (Gemma's final soft-cap, Granite's, Cohere's and HyperCLOVA X's logit
+scales, wherever the family keeps them) is read from the model's own code at every step, by passing
+known values through it in place of the logits; any other transform is refused. The loss and the
+evaluation's scores equal the cross-entropy of the model's own logits for each RoPE family transformers
+ships that runs at toy size, with these transforms switched on (`tests/test_families.py`), and under FSDP2.
 
 Checkpoints (weights as safetensors, optimizer, schedule position, RNG, data position, a manifest of
 sha256 hashes) are folders written whole or not at all. `--resume` finds the newest checkpoint by

@@ -1,31 +1,33 @@
 """Next-token cross-entropy from the final hidden states, without a (tokens x vocabulary) float32 tensor.
 
-- ``LogitTransform`` / ``logit_transform(config)``: what a causal LM does to its head's output before the
-  softmax (Gemma 2/3's final soft-capping, Granite's ``logits_scaling``, Cohere's ``logit_scale``); the one
-  place ropekit reads it (training and evaluation both score from the head's input).
+- ``head_input(model, input_ids)``: the input of the model's output head and ``LogitTransform``, what the
+  model does to the head's output before the softmax (Gemma's final soft-capping, Granite's and Cohere's
+  logit scales, ...), from one forward of the model's own with the head set aside: the transform is read
+  by passing known values through the model's own code after the head, not from its config, so it holds
+  wherever a family keeps it; one that is not a scale and an optional soft-cap is refused. Training and
+  evaluation both score from here.
 - ``linear_cross_entropy(hidden, weight, targets)``: losses of ``transform(hidden @ weight.T)`` in chunks of
   rows, so memory holds one (chunk x vocabulary) block at a time instead of the whole (T x V) logits, their
   float32 copy and their gradient. Per token (``reduction="none"``), the backward recomputes each chunk's
   logits; as a weighted sum (``reduction="sum"``, the trainer's), the forward turns each chunk's logits into
   the gradients while they exist, so the head costs three matmuls as in the plain loss, not four.
-- ``final_hidden(model, ...)``: the head's input, from the model's own forward with its output head set
-  aside for the call (so wrappers such as FSDP2 see an ordinary forward of the root module).
 """
 
 from __future__ import annotations
 
-import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 
 __all__ = [
     "LogitTransform",
-    "logit_transform",
+    "head_input",
+    "HeadInput",
     "linear_cross_entropy",
     "head_of",
-    "final_hidden",
     "CHUNK_BYTES",
     "default_chunk",
 ]
@@ -56,17 +58,6 @@ class LogitTransform:
         if self.cap:
             logits = torch.tanh(logits / self.cap) * self.cap
         return logits
-
-
-def logit_transform(config) -> LogitTransform:
-    """The transform ``config``'s causal LM applies after its output head (identity for Llama-like models)."""
-    scale = 1.0
-    if getattr(config, "logits_scaling", None):  # Granite divides
-        scale /= float(config.logits_scaling)
-    if getattr(config, "logit_scale", None) and getattr(config, "model_type", "").startswith("cohere"):
-        scale *= float(config.logit_scale)  # Cohere multiplies
-    cap = getattr(config, "final_logit_softcapping", None)
-    return LogitTransform(scale=scale, cap=float(cap) if cap else None)
 
 
 def _softmax_minus_onehot(logits: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor, cap: float | None):
@@ -223,7 +214,7 @@ def linear_cross_entropy(
             ``"sum"``: their sum, whose gradient the forward computes while each chunk's logits exist (the
             backward only scales it): one head matmul fewer, the trainer's path (in float16, where a loss
             scale must come first, the recomputing backward). Neither backward is differentiable again.
-        transform: what the model does to the logits before the softmax (``logit_transform(config)``).
+        transform: what the model does to the logits before the softmax (the one ``head_input`` reads).
         chunk: rows per block (default: ``default_chunk``, as many as fit ``CHUNK_BYTES`` of float32 logits
             for the device; a step holds
             about two such blocks); the matmuls run in the autocast dtype when autocast is on (as the head
@@ -268,40 +259,85 @@ def linear_cross_entropy(
 
 
 def head_of(model) -> torch.nn.Module | None:
-    """The model's output head when ``linear_cross_entropy`` can stand for it (a bias-free linear layer)."""
+    """The model's output head when ``linear_cross_entropy`` can stand for it: a bias-free linear layer
+    with ``nn.Linear``'s own forward (a subclass that adds to it, such as a learned per-token logit scale,
+    is scored from its full output)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if isinstance(head, torch.nn.Linear) and head.bias is None:
+    if isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward and head.bias is None:
         return head
     return None
 
 
-@contextlib.contextmanager
-def _head_set_aside(head: torch.nn.Module) -> Iterator[None]:
-    """The head returns its input for the duration (its weight untouched: FSDP2 still gathers it)."""
-    head.forward = _identity
+# Values the model's code after its head receives in place of logits (``head_input``): tiny ones, where a
+# soft-cap is linear and only the scale shows, huge ones, where any cap has saturated, and some between.
+_PROBES = (0.0, 2.0**-20, -(2.0**-20), 2.0**-4, 1.0, -1.0, 3.0, -3.0, 10.0, -10.0, 40.0, -40.0, 200.0, 2.0**20,
+           -(2.0**20))  # fmt: skip
+
+
+class HeadInput(NamedTuple):
+    """What ``head_input`` returns: ``transform(head(hidden))`` are the model's logits."""
+
+    hidden: torch.Tensor  # (B, T, d): the input of the model's output head
+    transform: LogitTransform  # what the model does to the head's output before the softmax
+    output: Any  # the model's own output (its KV cache, ...); its logits are the probes', not logits
+
+
+def head_input(model, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, **kwargs) -> HeadInput:
+    """The input of the model's output head and what the model does to the head's output before the
+    softmax, from one forward of the model's own (``kwargs`` go to it; ``use_cache`` is off unless given).
+    No logits are made.
+
+    The model's own forward runs with the head set aside for the call: the head keeps its input and hands
+    the rest of the forward a few known values (``_PROBES``, at every position) in place of the logits;
+    what comes out is the model's own transform of them, read as a scale and an optional soft-cap
+    (``LogitTransform``) and checked against every probe. A model that transforms its logits otherwise,
+    or calls its head other than once, is refused with a ``ValueError``. Wrappers of the root module
+    (FSDP2 gathers the head's weight there) see an ordinary forward."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    name = type(model).__name__
+    if not isinstance(head, torch.nn.Module):
+        raise ValueError(f"{name} has no output head module (get_output_embeddings)")
+    kept: list[torch.Tensor] = []
+    probes = torch.tensor(_PROBES, dtype=torch.float32, device=input_ids.device)
+
+    def set_aside(x: torch.Tensor) -> torch.Tensor:
+        kept.append(x)
+        return probes.expand(*x.shape[:-1], len(_PROBES)).contiguous()
+
+    kwargs = {"use_cache": False, **kwargs, **({"position_ids": position_ids} if position_ids is not None else {})}
+    head.forward = set_aside
     try:
-        yield
+        out = model(input_ids=input_ids, **kwargs)
     finally:
         del head.forward
+    if len(kept) != 1:
+        raise ValueError(f"{name}'s forward called its output head {len(kept)} times; ropekit scores from the "
+                         "head's input only where it is called once")  # fmt: skip
+    return HeadInput(kept[0], _read_transform(out.logits, name), out)
 
 
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
+def _read_transform(out: torch.Tensor, name: str) -> LogitTransform:
+    """The ``LogitTransform`` that turned ``_PROBES`` into ``out`` (every row), or a ``ValueError``."""
+    z = torch.tensor(_PROBES, dtype=torch.float64)
+    if out.shape[-1] != len(_PROBES):
+        raise ValueError(f"{name} changes the width of its head's output after the head; ropekit cannot score "
+                         "it from the head's input")  # fmt: skip
+    got = out.detach().reshape(-1, len(_PROBES)).double().cpu()
+    row = got[0]
+    scale = _sig(float(row[1] / z[1]))  # at 2^-20 any soft-cap is linear
+    huge = float(row[-2])
+    cap = None if math.isclose(huge, scale * float(z[-2]), rel_tol=1e-4) else _sig(abs(huge))
+    transform = LogitTransform(scale=scale, cap=cap)
+    rtol = 8 * torch.finfo(out.dtype).eps if out.dtype.is_floating_point else 0.0
+    want = transform(z).expand_as(got)
+    if not torch.allclose(got, want, rtol=rtol, atol=rtol * (cap or 1.0)):
+        worst = int((got - want).abs().amax(dim=0).argmax())
+        raise ValueError(f"{name} transforms its logits other than by a scale and a final soft-cap ({_PROBES[worst]:g} "
+                         f"became {float(got[:, worst].flatten()[0]):g}, {transform} gives {float(want[0, worst]):g}); "
+                         "ropekit cannot score it from the head's input")  # fmt: skip
+    return transform
 
 
-def final_hidden(model, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, T, d): the input of the model's output head; no logits are made.
-
-    For a model whose logits are the head's output as they are (Llama and most families), the model's own
-    forward runs with the head set aside for the call, so a wrapper of the root module (FSDP2 gathers the
-    head's weight there) sees an ordinary forward. A model that transforms its logits after the head
-    (``logit_transform``) runs its decoder instead, and the loss applies the transform."""
-    head = head_of(model)
-    if head is None:
-        raise ValueError(f"{type(model).__name__}'s output head is not a bias-free linear layer")
-    kwargs = {"position_ids": position_ids} if position_ids is not None else {}
-    if logit_transform(model.config).identity:
-        with _head_set_aside(head):
-            return model(input_ids=input_ids, use_cache=False, **kwargs).logits
-    decoder = getattr(model, getattr(model, "base_model_prefix", "model"), None) or model.model
-    return decoder(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
+def _sig(x: float) -> float:
+    """``x`` to 7 significant digits (float32's): the probes' rounding, not a scale's or a cap's, beyond."""
+    return float(f"{x:.7g}")

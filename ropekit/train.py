@@ -39,7 +39,7 @@ from ropekit import mix, parallel
 from ropekit.analysis import regime_variants
 from ropekit.files import atomic_folder, atomic_write_text, check_writable, sole_writer
 from ropekit.hf import parse_layered, patch
-from ropekit.loss import final_hidden, head_of, linear_cross_entropy, logit_transform
+from ropekit.loss import head_input, head_of, linear_cross_entropy
 from ropekit.models import load_model, load_tokenizer, looks_like_path
 from ropekit.typed import config_differences, parse_typed
 
@@ -571,12 +571,12 @@ def loss_of(
     w = torch.ones(n, device=ids.device) if weights is None else weights[:, :-1].reshape(-1).float()
     with autocast:
         if head is not None:  # from the head's input in chunks: no (B x T x vocabulary) float32 logits
-            hidden = final_hidden(model, ids, pos)[:, :-1]
-            total = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, ids[:, 1:].reshape(-1),
-                                         token_weights=w, reduction="sum",
-                                         transform=logit_transform(model.config))  # fmt: skip
+            hidden, transform, _ = head_input(model, ids, pos)
+            hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+            total = linear_cross_entropy(hidden, head.weight, ids[:, 1:].reshape(-1), token_weights=w,
+                                         reduction="sum", transform=transform)  # fmt: skip
         else:
-            logits = model(input_ids=ids, position_ids=pos).logits
+            logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
             ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                  reduction="none")  # fmt: skip
             total = (ce * w).sum()

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ropekit import data
 from ropekit.cli import main
@@ -85,20 +86,17 @@ def test_first_sentence_rule():
 class CopyModel(torch.nn.Module):
     """Predicts the token ``shift`` positions back of the next one: a perfect copier of the context."""
 
-    base_model_prefix = "model"
-
     def __init__(self, shift, vocab=512):
         super().__init__()
         self.shift, self.vocab = shift, vocab
         self.head = torch.nn.Identity()
         self.dummy = torch.nn.Parameter(torch.zeros(1))
-        self.model = self._decoder
 
-    def _decoder(self, input_ids, use_cache=False):
+    def forward(self, input_ids, use_cache=False):
         T = input_ids.shape[1]
         src = (torch.arange(T) + 1 - self.shift).clamp(min=0)
         hidden = torch.nn.functional.one_hot(input_ids[0, src], self.vocab).float() * 30
-        return SimpleNamespace(last_hidden_state=hidden[None])
+        return SimpleNamespace(logits=self.head(hidden[None]))
 
     def get_output_embeddings(self):
         return self.head
@@ -343,6 +341,17 @@ def test_one_prompt_forward_scores_and_generates_as_two_passes(corpus, saved_mod
         acc2, nll2 = retrieval.score_target(model, s.prompt_ids, s.target_ids)
         assert acc == acc2 and nll == pytest.approx(nll2, rel=1e-5, abs=1e-5)
         assert gen == retrieval.greedy_generate(model, s.prompt_ids, **kw)
+
+
+def test_retrieval_scores_apply_the_models_post_head_transform():
+    model = load_model("tiny:granite", logits_scaling=4.0)  # Granite divides its logits by 4
+    prompt, target = torch.randint(0, 512, (40,)).tolist(), torch.randint(0, 512, (6,)).tolist()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + target])).logits[0, len(prompt) - 1 : -1]
+    want = float(F.cross_entropy(logits, torch.tensor(target)))
+    assert retrieval.score_target(model, prompt, target)[1] == pytest.approx(want, rel=1e-5)
+    _, nll, _ = retrieval.score_and_generate(model, prompt, target, max_new_tokens=2, stop_ids=set())
+    assert nll == pytest.approx(want, rel=1e-5)
 
 
 def test_every_metric_the_evaluations_write_is_registered_under_its_task(saved_model, corpus):

@@ -298,6 +298,39 @@ def test_native_patch_is_exact_or_refused_cleanly(model_type):
     RESULTS[model_type] = check_family(model_type)
 
 
+# Config keys of the transforms families apply after their output head, at values no default has (a cap
+# below the tiny models' logits, where tanh is far from linear), so that a family applying one shows it.
+POST_HEAD = {"final_logit_softcapping": 0.02, "logits_scaling": 4.0, "logit_scale": 0.25}
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_the_trainers_loss_and_evaluations_nll_equal_the_models_own_cross_entropy(model_type):
+    """``loss_of`` (from the head's input in chunks where ``head_of`` allows, else the full logits) and
+    ``token_nll`` against the cross-entropy of the model's own logits, with the family's post-head
+    transforms switched on: ``head_input`` reads them from the model's own code, whichever key, config or
+    direction the family uses (Granite divides by ``logits_scaling``, HyperCLOVA X multiplies)."""
+    from ropekit.eval.perplexity import token_nll
+    from ropekit.train import loss_of
+
+    prompt = torch.randint(3, VOCAB - 3, (1, PROMPT), generator=torch.Generator().manual_seed(0))
+    try:
+        model = build(model_type)
+        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+            for key, value in POST_HEAD.items():
+                if _settable(config, key):
+                    setattr(config, key, value)
+        with torch.no_grad():
+            logits = model(input_ids=prompt, use_cache=False).logits.float()
+    except Exception as err:  # noqa: BLE001 - the support table records why
+        pytest.skip(f"{model_type} does not run tiny without a cache: {type(err).__name__}")
+    want = torch.nn.functional.cross_entropy(logits[0, :-1], prompt[0, 1:], reduction="none")
+    atol = 2**7 * EPS32 * float(want.abs().max())  # float32: the same logits, summed in another order
+    with torch.no_grad():
+        torch.testing.assert_close(token_nll(model, prompt), want, rtol=0, atol=atol)
+        got = loss_of(model, prompt, torch.arange(PROMPT)[None], reduction="sum")
+    torch.testing.assert_close(got, want.sum(), rtol=0, atol=atol * len(want))
+
+
 def support_table(results: dict[str, str]) -> str:
     exact = sorted(f for f, r in results.items() if r == "exact")
     other = sorted(f for f, r in results.items() if r != "exact")

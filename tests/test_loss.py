@@ -12,9 +12,8 @@ from ropekit.loss import (
     LogitTransform,
     _add_product,
     default_chunk,
-    final_hidden,
+    head_input,
     linear_cross_entropy,
-    logit_transform,
 )
 from ropekit.models import TINY, load_model
 from ropekit.train import loss_of
@@ -199,7 +198,8 @@ def test_bad_shapes_and_chunk_are_named():
         linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), chunk=0)
 
 
-# The families' post-head transforms, switched on where the tiny config leaves them off.
+# The families' post-head transforms, switched on where the tiny config leaves them off (every family
+# transformers ships, with each of these keys its config has, is checked in tests/test_families.py).
 TRANSFORMS = {"granite": {"logits_scaling": 4.0}, "gemma3": {"final_logit_softcapping": 3.0}}
 
 
@@ -207,10 +207,9 @@ TRANSFORMS = {"granite": {"logits_scaling": 4.0}, "gemma3": {"final_logit_softca
 def test_trainer_loss_equals_the_models_own_logits_forward_and_backward(family):
     torch.manual_seed(0)
     model = load_model(f"tiny:{family}", **TRANSFORMS.get(family, {}))
-    if family in TRANSFORMS:
-        assert not logit_transform(model.config).identity
     ids = torch.randint(0, model.config.vocab_size, (2, 24))
     pos = torch.arange(24)[None].expand(2, -1)
+    assert head_input(model, ids, pos).transform.identity == (family not in TRANSFORMS)
     weights = torch.rand(2, 24) * 8
     got = loss_of(model, ids, pos, weights, reduction="sum")
     got_grads = torch.autograd.grad(got, [p for p in model.parameters()], allow_unused=True)
@@ -226,12 +225,65 @@ def test_trainer_loss_equals_the_models_own_logits_forward_and_backward(family):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * float(w.abs().max()) + 1e-7)
 
 
-def test_final_hidden_is_the_heads_input_and_leaves_the_head_in_place():
+def test_head_input_is_the_heads_input_and_leaves_the_head_in_place():
     model = load_model("tiny:llama")
     ids = torch.randint(0, 512, (1, 10))
-    hidden = final_hidden(model, ids)
+    hidden, transform, _ = head_input(model, ids)
     torch.testing.assert_close(model.lm_head(hidden), model(ids).logits)
+    assert transform == LogitTransform()  # Llama's logits are its head's output
     assert "forward" not in vars(model.lm_head)  # the head's own forward is back
+
+
+def test_head_input_reads_a_soft_cap_kept_in_the_text_config_of_a_multimodal_model():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, sliding_window=8, final_logit_softcapping=30.0,
+                layer_types=["sliding_attention", "full_attention"], hidden_size_per_layer_input=0,
+                vocab_size_per_layer_input=128)  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=16)  # fmt: skip
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("gemma4", text_config=text, vision_config=vision, audio_config=None)
+    model = AutoModelForCausalLM.from_config(config)
+    assert getattr(model.config, "final_logit_softcapping", None) is None  # the cap lives in text_config only
+    with torch.no_grad():
+        model.model.language_model.norm.weight.mul_(40.0)  # logits of a trained model's size, where the cap bites
+    ids = torch.randint(0, 128, (2, 16))
+    pos = torch.arange(16)[None].expand(2, -1)
+    assert head_input(model, ids, pos).transform == LogitTransform(cap=30.0)
+    logits = model(input_ids=ids, position_ids=pos).logits
+    assert float(logits.abs().max()) > 10  # far from linear: a cap left out moves the loss by more than 1
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1), reduction="sum")
+    torch.testing.assert_close(loss_of(model, ids, pos, reduction="sum"), want, rtol=1e-5, atol=0)
+
+
+class _Squared(torch.nn.Module):
+    """A causal LM whose logits are its head's output squared: no scale and soft-cap."""
+
+    def __init__(self, calls: int = 1):
+        super().__init__()
+        self.embed, self.lm_head, self.calls = torch.nn.Embedding(8, 4), torch.nn.Linear(4, 8, bias=False), calls
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids, use_cache=False, **kwargs):
+        from transformers.modeling_outputs import CausalLMOutput
+
+        hidden = self.embed(input_ids)
+        logits = [self.lm_head(hidden) for _ in range(self.calls)][-1] if self.calls else hidden @ self.lm_head.weight.T
+        return CausalLMOutput(logits=logits**2)
+
+
+def test_a_model_whose_logits_are_not_a_scale_and_cap_of_its_heads_output_is_refused():
+    ids = torch.randint(0, 8, (1, 6))
+    with pytest.raises(ValueError, match=r"_Squared transforms its logits other than by a scale and a final soft-cap"):
+        loss_of(_Squared(), ids, torch.arange(6)[None])
+    with pytest.raises(ValueError, match=r"_Squared's forward called its output head 2 times"):
+        head_input(_Squared(calls=2), ids)
+    with pytest.raises(ValueError, match=r"_Squared's forward called its output head 0 times"):
+        head_input(_Squared(calls=0), ids)
 
 
 def test_evaluation_applies_the_post_head_transform():
@@ -255,3 +307,43 @@ def test_training_page_is_generated_from_the_committed_rows():
     result = subprocess.run([sys.executable, "experiments/train_memory.py", "--check"], cwd=root, capture_output=True,
                             text=True, env={**os.environ, "PYTHONPATH": str(root)})  # fmt: skip
     assert result.returncode == 0, result.stderr
+
+
+FSDP_SCRIPT = """
+import os, sys, torch, torch.distributed as dist
+from ropekit.models import load_model
+from ropekit.parallel import parallelize
+from ropekit.train import loss_of
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+ref, model = (load_model("tiny:granite", logits_scaling=4.0) for _ in range(2))
+model.load_state_dict(ref.state_dict())
+parallelize(model, fsdp=True)
+ids = torch.randint(0, 512, (2, 16))
+pos = torch.arange(16)[None].expand(2, -1)
+want, got = loss_of(ref, ids, pos, reduction="sum"), loss_of(model, ids, pos, reduction="sum")
+want.backward()
+got.backward()
+grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+print(float((got - want) / want), max(float((grads[n] - p.grad).abs().max() / p.grad.abs().max())
+                             for n, p in ref.named_parameters()))
+dist.destroy_process_group()
+"""
+
+
+def test_the_trainers_loss_under_fsdp2_on_a_model_that_scales_its_logits():
+    """Under FSDP2 the head's weight lives with the root module: the loss runs the root's own forward."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", FSDP_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    loss_rel, grad_rel = map(float, run.stdout.split()[-2:])
+    assert abs(loss_rel) <= 2**7 * EPS32 and grad_rel <= 2**7 * EPS32  # float32, one rank: the same sums

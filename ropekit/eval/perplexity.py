@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ropekit.data import TokenCache
-from ropekit.loss import logit_transform
+from ropekit.loss import head_input
 from ropekit.stats import mean_interval
 
 __all__ = [
@@ -34,12 +34,6 @@ __all__ = [
     "score_windows",
     "summarize_windows",
 ]
-
-
-def _decoder_and_head(model):
-    decoder = getattr(model, getattr(model, "base_model_prefix", "model"), None) or model.model
-    head = model.get_output_embeddings()
-    return decoder, head
 
 
 @torch.no_grad()
@@ -61,11 +55,8 @@ def token_nll(
         (L-1,) bool: hits[i] = argmax p(. | input_ids[:i+1]) == input_ids[i+1].
     """
     ids = input_ids.reshape(1, -1)
-    decoder, head = _decoder_and_head(model)
-    kwargs = {"position_ids": position_ids.reshape(1, -1)} if position_ids is not None else {}
-    hidden = decoder(input_ids=ids, use_cache=False, **kwargs).last_hidden_state[0]  # (L, H)
-    targets = ids[0, 1:]
-    transform = logit_transform(model.config)  # soft-capping, Granite's and Cohere's logit scales
+    hidden, transform, _ = head_input(model, ids, None if position_ids is None else position_ids.reshape(1, -1))
+    hidden, head, targets = hidden[0], model.get_output_embeddings(), ids[0, 1:]  # hidden: (L, H)
     out = torch.empty(targets.numel(), dtype=torch.float32, device=hidden.device)
     hits = torch.empty(targets.numel(), dtype=torch.bool, device=hidden.device)
     for start in range(0, targets.numel(), chunk):

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from ropekit import hf
 from ropekit.data import Document
 from ropekit.hf import cache_kwarg, kv_cache_of
+from ropekit.loss import head_input
 
 __all__ = [
     "DEFAULT_FSR_TEMPLATE",
@@ -149,10 +150,9 @@ def score_target(model, prompt_ids: list[int], target_ids: list[int]) -> tuple[f
     """Teacher-forced (token accuracy, mean NLL) of ``target_ids`` after ``prompt_ids``."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids + target_ids], device=device)
-    decoder = getattr(model, model.base_model_prefix)
-    hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[0]
+    hidden, transform, _ = head_input(model, ids)
     # positions that predict the target tokens: len(prompt)-1 .. len(prompt)+len(target)-2
-    logits = model.get_output_embeddings()(hidden[len(prompt_ids) - 1 : -1]).float()
+    logits = transform(model.get_output_embeddings()(hidden[0, len(prompt_ids) - 1 : -1]).float())
     targets = torch.tensor(target_ids, device=device)
     acc = (logits.argmax(-1) == targets).float().mean().item()
     nll = F.cross_entropy(logits, targets).item()
@@ -219,15 +219,15 @@ def score_and_generate(
         acc, nll = score_target(model, prompt_ids, target_ids)
         return acc, nll, greedy_generate(model, prompt_ids, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
     device = next(model.parameters()).device
-    decoder, head = getattr(model, model.base_model_prefix), model.get_output_embeddings()
-    out = decoder(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
+    head = model.get_output_embeddings()
+    hidden, transform, out = head_input(model, torch.tensor([prompt_ids], device=device), use_cache=True)
     cache = kv_cache_of(out)
-    first = head(out.last_hidden_state[0, -1:]).float()  # (1, V): predicts target[0] and the first new token
+    first = transform(head(hidden[0, -1:]).float())  # (1, V): predicts target[0] and the first new token
     logits = [first]
     if len(target_ids) > 1:
         ids = torch.tensor([target_ids[:-1]], device=device)
-        rest = decoder(input_ids=ids, use_cache=True, **{cache_kwarg(decoder): cache})
-        logits.append(head(rest.last_hidden_state[0]).float())
+        rest = head_input(model, ids, use_cache=True, **{cache_kwarg(model): cache})
+        logits.append(rest.transform(head(rest.hidden[0]).float()))
         cache.crop(-(len(target_ids) - 1))  # back to the prompt's cache (drop the target's entries)
     logits = torch.cat(logits)  # (T, V)
     targets = torch.tensor(target_ids, device=device)
