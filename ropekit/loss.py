@@ -167,7 +167,7 @@ def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a, b)
         return
     device = acc.device.type
-    if _FLOAT32_OUT.get(device, True):
+    if a.dtype in (torch.bfloat16, torch.float16) and _FLOAT32_OUT.get(device, True):
         try:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             _FLOAT32_OUT[device] = True
@@ -240,6 +240,9 @@ def linear_cross_entropy(
     transform = transform or LogitTransform()
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    if dtype is None and hidden.dtype != weight.dtype:  # as the head's matmul would refuse them
+        raise ValueError(f"hidden and weight must share a dtype outside autocast; got {hidden.dtype} and "
+                         f"{weight.dtype}")  # fmt: skip
     needs = (torch.is_grad_enabled() and hidden.requires_grad, torch.is_grad_enabled() and weight.requires_grad)
     compute = dtype or hidden.dtype
     with torch.autocast(device, enabled=False):

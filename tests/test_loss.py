@@ -159,6 +159,10 @@ def test_a_bf16_weight_gradient_is_summed_in_float32(device):
     eps = torch.finfo(torch.float32 if device == "cuda" else torch.bfloat16).eps
     torch.testing.assert_close(acc.double(), want, rtol=0, atol=2 * eps * (size + float(want.abs().max())))
     assert _FLOAT32_OUT[device] == (device == "cuda")  # CUDA: the float32 output from bf16 inputs was used
+    _add_product(acc, a.double(), b.double())  # float64 blocks take the plain way, whatever was learnt
+    torch.testing.assert_close(acc.double(), want + a.double() @ b.double(), rtol=0,
+                               atol=2 * eps * (size + float(want.abs().max())) + 4 * EPS32 * size)  # fmt: skip
+    assert _FLOAT32_OUT[device] == (device == "cuda")
 
 
 def test_default_blocks_fit_the_devices_budget_and_fill_whole_tiles_on_cuda():
@@ -196,6 +200,8 @@ def test_bad_shapes_and_chunk_are_named():
         linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), reduction="mean")
     with pytest.raises(ValueError, match="chunk must be an integer >= 1; got 0"):
         linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), chunk=0)
+    with pytest.raises(ValueError, match="must share a dtype outside autocast; got torch.bfloat16 and torch.float32"):
+        linear_cross_entropy(torch.randn(3, 4).bfloat16(), torch.randn(5, 4), torch.zeros(3, dtype=torch.long))
 
 
 # The families' post-head transforms, switched on where the tiny config leaves them off (every family
