@@ -88,9 +88,11 @@ the device; the prepared GPU run tests it), each turned into its gradients while
 --train-step` measures a step's peak memory and splits it (below, generated from its rows). What a
 model does to its head's output (Gemma's final soft-cap, Granite's, Cohere's and HyperCLOVA X's logit
 scales, wherever the family keeps them) is read from the model's own code at every step, by passing
-known values through it in place of the logits; any other transform is refused. The loss and the
-evaluation's scores equal the cross-entropy of the model's own logits for each RoPE family transformers
-ships that runs at toy size, with these transforms switched on (`tests/test_families.py`), and under FSDP2.
+known values through it in place of the logits; any other transform of each logit, and logits rounded
+below float32, are refused (a slice of a padded vocabulary, which such probes never reach, is not
+seen). The loss and the evaluation's scores equal the cross-entropy of the model's own logits for each
+RoPE family transformers ships that runs at toy size, with these transforms switched on
+(`tests/test_families.py`), and under FSDP2.
 
 Checkpoints (weights as safetensors, optimizer, schedule position, RNG, data position, a manifest of
 sha256 hashes) are folders written whole or not at all. `--resume` finds the newest checkpoint by

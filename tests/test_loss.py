@@ -264,12 +264,13 @@ def test_head_input_reads_a_soft_cap_kept_in_the_text_config_of_a_multimodal_mod
     torch.testing.assert_close(loss_of(model, ids, pos, reduction="sum"), want, rtol=1e-5, atol=0)
 
 
-class _Squared(torch.nn.Module):
-    """A causal LM whose logits are its head's output squared: no scale and soft-cap."""
+class _PostHead(torch.nn.Module):
+    """A causal LM whose logits are ``post`` of its head's output (the head called ``calls`` times)."""
 
-    def __init__(self, calls: int = 1):
+    def __init__(self, post, calls: int = 1):
         super().__init__()
-        self.embed, self.lm_head, self.calls = torch.nn.Embedding(8, 4), torch.nn.Linear(4, 8, bias=False), calls
+        self.embed, self.lm_head = torch.nn.Embedding(8, 4), torch.nn.Linear(4, 8, bias=False)
+        self.post, self.calls = post, calls
 
     def get_output_embeddings(self):
         return self.lm_head
@@ -279,40 +280,44 @@ class _Squared(torch.nn.Module):
 
         hidden = self.embed(input_ids)
         logits = [self.lm_head(hidden) for _ in range(self.calls)][-1] if self.calls else hidden @ self.lm_head.weight.T
-        return CausalLMOutput(logits=logits**2)
+        return CausalLMOutput(logits=self.post(logits))
 
 
 def test_a_model_whose_logits_are_not_a_scale_and_cap_of_its_heads_output_is_refused():
     ids = torch.randint(0, 8, (1, 6))
-    with pytest.raises(ValueError, match=r"_Squared transforms its logits other than by a scale and a final soft-cap"):
-        loss_of(_Squared(), ids, torch.arange(6)[None])
-    with pytest.raises(ValueError, match=r"_Squared's forward called its output head 2 times"):
-        head_input(_Squared(calls=2), ids)
-    with pytest.raises(ValueError, match=r"_Squared's forward called its output head 0 times"):
-        head_input(_Squared(calls=0), ids)
+    with pytest.raises(ValueError, match=r"_PostHead transforms its logits other than by a scale and a final soft-cap"):
+        loss_of(_PostHead(lambda x: x**2), ids, torch.arange(6)[None])
+    with pytest.raises(ValueError, match=r"_PostHead transforms its logits other than"):
+        head_input(_PostHead(lambda x: x.log_softmax(-1)), ids)
+    with pytest.raises(ValueError, match=r"_PostHead turns its head's float32 output into torch.bfloat16"):
+        head_input(_PostHead(lambda x: (x / 3).bfloat16()), ids)  # a scale read to bf16's 3 digits: refused
+    with pytest.raises(ValueError, match=r"_PostHead's forward called its output head 2 times"):
+        head_input(_PostHead(lambda x: x, calls=2), ids)
+    with pytest.raises(ValueError, match=r"_PostHead's forward called its output head 0 times"):
+        head_input(_PostHead(lambda x: x, calls=0), ids)
+    # a scale then a cap (as muse_spark), negative scales, tiny and huge caps: read to float32's precision
+    cases = [(lambda x: 30 * torch.tanh(x * 0.25 / 30), 0.25, 30.0), (lambda x: -x / 3, -1 / 3, None),
+             (lambda x: 1e4 * torch.tanh(x / 1e4), 1.0, 1e4),
+             (lambda x: 0.02 * torch.tanh(x / 0.02), 1.0, 0.02)]  # fmt: skip
+    for post, scale, cap in cases:
+        got = head_input(_PostHead(post), ids).transform
+        assert got.scale == pytest.approx(scale, rel=2 * EPS32)
+        assert got.cap == (None if cap is None else pytest.approx(cap, rel=2 * EPS32))
 
 
-def test_evaluation_applies_the_post_head_transform():
-    from ropekit.eval.perplexity import token_nll
+def test_head_input_puts_an_instance_level_forward_of_the_head_back():
+    model = load_model("tiny:llama")
+    calls = []
 
-    model = load_model("tiny:granite", logits_scaling=4.0)
-    ids = torch.randint(0, 512, (1, 30))
-    with torch.no_grad():
-        logits = model(ids).logits[0, :-1]
-    want = F.cross_entropy(logits, ids[0, 1:], reduction="none")  # Granite's own logits, divided by 4
-    torch.testing.assert_close(token_nll(model, ids, chunk=7), want, rtol=1e-5, atol=1e-5)
+    def hooked(x):  # as accelerate's hooks wrap a module's forward on the instance
+        calls.append(1)
+        return torch.nn.Linear.forward(model.lm_head, x)
 
-
-def test_training_page_is_generated_from_the_committed_rows():
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, "experiments/train_memory.py", "--check"], cwd=root, capture_output=True,
-                            text=True, env={**os.environ, "PYTHONPATH": str(root)})  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    model.lm_head.forward = hooked
+    head_input(model, torch.randint(0, 512, (1, 8)))
+    assert vars(model.lm_head)["forward"] is hooked and not calls  # set aside for the call, then back
+    model(torch.randint(0, 512, (1, 8)))
+    assert calls == [1]
 
 
 FSDP_SCRIPT = """
