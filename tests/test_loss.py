@@ -13,6 +13,7 @@ from ropekit.loss import (
     _add_product,
     default_chunk,
     head_input,
+    head_of,
     linear_cross_entropy,
 )
 from ropekit.models import TINY, load_model
@@ -303,6 +304,24 @@ def test_a_model_whose_logits_are_not_a_scale_and_cap_of_its_heads_output_is_ref
         got = head_input(_PostHead(post), ids).transform
         assert got.scale == pytest.approx(scale, rel=2 * EPS32)
         assert got.cap == (None if cap is None else pytest.approx(cap, rel=2 * EPS32))
+
+
+class _ScaledHead(torch.nn.Linear):
+    """A head that adds a learned per-token scale to ``nn.Linear``'s output (as transformers' Dory does)."""
+
+    def forward(self, x):
+        return super().forward(x) * torch.linspace(0.5, 4.0, self.out_features)
+
+
+def test_a_linear_head_with_a_forward_of_its_own_is_scored_from_its_full_output():
+    model = _PostHead(lambda x: x)
+    model.lm_head = _ScaledHead(4, 8, bias=False)
+    assert head_of(model) is None  # its weight alone would leave the per-token scale out
+    ids = torch.randint(0, 8, (1, 6))
+    logits = model(ids).logits[0, :-1]
+    want = F.cross_entropy(logits, ids[0, 1:], reduction="sum")
+    got = loss_of(model, ids, torch.arange(6)[None], reduction="sum")
+    torch.testing.assert_close(got, want, rtol=2**4 * EPS32, atol=0)  # the same float32 logits, summed again
 
 
 def test_head_input_puts_an_instance_level_forward_of_the_head_back():
