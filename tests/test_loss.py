@@ -339,6 +339,29 @@ def test_head_input_puts_an_instance_level_forward_of_the_head_back():
     assert calls == [1]
 
 
+def test_evaluation_applies_the_post_head_transform():
+    from ropekit.eval.perplexity import token_nll
+
+    model = load_model("tiny:granite", logits_scaling=4.0)
+    ids = torch.randint(0, 512, (1, 30))
+    with torch.no_grad():
+        logits = model(ids).logits[0, :-1]
+    want = F.cross_entropy(logits, ids[0, 1:], reduction="none")  # Granite's own logits, divided by 4
+    torch.testing.assert_close(token_nll(model, ids, chunk=7), want, rtol=1e-5, atol=1e-5)
+
+
+def test_training_page_is_generated_from_the_committed_rows():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "experiments/train_memory.py", "--check"], cwd=root, capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(root)})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
 FSDP_SCRIPT = """
 import os, sys, torch, torch.distributed as dist
 from ropekit.models import load_model
