@@ -265,10 +265,14 @@ def head_of(model) -> torch.nn.Module | None:
     """The model's output head when ``linear_cross_entropy`` can stand for it: a bias-free linear layer
     with ``nn.Linear``'s own forward (a subclass that adds to it, such as a learned per-token logit scale,
     is scored from its full output)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = _output_head(model)
     if isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward and head.bias is None:
         return head
     return None
+
+
+def _output_head(model) -> torch.nn.Module | None:
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
 
 
 # Values the model's code after its head receives in place of logits (``head_input``): tiny ones, where a
@@ -298,7 +302,7 @@ def head_input(model, input_ids: torch.Tensor, position_ids: torch.Tensor | None
     ``ValueError``; one that slices its vocabulary only where the logits are wider than the probes (a
     padded head) is not seen. Wrappers of the root module (FSDP2 gathers the head's weight there) see an
     ordinary forward."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = _output_head(model)
     name = type(model).__name__
     if not isinstance(head, torch.nn.Module):
         raise ValueError(f"{name} has no output head module (get_output_embeddings)")
