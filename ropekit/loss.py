@@ -4,8 +4,9 @@
   model does to the head's output before the softmax (Gemma's final soft-capping, Granite's and Cohere's
   logit scales, ...), from one forward of the model's own with the head set aside: the transform is read
   by passing known values through the model's own code after the head, not from its config, so it holds
-  wherever a family keeps it; one that is not a scale and an optional soft-cap is refused. Training and
-  evaluation both score from here.
+  wherever a family keeps it; one that is not a scale and an optional soft-cap is refused. Which of the
+  head's outputs are the logits (the first ones, for a head padded past the vocabulary) is read the same
+  way, once per model. Training and evaluation both score from here.
 - ``linear_cross_entropy(hidden, weight, targets)``: losses of ``transform(hidden @ weight.T)`` in chunks of
   rows, so memory holds one (chunk x vocabulary) block at a time instead of the whole (T x V) logits, their
   float32 copy and their gradient. Per token (``reduction="none"``), the backward recomputes each chunk's
@@ -15,7 +16,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -43,16 +46,20 @@ CUDA_TILE_ROWS = 128
 
 @dataclass(frozen=True)
 class LogitTransform:
-    """logits -> cap * tanh(scale * logits / cap) (no cap: scale * logits)."""
+    """logits -> cap * tanh(scale * logits / cap) (no cap: scale * logits), of the first ``vocab`` outputs
+    of the head (a head padded past the vocabulary; None: all of them)."""
 
     scale: float = 1.0
     cap: float | None = None
+    vocab: int | None = None
 
     @property
     def identity(self) -> bool:
-        return self.scale == 1.0 and not self.cap
+        return self.scale == 1.0 and not self.cap and self.vocab is None
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.vocab is not None:
+            logits = logits[..., : self.vocab]
         if self.scale != 1.0:
             logits = logits * self.scale
         if self.cap:
@@ -214,7 +221,8 @@ def linear_cross_entropy(
             ``"sum"``: their sum, whose gradient the forward computes while each chunk's logits exist (the
             backward only scales it): one head matmul fewer, the trainer's path (in float16, where a loss
             scale must come first, the recomputing backward). Neither backward is differentiable again.
-        transform: what the model does to the logits before the softmax (the one ``head_input`` reads).
+        transform: what the model does to the logits before the softmax (the one ``head_input`` reads),
+            its ``vocab``: how many of the weight's first rows are the logits.
         chunk: rows per block (default: ``default_chunk``, as many as fit ``CHUNK_BYTES`` of float32 logits
             for the device; a step holds
             about two such blocks); the matmuls run in the autocast dtype when autocast is on (as the head
@@ -223,6 +231,9 @@ def linear_cross_entropy(
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden (N, d) and weight (V, d) must agree on d; got {tuple(hidden.shape)}, "
                          f"{tuple(weight.shape)}")  # fmt: skip
+    transform = transform or LogitTransform()
+    if transform.vocab is not None:  # the logits are the head's first rows (a padded head)
+        weight = weight[: transform.vocab]
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets must be (N,) = ({hidden.shape[0]},); got {tuple(targets.shape)}")
     lo, hi = torch.stack(torch.aminmax(targets)).tolist() if targets.numel() else (0, 0)
@@ -237,7 +248,6 @@ def linear_cross_entropy(
         chunk = default_chunk(weight.shape[0], hidden.device.type)
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be an integer >= 1; got {chunk!r}")
-    transform = transform or LogitTransform()
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     if dtype is None and hidden.dtype != weight.dtype:  # as the head's matmul would refuse them
@@ -299,22 +309,34 @@ def head_input(model, input_ids: torch.Tensor, position_ids: torch.Tensor | None
     what comes out is the model's own transform of them, read as a scale and an optional soft-cap
     (``LogitTransform``) and checked against every probe. A model that transforms its logits otherwise
     (element by element), rounds them below float32, or calls its head other than once, is refused with a
-    ``ValueError``; one that slices its vocabulary only where the logits are wider than the probes (a
-    padded head) is not seen. Wrappers of the root module (FSDP2 gathers the head's weight there) see an
+    ``ValueError``. Whether the model keeps every output of its head is read once per model (and head), from
+    a forward of a few tokens whose probes are as wide as the head: a model that keeps only the first ones
+    (a head padded past the vocabulary, as Inkling's with ``unpadded_vocab_size``) gets them as the
+    transform's ``vocab``. Wrappers of the root module (FSDP2 gathers the head's weight there) see an
     ordinary forward."""
     head = _output_head(model)
     name = type(model).__name__
     if not isinstance(head, torch.nn.Module):
         raise ValueError(f"{name} has no output head module (get_output_embeddings)")
-    kept: list[torch.Tensor] = []
     probes = torch.tensor(_PROBES, dtype=torch.float32, device=input_ids.device)
+    kwargs = {"use_cache": False, **kwargs, **({"position_ids": position_ids} if position_ids is not None else {})}
+    kept, out = _forward_set_aside(model, head, lambda x: probes.expand(*x.shape[:-1], len(_PROBES)), input_ids,
+                                   kwargs)  # fmt: skip
+    transform = _read_transform(out.logits, name)
+    vocab = _kept_vocab(model, head, transform, input_ids, position_ids)
+    return HeadInput(kept, LogitTransform(transform.scale, transform.cap, vocab), out)
+
+
+def _forward_set_aside(model, head: torch.nn.Module, probes, input_ids: torch.Tensor, kwargs: dict):
+    """(the head's input, the model's output) of the model's forward with ``probes(head input)`` in place of
+    the head's output; the head's own forward (an instance-level one too: accelerate's hooks) goes back."""
+    kept: list[torch.Tensor] = []
 
     def set_aside(x: torch.Tensor) -> torch.Tensor:
         kept.append(x)
-        return probes.expand(*x.shape[:-1], len(_PROBES)).contiguous()
+        return probes(x).contiguous()
 
-    kwargs = {"use_cache": False, **kwargs, **({"position_ids": position_ids} if position_ids is not None else {})}
-    own = vars(head).get("forward")  # an instance-level forward (accelerate's hooks) goes back in place
+    own = vars(head).get("forward")
     head.forward = set_aside
     try:
         out = model(input_ids=input_ids, **kwargs)
@@ -324,9 +346,54 @@ def head_input(model, input_ids: torch.Tensor, position_ids: torch.Tensor | None
         else:
             head.forward = own
     if len(kept) != 1:
-        raise ValueError(f"{name}'s forward called its output head {len(kept)} times; ropekit scores from the "
-                         "head's input only where it is called once")  # fmt: skip
-    return HeadInput(kept[0], _read_transform(out.logits, name), out)
+        raise ValueError(f"{type(model).__name__}'s forward called its output head {len(kept)} times; ropekit "
+                         "scores from the head's input only where it is called once")  # fmt: skip
+    return kept[0], out
+
+
+# {model: ((the head, its width), how many of its outputs the model keeps: None for all)}, read once
+_KEPT_VOCAB: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_WIDE_TOKENS = 8  # the tokens of the wide forward: a few, as its probes are as wide as the head
+
+
+def _kept_vocab(model, head, transform: LogitTransform, input_ids, position_ids) -> int | None:
+    """How many of the head's outputs the model keeps as logits, where that is fewer than all (None: all),
+    from a forward of the first few tokens with probes as wide as the head, each column's value its own
+    (in the transform's near-linear range, so that each comes back distinct): the columns the model keeps
+    must be the first ones."""
+    weight = getattr(head, "weight", None)
+    width = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+    key = (id(head), width)
+    if model in _KEPT_VOCAB and _KEPT_VOCAB[model][0] == key:
+        return _KEPT_VOCAB[model][1]
+    ids = input_ids[:1, :_WIDE_TOKENS]
+    kwargs = {"use_cache": False}
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids[:1, : ids.shape[1]]
+    reach = 0.1 * transform.cap / abs(transform.scale) if transform.cap else 1.0
+    columns: list[torch.Tensor] = []
+
+    def wide(x: torch.Tensor) -> torch.Tensor:
+        n = width if width is not None else type(head).forward(head, x[..., :1, :]).shape[-1]  # the head's own
+        columns.append(torch.arange(1, n + 1, dtype=torch.float32, device=x.device) * (reach / n))
+        return columns[0].expand(*x.shape[:-1], n)
+
+    device = input_ids.device
+    eager = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6: compiled layers run eagerly here
+    with (
+        torch.no_grad(),
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type),
+        eager("force_eager") if eager else contextlib.nullcontext(),
+    ):  # compiled layers: no recompile for the wide forward's shape
+        _, out = _forward_set_aside(model, head, wide, ids, kwargs)
+    z, got = columns[0], out.logits.detach()
+    vocab = got.shape[-1]
+    want = transform(z[:vocab].double())
+    if vocab > z.numel() or ((got.double() - want).abs() > 8 * torch.finfo(torch.float32).eps * want.abs()).any():
+        raise ValueError(f"{type(model).__name__} keeps {vocab} of its head's {z.numel()} outputs, not its first "
+                         f"{vocab}; ropekit cannot score it from the head's input")  # fmt: skip
+    _KEPT_VOCAB[model] = (key, None if vocab == z.numel() else vocab)
+    return _KEPT_VOCAB[model][1]
 
 
 def _read_transform(out: torch.Tensor, name: str) -> LogitTransform:

@@ -268,10 +268,10 @@ def test_head_input_reads_a_soft_cap_kept_in_the_text_config_of_a_multimodal_mod
 class _PostHead(torch.nn.Module):
     """A causal LM whose logits are ``post`` of its head's output (the head called ``calls`` times)."""
 
-    def __init__(self, post, calls: int = 1):
+    def __init__(self, post, calls: int = 1, vocab: int = 8):
         super().__init__()
-        self.embed, self.lm_head = torch.nn.Embedding(8, 4), torch.nn.Linear(4, 8, bias=False)
-        self.post, self.calls = post, calls
+        self.embed, self.lm_head = torch.nn.Embedding(vocab, 4), torch.nn.Linear(4, vocab, bias=False)
+        self.post, self.calls, self.forwards = post, calls, 0
 
     def get_output_embeddings(self):
         return self.lm_head
@@ -279,6 +279,7 @@ class _PostHead(torch.nn.Module):
     def forward(self, input_ids, use_cache=False, **kwargs):
         from transformers.modeling_outputs import CausalLMOutput
 
+        self.forwards += 1
         hidden = self.embed(input_ids)
         logits = [self.lm_head(hidden) for _ in range(self.calls)][-1] if self.calls else hidden @ self.lm_head.weight.T
         return CausalLMOutput(logits=self.post(logits))
@@ -304,6 +305,68 @@ def test_a_model_whose_logits_are_not_a_scale_and_cap_of_its_heads_output_is_ref
         got = head_input(_PostHead(post), ids).transform
         assert got.scale == pytest.approx(scale, rel=2 * EPS32)
         assert got.cap == (None if cap is None else pytest.approx(cap, rel=2 * EPS32))
+
+
+def test_a_head_padded_past_the_vocabulary_is_scored_on_the_logits_the_model_keeps():
+    """Inkling keeps the first ``unpadded_vocab_size`` outputs of its head: the padded rows are not in its
+    softmax, so they must not be in the loss, nor in the evaluation's scores."""
+    from transformers.models.inkling.configuration_inkling import InklingTextConfig
+    from transformers.models.inkling.modeling_inkling import InklingForCausalLM
+
+    from ropekit.eval.perplexity import token_nll
+
+    config = InklingTextConfig(vocab_size=256, unpadded_vocab_size=200, hidden_size=64, intermediate_size=128,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=2,
+                               n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                               layer_types=["hybrid_sliding", "hybrid"])  # fmt: skip
+    torch.manual_seed(0)
+    model = InklingForCausalLM(config)
+    ids = torch.randint(0, 200, (2, 16))
+    pos = torch.arange(16)[None].expand(2, -1)
+    assert head_input(model, ids, pos).transform == LogitTransform(vocab=200)
+    logits = model(input_ids=ids, position_ids=pos).logits
+    assert logits.shape[-1] == 200
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, 200), ids[:, 1:].reshape(-1), reduction="none")
+    torch.testing.assert_close(token_nll(model, ids[:1]), want[:15].detach(), rtol=2**4 * EPS32, atol=0)
+    want = want.sum()
+    want_grads = torch.autograd.grad(want, list(model.parameters()), allow_unused=True)
+    got = loss_of(model, ids, pos, reduction="sum")
+    got_grads = torch.autograd.grad(got, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(got, want, rtol=2**4 * EPS32, atol=0)
+    scale = max(float(w.abs().max()) for w in want_grads if w is not None)
+    for g, w in zip(got_grads, want_grads, strict=True):  # the padded rows' gradient is zero in both
+        assert (g is None) == (w is None)
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=0, atol=2**8 * EPS32 * scale)
+
+
+def test_which_outputs_of_the_head_the_model_keeps_is_read_once_per_model_and_head():
+    ids = torch.randint(0, 32, (1, 6))
+    model = _PostHead(lambda x: x[..., :32], vocab=40)
+    assert head_input(model, ids).transform.vocab == 32 and model.forwards == 2  # the probes, then the wide ones
+    assert head_input(model, ids).transform.vocab == 32 and model.forwards == 3  # read once
+    model.lm_head = torch.nn.Linear(4, 32, bias=False)  # a new head (resize_token_embeddings): read again
+    assert head_input(model, ids).transform.vocab is None and model.forwards == 5
+    with pytest.raises(ValueError, match=r"_PostHead keeps 39 of its head's 40 outputs, not its first 39"):
+        head_input(_PostHead(lambda x: torch.cat([x[..., :20], x[..., 21:]], -1), vocab=40), ids)  # drops id 20
+    with pytest.raises(ValueError, match=r"_PostHead changes the width of its head's output after the head"):
+        head_input(_PostHead(lambda x: x[..., 4:], vocab=40), ids)
+
+
+def test_the_wide_forward_does_not_recompile_compiled_layers():
+    from torch._dynamo.utils import counters
+
+    from ropekit import parallel
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = load_model("tiny:llama")
+    for layer in parallel._decoder_layers(model):
+        layer.compile(backend="eager")  # as parallelize compiles them (eager backend: tracing only)
+    ids, pos = torch.randint(0, 512, (1, 24)), torch.arange(24)[None]
+    loss_of(model, ids, pos).backward()  # the probes at 24 tokens, then the wide ones at 8
+    loss_of(model, ids, pos).backward()
+    assert counters["stats"]["unique_graphs"] == 1  # one graph for the layers' shared forward, at 24 tokens
 
 
 class _ScaledHead(torch.nn.Linear):
