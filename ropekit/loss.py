@@ -340,6 +340,12 @@ def _forward_set_aside(model, head: torch.nn.Module, probes, input_ids: torch.Te
     head.forward = set_aside
     try:
         out = model(input_ids=input_ids, **kwargs)
+    except (IndexError, RuntimeError) as err:
+        if not kept:  # before the head: the model's own error
+            raise
+        raise ValueError(f"{type(model).__name__}'s code after its output head fails on values in place of its "
+                         f"logits ({type(err).__name__}: {str(err).splitlines()[0][:200]}); ropekit cannot score "
+                         "it from the head's input") from err  # fmt: skip
     finally:
         if own is None:
             del head.forward

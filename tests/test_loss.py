@@ -297,6 +297,9 @@ def test_a_model_whose_logits_are_not_a_scale_and_cap_of_its_heads_output_is_ref
         head_input(_PostHead(lambda x: x, calls=2), ids)
     with pytest.raises(ValueError, match=r"_PostHead's forward called its output head 0 times"):
         head_input(_PostHead(lambda x: x, calls=0), ids)
+    with pytest.raises(ValueError, match=r"_PostHead's code after its output head fails on values in place of its "
+                       r"logits \(IndexError: index 40 is out of bounds"):  # fmt: skip
+        head_input(_PostHead(lambda x: x.index_fill(-1, torch.tensor([40]), -1e4), vocab=48), ids)  # as Chameleon
     # a scale then a cap (as muse_spark), negative scales, tiny and huge caps: read to float32's precision
     cases = [(lambda x: 30 * torch.tanh(x * 0.25 / 30), 0.25, 30.0), (lambda x: -x / 3, -1 / 3, None),
              (lambda x: 1e4 * torch.tanh(x / 1e4), 1.0, 1e4),
