@@ -92,12 +92,13 @@ def versions() -> dict[str, str]:
 
 
 def provenance(device: Any = None) -> dict[str, str]:
-    """git sha, device name, library versions and a UTC timestamp for result rows."""
+    """git sha, device name, library versions and a UTC timestamp for result rows (to the microsecond: the
+    rows of one call share it, and two calls begun in the same second must not read as one)."""
     return {
         "git_sha": git_sha(),
         "device": device_name(device),
         "versions": json.dumps(versions(), sort_keys=True),
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds"),
     }
 
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from ropekit.files import check_writable
-from ropekit.results import COLUMNS, append_rows, make_row, read_rows
+from ropekit.results import COLUMNS, append_rows, make_row, provenance, read_rows
 
 PROV = {"git_sha": "x", "device": "cpu", "versions": "{}", "timestamp": "t"}
 
@@ -217,3 +217,13 @@ def test_a_value_that_is_not_a_number_is_named_by_file_and_line(tmp_path):
     path.write_text(path.read_text().replace(",2.0,", ",abc,"))
     with pytest.raises(ValueError, match=r"line 3: a damaged row \(its value 'abc' is not a number\)"):
         read_rows(path)
+
+
+def test_two_calls_begun_in_the_same_second_have_their_own_timestamps():
+    # a bench call's rows share its timestamp, which names the call when runs are paired
+    import time
+
+    first = provenance()["timestamp"]
+    time.sleep(1e-4)
+    second = provenance()["timestamp"]
+    assert first < second  # ISO strings: ordered in time, as the readers order them
