@@ -309,11 +309,11 @@ def head_input(model, input_ids: torch.Tensor, position_ids: torch.Tensor | None
     what comes out is the model's own transform of them, read as a scale and an optional soft-cap
     (``LogitTransform``) and checked against every probe. A model that transforms its logits otherwise
     (element by element), rounds them below float32, or calls its head other than once, is refused with a
-    ``ValueError``. Whether the model keeps every output of its head is read once per model (and head), from
-    a forward of a few tokens whose probes are as wide as the head: a model that keeps only the first ones
-    (a head padded past the vocabulary, as Inkling's with ``unpadded_vocab_size``) gets them as the
-    transform's ``vocab``. Wrappers of the root module (FSDP2 gathers the head's weight there) see an
-    ordinary forward."""
+    ``ValueError``. Whether the model keeps every output of its head is read from a forward of a few tokens
+    whose probes are as wide as the head, again whenever the head or the model's config changes: a model
+    that keeps only the first ones (a head padded past the vocabulary, as Inkling's with
+    ``unpadded_vocab_size``) gets them as the transform's ``vocab``. Wrappers of the root module (FSDP2
+    gathers the head's weight there) see an ordinary forward."""
     head = _output_head(model)
     name = type(model).__name__
     if not isinstance(head, torch.nn.Module):
@@ -323,7 +323,7 @@ def head_input(model, input_ids: torch.Tensor, position_ids: torch.Tensor | None
     kept, out = _forward_set_aside(model, head, lambda x: probes.expand(*x.shape[:-1], len(_PROBES)), input_ids,
                                    kwargs)  # fmt: skip
     transform = _read_transform(out.logits, name)
-    vocab = _kept_vocab(model, head, transform, input_ids, position_ids)
+    vocab = _kept_vocab(model, head, kept, transform, input_ids, position_ids)
     return HeadInput(kept, LogitTransform(transform.scale, transform.cap, vocab), out)
 
 
@@ -341,7 +341,7 @@ def _forward_set_aside(model, head: torch.nn.Module, probes, input_ids: torch.Te
     try:
         out = model(input_ids=input_ids, **kwargs)
     except (IndexError, RuntimeError) as err:
-        if not kept:  # before the head: the model's own error
+        if not kept or type(err) not in (IndexError, RuntimeError):  # before the head, out of memory, ...
             raise
         raise ValueError(f"{type(model).__name__}'s code after its output head fails on values in place of its "
                          f"logits ({type(err).__name__}: {str(err).splitlines()[0][:200]}); ropekit cannot score "
@@ -357,19 +357,24 @@ def _forward_set_aside(model, head: torch.nn.Module, probes, input_ids: torch.Te
     return kept[0], out
 
 
-# {model: ((the head, its width), how many of its outputs the model keeps: None for all)}, read once
+# {model: ((the head, its width, the model's config), how many of the head's outputs the model keeps:
+# None for all)}, read again when any of the three changes
 _KEPT_VOCAB: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _WIDE_TOKENS = 8  # the tokens of the wide forward: a few, as its probes are as wide as the head
+_WIDE_SPAN = 60  # its probes run from reach down to reach * 2^-60: neighbours differ by about 42 / width
 
 
-def _kept_vocab(model, head, transform: LogitTransform, input_ids, position_ids) -> int | None:
+def _kept_vocab(model, head, hidden, transform: LogitTransform, input_ids, position_ids) -> int | None:
     """How many of the head's outputs the model keeps as logits, where that is fewer than all (None: all),
     from a forward of the first few tokens with probes as wide as the head, each column's value its own
-    (in the transform's near-linear range, so that each comes back distinct): the columns the model keeps
-    must be the first ones."""
-    weight = getattr(head, "weight", None)
-    width = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
-    key = (id(head), width)
+    (geometric, in the transform's near-linear range, so that each comes back distinct at float32's
+    precision): the columns the model keeps must be the first ones, as they are."""
+    width = getattr(head, "out_features", None)  # a quantized head's weight is packed: not its shape
+    if not isinstance(width, int):
+        with torch.no_grad():
+            width = head(hidden[:1, :1]).shape[-1]
+    config = getattr(model, "config", None)
+    key = (id(head), width, config.to_dict() if hasattr(config, "to_dict") else None)
     if model in _KEPT_VOCAB and _KEPT_VOCAB[model][0] == key:
         return _KEPT_VOCAB[model][1]
     ids = input_ids[:1, :_WIDE_TOKENS]
@@ -377,28 +382,27 @@ def _kept_vocab(model, head, transform: LogitTransform, input_ids, position_ids)
     if position_ids is not None:
         kwargs["position_ids"] = position_ids[:1, : ids.shape[1]]
     reach = 0.1 * transform.cap / abs(transform.scale) if transform.cap else 1.0
-    columns: list[torch.Tensor] = []
-
-    def wide(x: torch.Tensor) -> torch.Tensor:
-        n = width if width is not None else type(head).forward(head, x[..., :1, :]).shape[-1]  # the head's own
-        columns.append(torch.arange(1, n + 1, dtype=torch.float32, device=x.device) * (reach / n))
-        return columns[0].expand(*x.shape[:-1], n)
-
+    steps = torch.arange(width, dtype=torch.float64, device=input_ids.device)
+    z = (reach * torch.exp2(-_WIDE_SPAN * steps / width)).float()
     device = input_ids.device
     eager = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6: compiled layers run eagerly here
+    cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []  # a model split over GPUs
     with (
         torch.no_grad(),
-        torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type),
-        eager("force_eager") if eager else contextlib.nullcontext(),
-    ):  # compiled layers: no recompile for the wide forward's shape
-        _, out = _forward_set_aside(model, head, wide, ids, kwargs)
-    z, got = columns[0], out.logits.detach()
-    vocab = got.shape[-1]
+        torch.random.fork_rng(devices=cuda, device_type=device.type),  # dropout masks as they would have been
+        eager("force_eager") if eager else contextlib.nullcontext(),  # compiled layers: no recompile
+    ):  # fmt: skip
+        _, out = _forward_set_aside(model, head, lambda x: z.expand(*x.shape[:-1], width), ids, kwargs)
+    got = out.logits.detach().double()
+    vocab = min(got.shape[-1], width)
     want = transform(z[:vocab].double())
-    if vocab > z.numel() or ((got.double() - want).abs() > 8 * torch.finfo(torch.float32).eps * want.abs()).any():
-        raise ValueError(f"{type(model).__name__} keeps {vocab} of its head's {z.numel()} outputs, not its first "
-                         f"{vocab}; ropekit cannot score it from the head's input")  # fmt: skip
-    _KEPT_VOCAB[model] = (key, None if vocab == z.numel() else vocab)
+    off = ((got[..., :vocab] - want).abs() > 64 * torch.finfo(torch.float32).eps * want.abs()).reshape(-1, vocab)
+    if got.shape[-1] > width or off.any():
+        column = int(off.any(dim=0).nonzero()[0]) if off.any() else width
+        raise ValueError(f"{type(model).__name__}'s logits are not the first {got.shape[-1]} of its head's {width} "
+                         f"outputs as they are (logit {column} is not output {column}); ropekit cannot score it "
+                         "from the head's input")  # fmt: skip
+    _KEPT_VOCAB[model] = (key, None if vocab == width else vocab)
     return _KEPT_VOCAB[model][1]
 
 
@@ -414,9 +418,11 @@ def _read_transform(out: torch.Tensor, name: str) -> LogitTransform:
     spread = (rows - rows[:1]).abs().amax(dim=0)  # on the device: one copy of 2 x 15 values, one sync
     row, spread = torch.stack([rows[0], spread]).double().cpu()
     z = torch.tensor(_PROBES, dtype=torch.float64)
-    scale = _sig(float(row[1] / z[1]))  # at 2^-20 any soft-cap is linear
+    scale = _sig(float(row[1] / z[1]))  # at 2^-20 a soft-cap is nearly linear
     huge = float(row[-2])
     cap = None if math.isclose(huge, scale * float(z[-2]), rel_tol=1e-4) else _sig(abs(huge))
+    if cap and abs(float(row[1])) < cap:  # and exactly: the scale under the cap's tanh
+        scale = _sig(cap * math.atanh(float(row[1]) / cap) / float(z[1]))
     transform = LogitTransform(scale=scale, cap=cap)
     want = transform(z)
     tol = 8 * torch.finfo(out.dtype).eps * (want.abs() + (cap or 1.0))

@@ -300,10 +300,14 @@ def test_a_model_whose_logits_are_not_a_scale_and_cap_of_its_heads_output_is_ref
     with pytest.raises(ValueError, match=r"_PostHead's code after its output head fails on values in place of its "
                        r"logits \(IndexError: index 40 is out of bounds"):  # fmt: skip
         head_input(_PostHead(lambda x: x.index_fill(-1, torch.tensor([40]), -1e4), vocab=48), ids)  # as Chameleon
-    # a scale then a cap (as muse_spark), negative scales, tiny and huge caps: read to float32's precision
+    with pytest.raises(torch.OutOfMemoryError):  # an error of the machine, not of the model: as it is
+        head_input(_PostHead(_raise_oom), ids)
+    # a scale then a cap (as muse_spark), negative scales, tiny and huge caps, a scale 2,500 times its cap
+    # (tanh already curved at the smallest probe): read to float32's precision
     cases = [(lambda x: 30 * torch.tanh(x * 0.25 / 30), 0.25, 30.0), (lambda x: -x / 3, -1 / 3, None),
              (lambda x: 1e4 * torch.tanh(x / 1e4), 1.0, 1e4),
-             (lambda x: 0.02 * torch.tanh(x / 0.02), 1.0, 0.02)]  # fmt: skip
+             (lambda x: 0.02 * torch.tanh(x / 0.02), 1.0, 0.02),
+             (lambda x: 0.02 * torch.tanh(x * 50 / 0.02), 50.0, 0.02)]  # fmt: skip
     for post, scale, cap in cases:
         got = head_input(_PostHead(post), ids).transform
         assert got.scale == pytest.approx(scale, rel=2 * EPS32)
@@ -325,6 +329,9 @@ def test_a_head_padded_past_the_vocabulary_is_scored_on_the_logits_the_model_kee
     ids = torch.randint(0, 200, (2, 16))
     pos = torch.arange(16)[None].expand(2, -1)
     assert head_input(model, ids, pos).transform == LogitTransform(vocab=200)
+    model.config.unpadded_vocab_size = 240  # read again when the config changes
+    assert head_input(model, ids, pos).transform == LogitTransform(vocab=240)
+    model.config.unpadded_vocab_size = 200
     logits = model(input_ids=ids, position_ids=pos).logits
     assert logits.shape[-1] == 200
     want = F.cross_entropy(logits[:, :-1].reshape(-1, 200), ids[:, 1:].reshape(-1), reduction="none")
@@ -348,10 +355,18 @@ def test_which_outputs_of_the_head_the_model_keeps_is_read_once_per_model_and_he
     assert head_input(model, ids).transform.vocab == 32 and model.forwards == 3  # read once
     model.lm_head = torch.nn.Linear(4, 32, bias=False)  # a new head (resize_token_embeddings): read again
     assert head_input(model, ids).transform.vocab is None and model.forwards == 5
-    with pytest.raises(ValueError, match=r"_PostHead keeps 39 of its head's 40 outputs, not its first 39"):
+    with pytest.raises(ValueError, match=r"_PostHead's logits are not the first 39 of its head's 40 outputs as they "
+                       r"are \(logit 20 is not output 20\)"):  # fmt: skip
         head_input(_PostHead(lambda x: torch.cat([x[..., :20], x[..., 21:]], -1), vocab=40), ids)  # drops id 20
     with pytest.raises(ValueError, match=r"_PostHead changes the width of its head's output after the head"):
         head_input(_PostHead(lambda x: x[..., 4:], vocab=40), ids)
+    masked = _PostHead(lambda x: torch.where(torch.arange(x.shape[-1]) < 32, x, -torch.inf), vocab=40)
+    with pytest.raises(ValueError, match=r"not the first 40 of its head's 40 outputs as they are \(logit 32 is not"):
+        head_input(masked, ids)  # padded rows masked (not sliced): refused, not scored over all 40
+
+
+def _raise_oom(x):
+    raise torch.OutOfMemoryError("out of memory after the head")
 
 
 def test_the_wide_forward_does_not_recompile_compiled_layers():
