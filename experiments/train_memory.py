@@ -91,10 +91,10 @@ scales, wherever the family keeps them) is read from the model's own code at eve
 known values through it in place of the logits; any other transform of each logit, and logits rounded
 below float32, are refused. A model that keeps only the first outputs of a head padded past its
 vocabulary (Inkling's `unpadded_vocab_size`) is scored on those: which outputs a model keeps is read
-once per model, from a forward of a few tokens with probes as wide as the head. The loss and the
-evaluation's scores equal the cross-entropy of the model's own logits, and in training mode (dropout
-on) so do the loss's gradients, for each RoPE family transformers ships that runs at toy size, with
-these transforms switched on (`tests/test_families.py`), and under FSDP2.
+from a forward of a few tokens with probes as wide as the head, again whenever the head or the model's
+config changes. The loss and the evaluation's scores equal the cross-entropy of the model's own logits,
+and in training mode (dropout on) so do the loss's gradients, for each RoPE family transformers ships
+that runs at toy size, with these transforms switched on (`tests/test_families.py`), and under FSDP2.
 
 Checkpoints (weights as safetensors, optimizer, schedule position, RNG, data position, a manifest of
 sha256 hashes) are folders written whole or not at all. `--resume` finds the newest checkpoint by

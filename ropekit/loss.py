@@ -6,7 +6,7 @@
   by passing known values through the model's own code after the head, not from its config, so it holds
   wherever a family keeps it; one that is not a scale and an optional soft-cap is refused. Which of the
   head's outputs are the logits (the first ones, for a head padded past the vocabulary) is read the same
-  way, once per model. Training and evaluation both score from here.
+  way, again whenever the head or the model's config changes. Training and evaluation both score from here.
 - ``linear_cross_entropy(hidden, weight, targets)``: losses of ``transform(hidden @ weight.T)`` in chunks of
   rows, so memory holds one (chunk x vocabulary) block at a time instead of the whole (T x V) logits, their
   float32 copy and their gradient. Per token (``reduction="none"``), the backward recomputes each chunk's
