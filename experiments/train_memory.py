@@ -89,7 +89,8 @@ the device; the prepared GPU run tests it), each turned into its gradients while
 model does to its head's output (Gemma's final soft-cap, Granite's, Cohere's and HyperCLOVA X's logit
 scales, wherever the family keeps them) is read from the model's own code at every step, by passing
 known values through it in place of the logits; any other transform of each logit, and logits rounded
-below float32, are refused. A model that keeps only the first outputs of a head padded past its
+below float32, are refused, before the data are prepared where the model brings its own tokenizer
+(`init_from`, a resumed run). A model that keeps only the first outputs of a head padded past its
 vocabulary (Inkling's `unpadded_vocab_size`) is scored on those: which outputs a model keeps is read
 from a forward of a few tokens with probes as wide as the head, again whenever the head or the model's
 config changes. The loss and the evaluation's scores equal the cross-entropy of the model's own logits,

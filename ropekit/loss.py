@@ -31,6 +31,7 @@ __all__ = [
     "HeadInput",
     "linear_cross_entropy",
     "head_of",
+    "check_head",
     "CHUNK_BYTES",
     "default_chunk",
 ]
@@ -384,14 +385,7 @@ def _kept_vocab(model, head, hidden, transform: LogitTransform, input_ids, posit
     reach = 0.1 * transform.cap / abs(transform.scale) if transform.cap else 1.0
     steps = torch.arange(width, dtype=torch.float64, device=input_ids.device)
     z = (reach * torch.exp2(-_WIDE_SPAN * steps / width)).float()
-    device = input_ids.device
-    eager = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6: compiled layers run eagerly here
-    cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []  # a model split over GPUs
-    with (
-        torch.no_grad(),
-        torch.random.fork_rng(devices=cuda, device_type=device.type),  # dropout masks as they would have been
-        eager("force_eager") if eager else contextlib.nullcontext(),  # compiled layers: no recompile
-    ):  # fmt: skip
+    with _aside(input_ids.device):
         _, out = _forward_set_aside(model, head, lambda x: z.expand(*x.shape[:-1], width), ids, kwargs)
     got = out.logits.detach().double()
     vocab = min(got.shape[-1], width)
@@ -404,6 +398,33 @@ def _kept_vocab(model, head, hidden, transform: LogitTransform, input_ids, posit
                          "from the head's input")  # fmt: skip
     _KEPT_VOCAB[model] = (key, None if vocab == width else vocab)
     return _KEPT_VOCAB[model][1]
+
+
+@contextlib.contextmanager
+def _aside(device: torch.device):
+    """A forward beside the run's own: no gradient, the random generators as they were after it (the CPU's
+    and every CUDA device's, as a model may be split over several: dropout masks stay the run's), compiled
+    layers run eagerly (torch >= 2.6: no recompile for its shape)."""
+    cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    eager = getattr(torch.compiler, "set_stance", None)
+    with (
+        torch.no_grad(),
+        torch.random.fork_rng(devices=cuda, device_type=device.type),
+        eager("force_eager") if eager else contextlib.nullcontext(),
+    ):
+        yield
+
+
+def check_head(model, device: torch.device | str) -> None:
+    """``head_input`` on a few tokens, beside the run (``_aside``): a model whose logits it refuses is
+    refused here, before any work (the trainer calls it before preparing its data)."""
+    device = torch.device(device)
+    ids = torch.zeros(1, _WIDE_TOKENS, dtype=torch.long, device=device)
+    with _aside(device):
+        head_input(model, ids, torch.arange(_WIDE_TOKENS, device=device)[None])
+    reshard = getattr(model, "reshard", None)  # FSDP2 leaves the root's parameters gathered after a forward
+    if callable(reshard):  # without a backward: shard them again, as an optimizer must find them
+        reshard()
 
 
 def _read_transform(out: torch.Tensor, name: str) -> LogitTransform:

@@ -39,7 +39,7 @@ from ropekit import mix, parallel
 from ropekit.analysis import regime_variants
 from ropekit.files import atomic_folder, atomic_write_text, check_writable, sole_writer
 from ropekit.hf import parse_layered, patch
-from ropekit.loss import head_input, head_of, linear_cross_entropy
+from ropekit.loss import check_head, head_input, head_of, linear_cross_entropy
 from ropekit.models import load_model, load_tokenizer, looks_like_path
 from ropekit.typed import config_differences, parse_typed
 
@@ -507,7 +507,9 @@ def prepare_data(run: _Run, corpus=None):
 
 
 def build_model(run: _Run, tokenizer):
-    """Load or build the model, patch it with the method (the experiment's variable), place and shard it."""
+    """Load or build the model (``tokenizer``: a new model's vocabulary), patch it with the method (the
+    experiment's variable), place and shard it, and check that its loss can be scored from its head's
+    input (``check_head``) where that is how it is scored."""
     cfg = run.cfg
     attn = _attention_implementation(run.device)
     if run.checkpoint is not None:
@@ -522,9 +524,12 @@ def build_model(run: _Run, tokenizer):
     model.config.use_cache = False
     model.to(run.device)
     model.train()
-    return parallel.parallelize(model, activation_checkpointing=cfg.activation_checkpointing,
-                                compile=cfg.compile, fsdp=cfg.fsdp and run.world > 1,
-                                release_cpu_memory=cfg.release_cpu_memory)  # fmt: skip
+    model = parallel.parallelize(model, activation_checkpointing=cfg.activation_checkpointing,
+                                 compile=cfg.compile, fsdp=cfg.fsdp and run.world > 1,
+                                 release_cpu_memory=cfg.release_cpu_memory)  # fmt: skip
+    if head_of(model) is not None:  # the loss is scored from the head's input (loss_of)
+        check_head(model, run.device)
+    return model
 
 
 def adamw(model, *, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
@@ -675,9 +680,15 @@ def train(
 def _train(cfg: TrainConfig, out: str | Path, *, resume: bool, stop_after: int | None, corpus) -> dict[str, Any]:
 
     run = setup(cfg, out, resume)
-    corpus = prepare_data(run, corpus)
+    # A model that brings its tokenizer comes first, so that one ropekit cannot patch or score stops the run
+    # before the data are prepared; a new model's vocabulary is the tokenizer's, which may be trained on them.
+    if run.checkpoint is not None or cfg.init_from:
+        model = build_model(run, None)
+        corpus = prepare_data(run, corpus)
+    else:
+        corpus = prepare_data(run, corpus)
+        model = build_model(run, corpus.tokenizer)
     tokenizer, eos = corpus.tokenizer, corpus.tokenizer.eos_token_id
-    model = build_model(run, tokenizer)
     optimizer = build_optimizer(run, model)
 
     # the data stream, fast-forwarded past what earlier runs consumed; fixed validation sequences

@@ -99,6 +99,22 @@ def test_continued_training_at_8x_length_with_a_method(tmp_path):
     assert written["model_architecture"]["hidden_size"] == 32 == model.config.hidden_size
 
 
+def test_a_model_whose_loss_cannot_be_scored_is_refused_before_the_data_are_prepared(tmp_path, monkeypatch):
+    model = load_model("tiny:llama")
+    forward = model.forward
+
+    def squared(*args, **kwargs):  # logits that are not a scale and soft-cap of the head's output
+        out = forward(*args, **kwargs)
+        out.logits = out.logits**2
+        return out
+
+    model.forward = squared
+    monkeypatch.setattr(train_mod, "load_model", lambda *args, **kwargs: model)
+    monkeypatch.setattr(train_mod, "prepare_data", lambda *args: pytest.fail("the data were prepared first"))
+    with pytest.raises(ValueError, match="LlamaForCausalLM transforms its logits other than by a scale"):
+        train(micro_config(init_from="someone/a-model"), tmp_path / "run")
+
+
 def test_bad_inputs_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown config key 'lrate'"):
         apply_overrides(micro_config(), ["lrate=1"])
