@@ -385,7 +385,7 @@ def _kept_vocab(model, head, hidden, transform: LogitTransform, input_ids, posit
     reach = 0.1 * transform.cap / abs(transform.scale) if transform.cap else 1.0
     steps = torch.arange(width, dtype=torch.float64, device=input_ids.device)
     z = (reach * torch.exp2(-_WIDE_SPAN * steps / width)).float()
-    with _aside(input_ids.device):
+    with _aside(model, input_ids.device):
         _, out = _forward_set_aside(model, head, lambda x: z.expand(*x.shape[:-1], width), ids, kwargs)
     got = out.logits.detach().double()
     vocab = min(got.shape[-1], width)
@@ -401,15 +401,17 @@ def _kept_vocab(model, head, hidden, transform: LogitTransform, input_ids, posit
 
 
 @contextlib.contextmanager
-def _aside(device: torch.device):
+def _aside(model, device: torch.device):
     """A forward beside the run's own: no gradient, the random generators as they were after it (the CPU's
-    and every CUDA device's, as a model may be split over several: dropout masks stay the run's), compiled
+    and those of the CUDA devices the model and its input are on, as a model may be split over several;
+    only those, so that a torchrun rank touches no other GPU: dropout masks stay the run's), compiled
     layers run eagerly (torch >= 2.6: no recompile for its shape)."""
-    cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    devices = {p.device for p in model.parameters()} | {device}
+    cuda = sorted({torch.cuda.current_device() if d.index is None else d.index for d in devices if d.type == "cuda"})
     eager = getattr(torch.compiler, "set_stance", None)
     with (
         torch.no_grad(),
-        torch.random.fork_rng(devices=cuda, device_type=device.type),
+        torch.random.fork_rng(devices=cuda, device_type="cuda" if cuda else device.type),
         eager("force_eager") if eager else contextlib.nullcontext(),
     ):
         yield
@@ -420,7 +422,7 @@ def check_head(model, device: torch.device | str) -> None:
     refused here, before any work (the trainer calls it before preparing its data)."""
     device = torch.device(device)
     ids = torch.zeros(1, _WIDE_TOKENS, dtype=torch.long, device=device)
-    with _aside(device):
+    with _aside(model, device):
         head_input(model, ids, torch.arange(_WIDE_TOKENS, device=device)[None])
     reshard = getattr(model, "reshard", None)  # FSDP2 leaves the root's parameters gathered after a forward
     if callable(reshard):  # without a backward: shard them again, as an optimizer must find them
